@@ -1,0 +1,19 @@
+//! Fieldsync core shared by the agent and the hub: validated ids, hybrid logical
+//! clocks, the record model and its merge rule, the egress policy, the wire format
+//! and the sans-IO sync session. No async runtime, no storage, no sockets.
+
+pub mod codec;
+pub mod hlc;
+pub mod id;
+pub mod merge;
+pub mod policy;
+pub mod record;
+pub mod session;
+pub mod wire;
+
+pub use hlc::{Hlc, HlcError, Stamp};
+pub use id::{AgentId, CollectionName, FieldName, IdError, Origin, RecordKey};
+pub use merge::Merge;
+pub use policy::{Direction, Flow, Policy, PolicyError};
+pub use record::{Change, FieldState, FieldValue, RecordState, Value, Version};
+pub use session::{Receiver, Sender, Seq};

@@ -1,0 +1,365 @@
+//! The egress policy: which collections and fields may travel between an agent
+//! and the hub, and in which direction. **Default deny**: a collection the policy
+//! does not name, or a field its `sync` list does not name, never leaves the
+//! replica that holds it. [`Policy::filter`] is the one function that decides.
+//!
+//! ```toml
+//! [collections.patients]
+//! direction = "up"                          # up | down | both
+//! sync = ["initials", "ward", "heart_rate"] # every other field stays local
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::id::{CollectionName, FieldName};
+use crate::record::{Change, RecordState};
+
+/// Which way a collection's permitted fields may flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// Agent to hub only.
+    Up,
+    /// Hub to agent only.
+    Down,
+    /// Both ways.
+    Both,
+}
+
+/// The direction of one transfer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Agent to hub.
+    Up,
+    /// Hub to agent.
+    Down,
+}
+
+impl Direction {
+    fn allows(self, flow: Flow) -> bool {
+        matches!(
+            (self, flow),
+            (Direction::Both, _) | (Direction::Up, Flow::Up) | (Direction::Down, Flow::Down)
+        )
+    }
+}
+
+/// One collection's rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CollectionRule {
+    pub direction: Direction,
+    pub sync: BTreeSet<FieldName>,
+}
+
+/// A parsed, validated policy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    collections: BTreeMap<CollectionName, CollectionRule>,
+}
+
+/// Errors from reading a policy file. Each names the file and, where it applies,
+/// the collection and key at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    #[error("cannot read policy file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("policy{}: {message}", in_file(.path))]
+    Syntax {
+        path: Option<String>,
+        message: String,
+    },
+    #[error("policy{}: {key}: {message}", in_file(.path))]
+    Invalid {
+        path: Option<String>,
+        /// The offending key, for example `collections.patients.sync[1]`.
+        key: String,
+        message: String,
+    },
+}
+
+fn in_file(path: &Option<String>) -> String {
+    path.as_ref().map(|p| format!(" {p}")).unwrap_or_default()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    collections: BTreeMap<String, RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    direction: Direction,
+    sync: Vec<String>,
+}
+
+/// What [`Policy::filter`] lets through and what it holds back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Filtered {
+    /// The permitted part of the change; `None` when nothing of it may travel.
+    pub permitted: Option<Change>,
+    /// Names of fields that were held back (never their values).
+    pub denied: Vec<FieldName>,
+    /// True when the change's collection may not travel this way at all.
+    pub collection_denied: bool,
+}
+
+impl Policy {
+    /// Reads and validates a policy file.
+    pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse_named(&text, Some(path.display().to_string()))
+    }
+
+    /// Parses and validates policy TOML.
+    pub fn parse(text: &str) -> Result<Self, PolicyError> {
+        Self::parse_named(text, None)
+    }
+
+    fn parse_named(text: &str, path: Option<String>) -> Result<Self, PolicyError> {
+        let raw: RawPolicy = toml::from_str(text).map_err(|e| PolicyError::Syntax {
+            path: path.clone(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let invalid = |key: String, message: String| PolicyError::Invalid {
+            path: path.clone(),
+            key,
+            message,
+        };
+        let mut collections = BTreeMap::new();
+        for (name, rule) in raw.collections {
+            let key = format!("collections.{name}");
+            let collection =
+                CollectionName::new(&*name).map_err(|e| invalid(key.clone(), e.to_string()))?;
+            let mut sync = BTreeSet::new();
+            for (i, field) in rule.sync.into_iter().enumerate() {
+                let key = format!("{key}.sync[{i}]");
+                let field =
+                    FieldName::new(field).map_err(|e| invalid(key.clone(), e.to_string()))?;
+                if !sync.insert(field.clone()) {
+                    return Err(invalid(key, format!("field {field:?} is listed twice")));
+                }
+            }
+            collections.insert(
+                collection,
+                CollectionRule {
+                    direction: rule.direction,
+                    sync,
+                },
+            );
+        }
+        Ok(Self { collections })
+    }
+
+    /// The rule for `collection`, if the policy names it.
+    pub fn rule(&self, collection: &CollectionName) -> Option<&CollectionRule> {
+        self.collections.get(collection)
+    }
+
+    /// Splits `change` into what may travel in direction `flow` and what may not.
+    /// A field passes only if its collection is named, allows `flow`, and lists the
+    /// field in `sync`. A record-level delete passes if the collection allows
+    /// `flow` (it carries no field data).
+    pub fn filter(&self, flow: Flow, change: &Change) -> Filtered {
+        let rule = self
+            .collections
+            .get(&change.collection)
+            .filter(|r| r.direction.allows(flow));
+        let Some(rule) = rule else {
+            return Filtered {
+                permitted: None,
+                denied: change.state.fields.keys().cloned().collect(),
+                collection_denied: true,
+            };
+        };
+        let mut state = RecordState {
+            deleted: change.state.deleted.clone(),
+            fields: BTreeMap::new(),
+        };
+        let mut denied = Vec::new();
+        for (name, field) in &change.state.fields {
+            if rule.sync.contains(name) {
+                state.fields.insert(name.clone(), field.clone());
+            } else {
+                denied.push(name.clone());
+            }
+        }
+        let permitted = (!state.is_empty()).then(|| Change {
+            collection: change.collection.clone(),
+            key: change.key.clone(),
+            state,
+        });
+        Filtered {
+            permitted,
+            denied,
+            collection_denied: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hlc::Stamp;
+    use crate::id::{Origin, RecordKey};
+    use crate::record::{FieldValue, Version};
+    use serde_json::json;
+
+    const BRIEF: &str = r#"
+        [collections.patients]
+        direction = "up"
+        sync = ["initials", "ward", "heart_rate"]
+
+        [collections.settings]
+        direction = "both"
+        sync = ["mode"]
+
+        [collections.orders]
+        direction = "down"
+        sync = ["dose"]
+    "#;
+
+    fn change(collection: &str, fields: &[&str], deleted: bool) -> Change {
+        let version = Version {
+            stamp: Stamp::new(1, 0),
+            origin: Origin::new("a1").unwrap(),
+        };
+        let mut state = RecordState::default();
+        for f in fields {
+            state.fields.insert(
+                FieldName::new(*f).unwrap(),
+                crate::record::FieldState {
+                    version: version.clone(),
+                    value: FieldValue::Set(json!("canary")),
+                },
+            );
+        }
+        if deleted {
+            state.deleted = Some(version);
+        }
+        Change {
+            collection: CollectionName::new(collection).unwrap(),
+            key: RecordKey::new("k").unwrap(),
+            state,
+        }
+    }
+
+    fn names(f: &Filtered) -> Vec<String> {
+        f.permitted
+            .as_ref()
+            .map(|c| c.state.fields.keys().map(|k| k.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    fn strings(v: &[FieldName]) -> Vec<&str> {
+        v.iter().map(|f| f.as_str()).collect()
+    }
+
+    #[test]
+    fn only_listed_fields_go_up() {
+        let p = Policy::parse(BRIEF).unwrap();
+        let f = p.filter(Flow::Up, &change("patients", &["initials", "ssn", "ward"], false));
+        assert_eq!(names(&f), ["initials", "ward"]);
+        assert_eq!(strings(&f.denied), ["ssn"]);
+        assert!(!f.collection_denied);
+    }
+
+    #[test]
+    fn unnamed_collection_is_denied_entirely() {
+        let p = Policy::parse(BRIEF).unwrap();
+        let f = p.filter(Flow::Up, &change("diary", &["text"], true));
+        assert_eq!(f.permitted, None);
+        assert!(f.collection_denied);
+        assert_eq!(strings(&f.denied), ["text"]);
+    }
+
+    #[test]
+    fn empty_policy_denies_everything() {
+        let p = Policy::parse("").unwrap();
+        for flow in [Flow::Up, Flow::Down] {
+            assert_eq!(p.filter(flow, &change("patients", &["initials"], false)).permitted, None);
+        }
+    }
+
+    #[test]
+    fn direction_is_enforced() {
+        let p = Policy::parse(BRIEF).unwrap();
+        assert!(p.filter(Flow::Down, &change("patients", &["ward"], false)).collection_denied);
+        assert!(p.filter(Flow::Up, &change("orders", &["dose"], false)).collection_denied);
+        assert_eq!(names(&p.filter(Flow::Down, &change("orders", &["dose"], false))), ["dose"]);
+        for flow in [Flow::Up, Flow::Down] {
+            assert_eq!(names(&p.filter(flow, &change("settings", &["mode"], false))), ["mode"]);
+        }
+    }
+
+    #[test]
+    fn a_change_of_only_local_fields_sends_nothing() {
+        let p = Policy::parse(BRIEF).unwrap();
+        let f = p.filter(Flow::Up, &change("patients", &["ssn", "notes"], false));
+        assert_eq!(f.permitted, None);
+        assert_eq!(strings(&f.denied), ["notes", "ssn"]);
+    }
+
+    #[test]
+    fn record_deletes_travel_without_field_data() {
+        let p = Policy::parse(BRIEF).unwrap();
+        let f = p.filter(Flow::Up, &change("patients", &["ssn"], true));
+        let permitted = f.permitted.unwrap();
+        assert!(permitted.state.deleted.is_some());
+        assert!(permitted.state.fields.is_empty());
+    }
+
+    fn err(text: &str) -> String {
+        Policy::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_collection_and_key() {
+        let e = err("[collections.patients]\ndirection = \"up\"\nsync = [\"a\", \"a\"]");
+        assert!(e.contains("collections.patients.sync[1]") && e.contains("twice"), "{e}");
+        let e = err("[collections.patients]\ndirection = \"up\"\nsync = [\"ok\", \"\"]");
+        assert!(e.contains("collections.patients.sync[1]") && e.contains("empty"), "{e}");
+        let e = err("[collections.\"bad/name\"]\ndirection = \"up\"\nsync = []");
+        assert!(e.contains("collections.bad/name") && e.contains("collection name"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let e = err("[collections.p]\ndirection = \"up\"\nsync = []\nsink = [\"x\"]");
+        assert!(e.contains("unknown field") && e.contains("sink"), "{e}");
+        let e = err("[collection.p]\ndirection = \"up\"\nsync = []");
+        assert!(e.contains("unknown field") && e.contains("collection"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_and_syntax_are_rejected() {
+        let e = err("[collections.p]\ndirection = \"sideways\"\nsync = []");
+        assert!(e.contains("sideways"), "{e}");
+        let e = err("[collections.p]\nsync = []");
+        assert!(e.contains("missing field") && e.contains("direction"), "{e}");
+        let e = err("[collections.p]\ndirection = \"up\"");
+        assert!(e.contains("missing field") && e.contains("sync"), "{e}");
+        let e = err("[collections.p]\ndirection = \"up\"\nsync = \"ward\"");
+        assert!(e.contains("sync"), "{e}");
+        let e = err("[collections.p\n");
+        assert!(e.starts_with("policy:"), "{e}");
+    }
+
+    #[test]
+    fn load_reports_the_file() {
+        let e = Policy::load(Path::new("/nonexistent/policy.toml")).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/policy.toml"), "{e}");
+    }
+}

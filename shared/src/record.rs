@@ -1,0 +1,248 @@
+//! The record model: a record is a map of fields, each a last-writer-wins register
+//! stamped with the hybrid-logical-clock [`Version`] of its last write. Deleting a
+//! field leaves a tombstone; deleting a record leaves a record-level tombstone that
+//! hides every field written at or before it.
+//!
+//! A change that travels between replicas is itself a (partial) [`RecordState`]:
+//! applying a change is merging it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::hlc::Stamp;
+use crate::id::{CollectionName, FieldName, Origin, RecordKey};
+use crate::merge::Merge;
+
+/// A field's value: anything JSON can hold.
+pub type Value = serde_json::Value;
+
+/// Deepest nesting of arrays and objects allowed inside one field value. It keeps
+/// every envelope well within the decoder's recursion limit.
+pub const MAX_VALUE_DEPTH: usize = 32;
+
+/// The nesting depth of `v` (a scalar has depth 0).
+pub fn value_depth(v: &Value) -> usize {
+    match v {
+        Value::Array(items) => 1 + items.iter().map(value_depth).max().unwrap_or(0),
+        Value::Object(map) => 1 + map.values().map(value_depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// When and by whom a write was made. Totally ordered by stamp, then origin, so
+/// two different writes never tie.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Version {
+    pub stamp: Stamp,
+    pub origin: Origin,
+}
+
+/// A field's current content: a value, or the tombstone of a deleted field.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum FieldValue {
+    Set(Value),
+    Deleted,
+}
+
+/// One field of a record: its content and the version of the write that set it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FieldState {
+    pub version: Version,
+    pub value: FieldValue,
+}
+
+/// A record's replicated state, or a change to one (a change carries only the
+/// fields it writes).
+///
+/// Canonical form: no field's version is at or below `deleted`. Every constructor
+/// and [`Merge::merge`] keep it, so `==` compares meaning.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RecordState {
+    /// Set once the record was deleted: the version of the latest delete.
+    pub deleted: Option<Version>,
+    pub fields: BTreeMap<FieldName, FieldState>,
+}
+
+impl RecordState {
+    /// The fields a reader sees: set fields, without tombstones.
+    pub fn visible(&self) -> impl Iterator<Item = (&FieldName, &Value)> {
+        self.fields.iter().filter_map(|(k, f)| match &f.value {
+            FieldValue::Set(v) => Some((k, v)),
+            FieldValue::Deleted => None,
+        })
+    }
+
+    /// Whether a reader sees the record at all (it has a set field).
+    pub fn exists(&self) -> bool {
+        self.visible().next().is_some()
+    }
+
+    /// Writes `fields` (a value, or `None` to delete the field) at `version`, and
+    /// returns the change to send to other replicas. `version` must be newer than
+    /// anything in `self` (a fresh stamp from this replica's clock).
+    pub fn write(
+        &mut self,
+        fields: impl IntoIterator<Item = (FieldName, Option<Value>)>,
+        version: &Version,
+    ) -> RecordState {
+        let change = RecordState {
+            deleted: None,
+            fields: fields
+                .into_iter()
+                .map(|(name, value)| {
+                    let value = value.map_or(FieldValue::Deleted, FieldValue::Set);
+                    let version = version.clone();
+                    (name, FieldState { version, value })
+                })
+                .collect(),
+        };
+        self.merge(&change);
+        change
+    }
+
+    /// Deletes the whole record at `version` and returns the change to send.
+    pub fn delete(&mut self, version: &Version) -> RecordState {
+        let change = RecordState {
+            deleted: Some(version.clone()),
+            fields: BTreeMap::new(),
+        };
+        self.merge(&change);
+        change
+    }
+
+    /// True when the state holds nothing at all (no tombstones either).
+    pub fn is_empty(&self) -> bool {
+        self.deleted.is_none() && self.fields.is_empty()
+    }
+
+    /// The greatest version anywhere in the state (to feed a receiver's clock).
+    pub fn max_version(&self) -> Option<&Version> {
+        self.fields
+            .values()
+            .map(|f| &f.version)
+            .chain(self.deleted.as_ref())
+            .max()
+    }
+}
+
+impl Merge for RecordState {
+    /// Record tombstone: the later delete wins. Fields: per-field last-writer-wins
+    /// by [`Version`]; fields at or below the record tombstone are dropped.
+    /// Both are joins on totally ordered versions, and dropping dominated fields
+    /// commutes with them, so the laws hold.
+    fn merge(&mut self, other: &Self) -> bool {
+        let mut changed = false;
+        if other.deleted > self.deleted {
+            self.deleted.clone_from(&other.deleted);
+            let deleted = &self.deleted;
+            self.fields.retain(|_, f| Some(&f.version) > deleted.as_ref());
+            changed = true;
+        }
+        for (name, theirs) in &other.fields {
+            if Some(&theirs.version) <= self.deleted.as_ref() {
+                continue;
+            }
+            match self.fields.get_mut(name) {
+                Some(ours) if ours.version >= theirs.version => {}
+                Some(ours) => {
+                    *ours = theirs.clone();
+                    changed = true;
+                }
+                None => {
+                    self.fields.insert(name.clone(), theirs.clone());
+                    changed = true;
+                }
+            }
+        }
+        changed
+    }
+}
+
+/// One record's change, addressed to its collection and key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    pub collection: CollectionName,
+    pub key: RecordKey,
+    pub state: RecordState,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn v(wall: u64, who: &str) -> Version {
+        Version {
+            stamp: Stamp::new(wall, 0),
+            origin: Origin::new(who).unwrap(),
+        }
+    }
+
+    fn f(name: &str) -> FieldName {
+        FieldName::new(name).unwrap()
+    }
+
+    #[test]
+    fn later_write_wins_per_field() {
+        let mut a = RecordState::default();
+        a.write([(f("x"), Some(json!(1))), (f("y"), Some(json!(1)))], &v(1, "a"));
+        let mut b = RecordState::default();
+        b.write([(f("x"), Some(json!(2)))], &v(2, "b"));
+        assert!(a.merge(&b));
+        let seen: Vec<_> = a.visible().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        assert_eq!(seen, [("x", json!(2)), ("y", json!(1))]);
+    }
+
+    #[test]
+    fn equal_stamps_are_ordered_by_origin() {
+        let mut a = RecordState::default();
+        a.write([(f("x"), Some(json!("from a")))], &v(5, "a"));
+        let mut b = RecordState::default();
+        b.write([(f("x"), Some(json!("from b")))], &v(5, "b"));
+        let mut ab = a.clone();
+        ab.merge(&b);
+        let mut ba = b.clone();
+        ba.merge(&a);
+        assert_eq!(ab, ba);
+        assert_eq!(ab.visible().next().unwrap().1, &json!("from b"));
+    }
+
+    #[test]
+    fn field_delete_is_a_tombstone_that_hides_the_value() {
+        let mut a = RecordState::default();
+        a.write([(f("x"), Some(json!(1)))], &v(1, "a"));
+        let change = a.write([(f("x"), None)], &v(2, "a"));
+        assert!(!a.exists());
+        assert_eq!(change.fields[&f("x")].value, FieldValue::Deleted);
+        // An older write arriving late does not resurrect it.
+        let mut late = RecordState::default();
+        late.write([(f("x"), Some(json!(0)))], &v(1, "z"));
+        assert!(!a.merge(&late));
+        assert!(!a.exists());
+    }
+
+    #[test]
+    fn record_delete_hides_older_fields_but_not_newer_ones() {
+        let mut a = RecordState::default();
+        a.write([(f("x"), Some(json!(1)))], &v(1, "a"));
+        a.delete(&v(3, "a"));
+        assert!(!a.exists());
+        assert!(a.fields.is_empty(), "dominated fields are dropped");
+        let mut newer = RecordState::default();
+        newer.write([(f("y"), Some(json!(2)))], &v(4, "b"));
+        assert!(a.merge(&newer));
+        assert_eq!(a.visible().count(), 1);
+        let mut older = RecordState::default();
+        older.write([(f("z"), Some(json!(2)))], &v(2, "b"));
+        assert!(!a.merge(&older));
+        assert_eq!(a.visible().count(), 1);
+    }
+
+    #[test]
+    fn depth_counts_nesting() {
+        assert_eq!(value_depth(&json!(1)), 0);
+        assert_eq!(value_depth(&json!([])), 1);
+        assert_eq!(value_depth(&json!({"a": [1, {"b": []}]})), 4);
+    }
+}

@@ -1,0 +1,200 @@
+//! The wire protocol between an agent and the hub: MQTT topics and the versioned
+//! envelopes carried on them. Encoding lives in [`crate::codec`]; the protocol is
+//! described for humans in `docs/wire-format.md`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::AgentId;
+use crate::policy::Flow;
+use crate::record::{value_depth, Change, FieldValue, MAX_VALUE_DEPTH};
+use crate::session::Seq;
+
+/// The envelope version this build writes and reads.
+pub const WIRE_VERSION: u16 = 1;
+/// Largest encoded envelope accepted or produced, in bytes.
+pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+/// Most entries one batch may carry.
+pub const MAX_BATCH_ENTRIES: usize = 10_000;
+
+const TOPIC_ROOT: &str = "fieldsync/v1/agents";
+
+/// The topic an agent publishes to (agent to hub).
+pub fn up_topic(agent: &AgentId) -> String {
+    format!("{TOPIC_ROOT}/{agent}/up")
+}
+
+/// The topic the hub publishes to for one agent (hub to agent).
+pub fn down_topic(agent: &AgentId) -> String {
+    format!("{TOPIC_ROOT}/{agent}/down")
+}
+
+/// Splits a Fieldsync topic into its agent and direction; `None` for any other topic.
+pub fn parse_topic(topic: &str) -> Option<(AgentId, Flow)> {
+    let rest = topic.strip_prefix(TOPIC_ROOT)?.strip_prefix('/')?;
+    let (agent, dir) = rest.split_once('/')?;
+    let flow = match dir {
+        "up" => Flow::Up,
+        "down" => Flow::Down,
+        _ => return None,
+    };
+    Some((AgentId::new(agent).ok()?, flow))
+}
+
+/// Every message on the wire: a version and a body.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub v: u16,
+    pub msg: Message,
+}
+
+impl Envelope {
+    /// Wraps `msg` in an envelope of the current version.
+    pub fn new(msg: Message) -> Self {
+        Self {
+            v: WIRE_VERSION,
+            msg,
+        }
+    }
+}
+
+/// The message bodies.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// Agent to hub, first on every connection: who it is and how far it has
+    /// applied the hub's downstream stream.
+    Hello(Hello),
+    /// Hub to agent, the answer to `Hello`: how far the hub has applied the
+    /// agent's upstream stream, so the agent resends only what is missing.
+    Welcome(Welcome),
+    /// Either way: a run of changes with their sequence numbers.
+    Batch(Batch),
+    /// Either way: every sequence number up to `upto` is durably applied.
+    Ack(Ack),
+    /// Either way: a refusal with a reason.
+    Error(ErrorMsg),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub agent: AgentId,
+    /// Highest downstream sequence number the agent has applied.
+    pub down_applied: Seq,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Highest upstream sequence number the hub has applied for this agent.
+    pub up_applied: Seq,
+}
+
+/// A run of the sender's queue: every sequence number in `first..=last` is
+/// covered; entries the sender's policy filtered to nothing are simply absent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Batch {
+    pub first: Seq,
+    pub last: Seq,
+    pub entries: Vec<Entry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    pub seq: Seq,
+    pub change: Change,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    pub upto: Seq,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorMsg {
+    pub code: ErrorCode,
+    /// Human-readable detail. Never carries field values.
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    Malformed,
+    UnsupportedVersion,
+    TooLarge,
+    SequenceGap,
+    PolicyDenied,
+    Internal,
+}
+
+/// Why a decoded message is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidMessage {
+    #[error("batch range {first}..={last} is empty or reversed")]
+    BadRange { first: Seq, last: Seq },
+    #[error("batch holds {count} entries; at most {MAX_BATCH_ENTRIES} are allowed")]
+    TooManyEntries { count: usize },
+    #[error("entry {seq} is outside its batch or out of order")]
+    EntryOutOfOrder { seq: Seq },
+    #[error("entry {seq} holds a value nested deeper than {MAX_VALUE_DEPTH} levels")]
+    TooDeep { seq: Seq },
+    #[error("entry {seq} is an empty change")]
+    EmptyChange { seq: Seq },
+}
+
+impl Batch {
+    /// Checks the invariants decoding alone cannot: a proper range, entries in
+    /// strictly increasing order inside it, bounded size and nesting.
+    pub fn validate(&self) -> Result<(), InvalidMessage> {
+        if self.first.0 == 0 || self.first > self.last {
+            return Err(InvalidMessage::BadRange {
+                first: self.first,
+                last: self.last,
+            });
+        }
+        if self.entries.len() > MAX_BATCH_ENTRIES {
+            return Err(InvalidMessage::TooManyEntries {
+                count: self.entries.len(),
+            });
+        }
+        let mut prev: Option<Seq> = None;
+        for e in &self.entries {
+            let in_order = prev.is_none_or(|p| e.seq > p);
+            if !in_order || e.seq < self.first || e.seq > self.last {
+                return Err(InvalidMessage::EntryOutOfOrder { seq: e.seq });
+            }
+            prev = Some(e.seq);
+            if e.change.state.is_empty() {
+                return Err(InvalidMessage::EmptyChange { seq: e.seq });
+            }
+            let too_deep = e.change.state.fields.values().any(|f| match &f.value {
+                FieldValue::Set(v) => value_depth(v) > MAX_VALUE_DEPTH,
+                FieldValue::Deleted => false,
+            });
+            if too_deep {
+                return Err(InvalidMessage::TooDeep { seq: e.seq });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_round_trip() {
+        let a = AgentId::new("gw-1").unwrap();
+        assert_eq!(up_topic(&a), "fieldsync/v1/agents/gw-1/up");
+        assert_eq!(parse_topic(&up_topic(&a)), Some((a.clone(), Flow::Up)));
+        assert_eq!(parse_topic(&down_topic(&a)), Some((a, Flow::Down)));
+        for bad in [
+            "fieldsync/v1/agents/gw-1/sideways",
+            "fieldsync/v1/agents/+/up",
+            "fieldsync/v1/agents/gw-1/up/extra",
+            "fieldsync/v2/agents/gw-1/up",
+            "other",
+        ] {
+            assert_eq!(parse_topic(bad), None, "{bad}");
+        }
+    }
+}
