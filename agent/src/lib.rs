@@ -1,1 +1,89 @@
-//! a
+//! fieldsync-agent: the edge side of Fieldsync. It keeps every record in a local
+//! redb store, queues the policy-permitted part of each write in a transactional
+//! outbox, and serves a local HTTP API. [`run`] starts it; the `fieldsync-agent`
+//! binary is a thin CLI around this library.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod store;
+pub mod writer;
+
+use std::future::Future;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use fieldsync_shared::{hlc::DEFAULT_MAX_DRIFT_MS, Origin};
+use tokio::net::TcpListener;
+
+use crate::config::AgentConfig;
+use crate::store::{Store, StoreError};
+use crate::writer::{Writer, WriterSetup};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr} (api.listen): {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("local API failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Opens the store, binds the local API and serves until `shutdown` completes.
+/// Prints one line, `fieldsync-agent: api listening on http://ADDR`, to stdout
+/// once the API accepts connections.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let listener = TcpListener::bind(config.api.listen)
+        .await
+        .map_err(|source| RunError::Listen {
+            addr: config.api.listen,
+            source,
+        })?;
+    serve(config, listener, shutdown).await
+}
+
+/// Like [`run`], on a listener the caller bound (tests bind `127.0.0.1:0`).
+pub async fn serve(
+    config: AgentConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let store = Store::open(&config.data_dir, &config.id)?;
+    let (writer, committer) = Writer::start(WriterSetup {
+        store: store.clone(),
+        policy: Arc::new(config.policy.clone()),
+        origin: Origin::agent(&config.id),
+        clock: writer::system_clock(),
+        max_drift_ms: DEFAULT_MAX_DRIFT_MS,
+    })?;
+    let state = api::ApiState {
+        agent_id: config.id.clone(),
+        store,
+        writer,
+        connected: Arc::new(AtomicBool::new(false)),
+        hub_configured: config.hub.is_some(),
+    };
+    let app = api::router(state, config.api.max_body_bytes);
+    let addr = listener.local_addr().map_err(RunError::Serve)?;
+    tracing::info!(%addr, agent = %config.id, "local API listening");
+    if config.hub.is_none() {
+        tracing::warn!("no [hub] section: running local-only, nothing will be synced");
+    }
+    println!("fieldsync-agent: api listening on http://{addr}");
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(RunError::Serve);
+    // The router (and with it every Writer clone) is gone: the committer drains
+    // what is queued and stops.
+    let _ = tokio::task::spawn_blocking(move || committer.join()).await;
+    served
+}

@@ -1,1 +1,119 @@
-fn main(){}
+//! The `fieldsync-agent` binary: parses the command line and runs the agent or a
+//! client command against a running agent's local API.
+
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Context};
+use clap::Parser;
+use fieldsync_agent::cli::{parse_fields, record_url, Cli, Command};
+use fieldsync_agent::config::AgentConfig;
+use serde_json::Value;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config } => run(&config),
+        client => tokio_runtime().and_then(|rt| rt.block_on(client_command(client))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fieldsync-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = AgentConfig::load(config_path)?;
+    tokio_runtime()?.block_on(fieldsync_agent::run(config, shutdown_signal()))?;
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+}
+
+async fn client_command(command: Command) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let (request, base) = match &command {
+        Command::Put {
+            collection,
+            key,
+            fields,
+            api,
+        } => {
+            let body = parse_fields(fields).map_err(|e| anyhow!(e))?;
+            let url = record_url(&api.api, collection, key).map_err(|e| anyhow!(e))?;
+            (http.put(url).json(&body), &api.api)
+        }
+        Command::Get {
+            collection,
+            key,
+            api,
+        } => {
+            let url = record_url(&api.api, collection, key).map_err(|e| anyhow!(e))?;
+            (http.get(url), &api.api)
+        }
+        Command::Delete {
+            collection,
+            key,
+            api,
+        } => {
+            let url = record_url(&api.api, collection, key).map_err(|e| anyhow!(e))?;
+            (http.delete(url), &api.api)
+        }
+        Command::Status { api } => {
+            let url = format!("{}/v1/status", api.api.trim_end_matches('/'));
+            (http.get(url), &api.api)
+        }
+        Command::Run { .. } => unreachable!("handled in main"),
+    };
+    let response = request.send().await.with_context(|| {
+        format!("cannot reach the agent at {base} (is `fieldsync-agent run` running? see --api)")
+    })?;
+    let status = response.status();
+    let body: Value = response.json().await.with_context(|| {
+        format!("the agent at {base} answered {status} with a body that is not JSON")
+    })?;
+    if status.is_success() {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        Ok(())
+    } else {
+        let message = body["error"]["message"].as_str().unwrap_or("(no message)");
+        Err(anyhow!("{status}: {message}"))
+    }
+}

@@ -1,0 +1,367 @@
+//! The agent's redb store: records with their per-field stamps, the clock state,
+//! the outbox and the downstream cursor, behind a schema version.
+//!
+//! **Architecture invariant:** a local write, the clock state it advanced and its
+//! outbox entry commit in one redb transaction ([`Store::commit_writes`]); there is
+//! no state in which one exists without the other.
+//!
+//! Writes go through the group committer in [`crate::writer`]; this module holds
+//! the transaction logic and the reads.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fieldsync_shared::codec::{self, CodecError};
+use fieldsync_shared::{
+    policy::Flow, AgentId, Change, CollectionName, FieldName, Hlc, Origin, Policy, RecordKey,
+    RecordState, Seq, Stamp, Value, Version,
+};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::Serialize;
+
+/// The on-disk schema this build writes. Opening a store of another version
+/// fails with [`StoreError::SchemaVersion`] (a migration chain comes with the
+/// first change of format).
+pub const SCHEMA_VERSION: u64 = 1;
+/// File name of the store inside `data_dir`.
+pub const STORE_FILE: &str = "agent.redb";
+
+/// Counters and clock state.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// The agent id this store belongs to.
+const IDENTITY: TableDefinition<&str, &str> = TableDefinition::new("identity");
+/// (collection, key) → CBOR [`RecordState`].
+const RECORDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("records");
+/// Sequence number → CBOR [`Change`], already filtered by the policy.
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+
+const K_SCHEMA: &str = "schema_version";
+const K_HLC_WALL: &str = "hlc_wall_ms";
+const K_HLC_LOGICAL: &str = "hlc_logical";
+const K_OUTBOX_LAST: &str = "outbox_last_seq";
+const K_OUTBOX_ACKED: &str = "outbox_acked_seq";
+const K_DOWN_APPLIED: &str = "down_applied_seq";
+const K_AGENT: &str = "agent_id";
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open store {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: redb::DatabaseError,
+    },
+    #[error("store {path} has schema version {found}; this build reads version {SCHEMA_VERSION}")]
+    SchemaVersion { path: PathBuf, found: u64 },
+    #[error("store {path} belongs to agent {found:?}, not {expected:?}")]
+    WrongAgent {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error("storage: {0}")]
+    Storage(#[from] redb::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(#[from] CodecError),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Storage(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// One local write, already validated.
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    /// Partial update: each field gets a value, or `None` to delete it.
+    Put {
+        collection: CollectionName,
+        key: RecordKey,
+        fields: Vec<(FieldName, Option<Value>)>,
+    },
+    /// Delete the whole record.
+    Delete {
+        collection: CollectionName,
+        key: RecordKey,
+    },
+}
+
+/// What a write did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteOutcome {
+    /// The record as stored after the write.
+    Stored(RecordView),
+    /// The record was deleted.
+    Deleted,
+    /// Delete of a record that does not exist: nothing was written.
+    NotFound,
+}
+
+/// A record as a reader sees it: visible fields only.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RecordView {
+    pub collection: CollectionName,
+    pub key: RecordKey,
+    pub fields: BTreeMap<FieldName, Value>,
+}
+
+impl RecordView {
+    fn of(collection: &CollectionName, key: &RecordKey, state: &RecordState) -> Self {
+        Self {
+            collection: collection.clone(),
+            key: key.clone(),
+            fields: state
+                .visible()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// The outbox's bounds: entries `acked+1..=last` wait to go out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxBounds {
+    pub acked: Seq,
+    pub last: Seq,
+}
+
+/// Handle to the agent's store. Cheap to clone; reads may run concurrently with
+/// the single writer.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `data_dir` for `agent`.
+    pub fn open(data_dir: &Path, agent: &AgentId) -> Result<Self, StoreError> {
+        create_private_dir(data_dir).map_err(|source| StoreError::DataDir {
+            path: data_dir.to_owned(),
+            source,
+        })?;
+        let path = data_dir.join(STORE_FILE);
+        let db = Database::create(&path).map_err(|source| StoreError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let store = Self {
+            db: Arc::new(db),
+            path,
+        };
+        store.init(agent)?;
+        Ok(store)
+    }
+
+    fn init(&self, agent: &AgentId) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let mut identity = txn.open_table(IDENTITY)?;
+            let found = meta.get(K_SCHEMA)?.map(|v| v.value());
+            match found {
+                None => {
+                    meta.insert(K_SCHEMA, SCHEMA_VERSION)?;
+                    identity.insert(K_AGENT, agent.as_str())?;
+                }
+                Some(SCHEMA_VERSION) => {
+                    let owner = identity.get(K_AGENT)?.map(|v| v.value().to_owned());
+                    if owner.as_deref() != Some(agent.as_str()) {
+                        return Err(StoreError::WrongAgent {
+                            path: self.path.clone(),
+                            found: owner.unwrap_or_default(),
+                            expected: agent.to_string(),
+                        });
+                    }
+                }
+                Some(found) => {
+                    return Err(StoreError::SchemaVersion {
+                        path: self.path.clone(),
+                        found,
+                    })
+                }
+            }
+            txn.open_table(RECORDS)?;
+            txn.open_table(OUTBOX)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The clock state persisted with the last committed write.
+    pub fn hlc_last(&self) -> Result<Stamp, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let wall = meta.get(K_HLC_WALL)?.map_or(0, |v| v.value());
+        let logical = meta.get(K_HLC_LOGICAL)?.map_or(0, |v| v.value());
+        Ok(Stamp::new(wall, u32::try_from(logical).unwrap_or(u32::MAX)))
+    }
+
+    /// A record's full replicated state (with tombstones), if any was ever written.
+    pub fn get_state(
+        &self,
+        collection: &CollectionName,
+        key: &RecordKey,
+    ) -> Result<Option<RecordState>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let records = txn.open_table(RECORDS)?;
+        let found = records.get((collection.as_str(), key.as_str()))?;
+        Ok(match found {
+            Some(bytes) => Some(codec::from_bytes(bytes.value())?),
+            None => None,
+        })
+    }
+
+    /// A record as a reader sees it; `None` if it does not exist.
+    pub fn get(
+        &self,
+        collection: &CollectionName,
+        key: &RecordKey,
+    ) -> Result<Option<RecordView>, StoreError> {
+        Ok(self
+            .get_state(collection, key)?
+            .filter(RecordState::exists)
+            .map(|s| RecordView::of(collection, key, &s)))
+    }
+
+    /// How many outbox entries wait for the hub's acknowledgement.
+    pub fn outbox_len(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(OUTBOX)?.len()?)
+    }
+
+    pub fn outbox_bounds(&self) -> Result<OutboxBounds, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        Ok(OutboxBounds {
+            acked: Seq(meta.get(K_OUTBOX_ACKED)?.map_or(0, |v| v.value())),
+            last: Seq(meta.get(K_OUTBOX_LAST)?.map_or(0, |v| v.value())),
+        })
+    }
+
+    /// Up to `limit` outbox entries from `from` on, in sequence order.
+    pub fn outbox_entries(
+        &self,
+        from: Seq,
+        limit: usize,
+    ) -> Result<Vec<(Seq, Change)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let outbox = txn.open_table(OUTBOX)?;
+        let mut out = Vec::new();
+        for item in outbox.range(from.0..)?.take(limit) {
+            let (seq, bytes) = item?;
+            out.push((Seq(seq.value()), codec::from_bytes(bytes.value())?));
+        }
+        Ok(out)
+    }
+
+    /// The highest downstream sequence number applied from the hub.
+    pub fn down_applied(&self) -> Result<Seq, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        Ok(Seq(meta.get(K_DOWN_APPLIED)?.map_or(0, |v| v.value())))
+    }
+
+    /// Applies `requests` (each a list of writes) in **one** durable transaction:
+    /// records, clock state and outbox entries together. Returns each request's
+    /// outcomes in order. Stamps come from `hlc` at wall time `now_ms`; only the
+    /// fields `policy` lets go up enter the outbox.
+    pub fn commit_writes(
+        &self,
+        requests: &[Vec<WriteOp>],
+        hlc: &mut Hlc,
+        origin: &Origin,
+        policy: &Policy,
+        now_ms: u64,
+    ) -> Result<Vec<Vec<WriteOutcome>>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let mut results = Vec::with_capacity(requests.len());
+        {
+            let mut records = txn.open_table(RECORDS)?;
+            let mut outbox = txn.open_table(OUTBOX)?;
+            let mut meta = txn.open_table(META)?;
+            let mut last_seq = meta.get(K_OUTBOX_LAST)?.map_or(0, |v| v.value());
+            for ops in requests {
+                let mut outcomes = Vec::with_capacity(ops.len());
+                for op in ops {
+                    let (collection, key) = match op {
+                        WriteOp::Put {
+                            collection, key, ..
+                        }
+                        | WriteOp::Delete { collection, key } => (collection, key),
+                    };
+                    let db_key = (collection.as_str(), key.as_str());
+                    let mut state: RecordState = match records.get(db_key)? {
+                        Some(bytes) => codec::from_bytes(bytes.value())?,
+                        None => RecordState::default(),
+                    };
+                    let mut version = || Version {
+                        stamp: hlc.tick(now_ms),
+                        origin: origin.clone(),
+                    };
+                    let (delta, outcome) = match op {
+                        WriteOp::Put { fields, .. } => {
+                            let delta = state.write(fields.iter().cloned(), &version());
+                            let view = RecordView::of(collection, key, &state);
+                            (delta, WriteOutcome::Stored(view))
+                        }
+                        WriteOp::Delete { .. } if !state.exists() => {
+                            outcomes.push(WriteOutcome::NotFound);
+                            continue;
+                        }
+                        WriteOp::Delete { .. } => (state.delete(&version()), WriteOutcome::Deleted),
+                    };
+                    records.insert(db_key, codec::to_bytes(&state)?.as_slice())?;
+                    let change = Change {
+                        collection: collection.clone(),
+                        key: key.clone(),
+                        state: delta,
+                    };
+                    if let Some(permitted) = policy.filter(Flow::Up, &change).permitted {
+                        last_seq += 1;
+                        outbox.insert(last_seq, codec::to_bytes(&permitted)?.as_slice())?;
+                    }
+                    outcomes.push(outcome);
+                }
+                results.push(outcomes);
+            }
+            meta.insert(K_OUTBOX_LAST, last_seq)?;
+            let last = hlc.last();
+            meta.insert(K_HLC_WALL, last.wall_ms)?;
+            meta.insert(K_HLC_LOGICAL, u64::from(last.logical))?;
+        }
+        txn.commit()?;
+        Ok(results)
+    }
+}
+
+#[cfg(unix)]
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+#[cfg(not(unix))]
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)
+}
