@@ -4,6 +4,7 @@
 //! One fsync serves many writes, so throughput does not stop at the disk's fsync
 //! rate, and no caller hears "done" before its write is durable.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 
@@ -43,6 +44,18 @@ struct Request {
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::Sender<Request>,
+    stats: Arc<CommitStats>,
+}
+
+/// Counters kept by the committer.
+#[derive(Debug, Default)]
+pub struct CommitStats {
+    /// Transactions committed.
+    pub commits: AtomicU64,
+    /// Write requests answered by those commits.
+    pub requests: AtomicU64,
+    /// Requests in the transaction being committed right now.
+    pub in_commit: AtomicU64,
 }
 
 /// Settings of the committer thread.
@@ -60,11 +73,23 @@ impl Writer {
     pub fn start(setup: WriterSetup) -> Result<(Self, thread::JoinHandle<()>), StoreError> {
         let hlc = Hlc::restore(setup.store.hlc_last()?, setup.max_drift_ms);
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let stats = Arc::new(CommitStats::default());
+        let thread_stats = stats.clone();
         let handle = thread::Builder::new()
             .name("fieldsync-writer".into())
-            .spawn(move || commit_loop(setup, hlc, rx))
+            .spawn(move || commit_loop(setup, hlc, rx, &thread_stats))
             .map_err(|e| StoreError::Storage(redb::Error::Io(e)))?;
-        Ok((Self { tx }, handle))
+        Ok((Self { tx, stats }, handle))
+    }
+
+    /// The committer's counters.
+    pub fn stats(&self) -> &CommitStats {
+        &self.stats
+    }
+
+    /// Requests waiting for the committer right now.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
     }
 
     /// Commits `ops` atomically (together with whatever else is waiting) and
@@ -79,7 +104,12 @@ impl Writer {
     }
 }
 
-fn commit_loop(setup: WriterSetup, mut hlc: Hlc, mut rx: mpsc::Receiver<Request>) {
+fn commit_loop(
+    setup: WriterSetup,
+    mut hlc: Hlc,
+    mut rx: mpsc::Receiver<Request>,
+    stats: &CommitStats,
+) {
     while let Some(first) = rx.blocking_recv() {
         let mut ops = first.ops.len();
         let mut batch = vec![first];
@@ -94,13 +124,21 @@ fn commit_loop(setup: WriterSetup, mut hlc: Hlc, mut rx: mpsc::Receiver<Request>
         }
         let (requests, replies): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|r| (r.ops, r.reply)).unzip();
+        stats
+            .in_commit
+            .store(replies.len() as u64, Ordering::Relaxed);
         let now = (setup.clock)();
         let result =
             setup
                 .store
                 .commit_writes(&requests, &mut hlc, &setup.origin, &setup.policy, now);
+        stats.in_commit.store(0, Ordering::Relaxed);
         match result {
             Ok(outcomes) => {
+                stats.commits.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .requests
+                    .fetch_add(replies.len() as u64, Ordering::Relaxed);
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     // A caller that went away no longer needs the answer; its
                     // write is committed all the same.
