@@ -17,7 +17,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the agent: open the store, serve the local API, sync with the hub.
+    /// Run the agent: open the store and serve the local API.
     Run {
         /// The agent's config file (TOML).
         #[arg(short, long, value_name = "FILE")]
@@ -29,8 +29,8 @@ pub enum Command {
     /// (3, true, null, "x", [1,2], {"a":1}), otherwise as a string; `null`
     /// deletes the field. Example: put patients p1 initials=JD ward=3
     Put {
-        collection: String,
-        key: String,
+        #[command(flatten)]
+        record: RecordArg,
         /// One or more FIELD=VALUE pairs.
         #[arg(required = true, value_name = "FIELD=VALUE")]
         fields: Vec<String>,
@@ -39,15 +39,15 @@ pub enum Command {
     },
     /// Print a record as JSON.
     Get {
-        collection: String,
-        key: String,
+        #[command(flatten)]
+        record: RecordArg,
         #[command(flatten)]
         api: ApiArg,
     },
     /// Delete a record.
     Delete {
-        collection: String,
-        key: String,
+        #[command(flatten)]
+        record: RecordArg,
         #[command(flatten)]
         api: ApiArg,
     },
@@ -56,6 +56,15 @@ pub enum Command {
         #[command(flatten)]
         api: ApiArg,
     },
+}
+
+/// Which record.
+#[derive(Debug, clap::Args)]
+pub struct RecordArg {
+    /// Collection name, e.g. patients.
+    pub collection: String,
+    /// Record key within the collection.
+    pub key: String,
 }
 
 #[derive(Debug, clap::Args)]

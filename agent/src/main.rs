@@ -71,29 +71,23 @@ async fn client_command(command: Command) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let (request, base) = match &command {
         Command::Put {
-            collection,
-            key,
+            record,
             fields,
             api,
         } => {
             let body = parse_fields(fields).map_err(|e| anyhow!(e))?;
-            let url = record_url(&api.api, collection, key).map_err(|e| anyhow!(e))?;
+            let url =
+                record_url(&api.api, &record.collection, &record.key).map_err(|e| anyhow!(e))?;
             (http.put(url).json(&body), &api.api)
         }
-        Command::Get {
-            collection,
-            key,
-            api,
-        } => {
-            let url = record_url(&api.api, collection, key).map_err(|e| anyhow!(e))?;
+        Command::Get { record, api } => {
+            let url =
+                record_url(&api.api, &record.collection, &record.key).map_err(|e| anyhow!(e))?;
             (http.get(url), &api.api)
         }
-        Command::Delete {
-            collection,
-            key,
-            api,
-        } => {
-            let url = record_url(&api.api, collection, key).map_err(|e| anyhow!(e))?;
+        Command::Delete { record, api } => {
+            let url =
+                record_url(&api.api, &record.collection, &record.key).map_err(|e| anyhow!(e))?;
             (http.delete(url), &api.api)
         }
         Command::Status { api } => {

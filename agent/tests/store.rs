@@ -328,6 +328,9 @@ async fn concurrent_writes_are_group_committed() {
     // The first transaction took whatever had arrived when the committer woke
     // (one request, or all); everything else went into the second.
     let commits = writer.stats().commits.load(Ordering::Relaxed);
-    assert!((1..=2).contains(&commits), "{N} requests took {commits} commits");
+    assert!(
+        (1..=2).contains(&commits),
+        "{N} requests took {commits} commits"
+    );
     assert_eq!(store.outbox_len().unwrap(), N as u64);
 }
