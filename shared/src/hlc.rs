@@ -166,7 +166,9 @@ mod tests {
         let mut c = Hlc::new(1_000);
         let before = c.tick(10_000);
         assert_eq!(c.observe(Stamp::new(11_000, 0), 10_000), Ok(()));
-        let err = c.observe(Stamp::new(11_001 + 1_000, 0), 10_000).unwrap_err();
+        let err = c
+            .observe(Stamp::new(11_001 + 1_000, 0), 10_000)
+            .unwrap_err();
         assert_eq!(
             err,
             HlcError::TooFarAhead {

@@ -200,7 +200,11 @@ mod tests {
         assert_eq!(AgentId::new(""), Err(IdError::Empty { kind: "agent id" }));
         assert!(matches!(
             AgentId::new("x".repeat(65)),
-            Err(IdError::TooLong { len: 65, max: 64, .. })
+            Err(IdError::TooLong {
+                len: 65,
+                max: 64,
+                ..
+            })
         ));
         for bad in ["-a", ".a", "_a", "a/b", "a+b", "a#", "$SYS", "a b", "é"] {
             assert!(

@@ -270,7 +270,10 @@ mod tests {
     #[test]
     fn only_listed_fields_go_up() {
         let p = Policy::parse(BRIEF).unwrap();
-        let f = p.filter(Flow::Up, &change("patients", &["initials", "ssn", "ward"], false));
+        let f = p.filter(
+            Flow::Up,
+            &change("patients", &["initials", "ssn", "ward"], false),
+        );
         assert_eq!(names(&f), ["initials", "ward"]);
         assert_eq!(strings(&f.denied), ["ssn"]);
         assert!(!f.collection_denied);
@@ -289,18 +292,34 @@ mod tests {
     fn empty_policy_denies_everything() {
         let p = Policy::parse("").unwrap();
         for flow in [Flow::Up, Flow::Down] {
-            assert_eq!(p.filter(flow, &change("patients", &["initials"], false)).permitted, None);
+            assert_eq!(
+                p.filter(flow, &change("patients", &["initials"], false))
+                    .permitted,
+                None
+            );
         }
     }
 
     #[test]
     fn direction_is_enforced() {
         let p = Policy::parse(BRIEF).unwrap();
-        assert!(p.filter(Flow::Down, &change("patients", &["ward"], false)).collection_denied);
-        assert!(p.filter(Flow::Up, &change("orders", &["dose"], false)).collection_denied);
-        assert_eq!(names(&p.filter(Flow::Down, &change("orders", &["dose"], false))), ["dose"]);
+        assert!(
+            p.filter(Flow::Down, &change("patients", &["ward"], false))
+                .collection_denied
+        );
+        assert!(
+            p.filter(Flow::Up, &change("orders", &["dose"], false))
+                .collection_denied
+        );
+        assert_eq!(
+            names(&p.filter(Flow::Down, &change("orders", &["dose"], false))),
+            ["dose"]
+        );
         for flow in [Flow::Up, Flow::Down] {
-            assert_eq!(names(&p.filter(flow, &change("settings", &["mode"], false))), ["mode"]);
+            assert_eq!(
+                names(&p.filter(flow, &change("settings", &["mode"], false))),
+                ["mode"]
+            );
         }
     }
 
@@ -328,11 +347,20 @@ mod tests {
     #[test]
     fn errors_name_the_collection_and_key() {
         let e = err("[collections.patients]\ndirection = \"up\"\nsync = [\"a\", \"a\"]");
-        assert!(e.contains("collections.patients.sync[1]") && e.contains("twice"), "{e}");
+        assert!(
+            e.contains("collections.patients.sync[1]") && e.contains("twice"),
+            "{e}"
+        );
         let e = err("[collections.patients]\ndirection = \"up\"\nsync = [\"ok\", \"\"]");
-        assert!(e.contains("collections.patients.sync[1]") && e.contains("empty"), "{e}");
+        assert!(
+            e.contains("collections.patients.sync[1]") && e.contains("empty"),
+            "{e}"
+        );
         let e = err("[collections.\"bad/name\"]\ndirection = \"up\"\nsync = []");
-        assert!(e.contains("collections.bad/name") && e.contains("collection name"), "{e}");
+        assert!(
+            e.contains("collections.bad/name") && e.contains("collection name"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -340,7 +368,10 @@ mod tests {
         let e = err("[collections.p]\ndirection = \"up\"\nsync = []\nsink = [\"x\"]");
         assert!(e.contains("unknown field") && e.contains("sink"), "{e}");
         let e = err("[collection.p]\ndirection = \"up\"\nsync = []");
-        assert!(e.contains("unknown field") && e.contains("collection"), "{e}");
+        assert!(
+            e.contains("unknown field") && e.contains("collection"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -348,7 +379,10 @@ mod tests {
         let e = err("[collections.p]\ndirection = \"sideways\"\nsync = []");
         assert!(e.contains("sideways"), "{e}");
         let e = err("[collections.p]\nsync = []");
-        assert!(e.contains("missing field") && e.contains("direction"), "{e}");
+        assert!(
+            e.contains("missing field") && e.contains("direction"),
+            "{e}"
+        );
         let e = err("[collections.p]\ndirection = \"up\"");
         assert!(e.contains("missing field") && e.contains("sync"), "{e}");
         let e = err("[collections.p]\ndirection = \"up\"\nsync = \"ward\"");
@@ -359,7 +393,9 @@ mod tests {
 
     #[test]
     fn load_reports_the_file() {
-        let e = Policy::load(Path::new("/nonexistent/policy.toml")).unwrap_err().to_string();
+        let e = Policy::load(Path::new("/nonexistent/policy.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/nonexistent/policy.toml"), "{e}");
     }
 }

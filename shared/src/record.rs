@@ -136,7 +136,8 @@ impl Merge for RecordState {
         if other.deleted > self.deleted {
             self.deleted.clone_from(&other.deleted);
             let deleted = &self.deleted;
-            self.fields.retain(|_, f| Some(&f.version) > deleted.as_ref());
+            self.fields
+                .retain(|_, f| Some(&f.version) > deleted.as_ref());
             changed = true;
         }
         for (name, theirs) in &other.fields {
@@ -186,7 +187,10 @@ mod tests {
     #[test]
     fn later_write_wins_per_field() {
         let mut a = RecordState::default();
-        a.write([(f("x"), Some(json!(1))), (f("y"), Some(json!(1)))], &v(1, "a"));
+        a.write(
+            [(f("x"), Some(json!(1))), (f("y"), Some(json!(1)))],
+            &v(1, "a"),
+        );
         let mut b = RecordState::default();
         b.write([(f("x"), Some(json!(2)))], &v(2, "b"));
         assert!(a.merge(&b));

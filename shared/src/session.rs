@@ -26,8 +26,10 @@ use crate::wire::{Batch, Entry};
 pub struct Seq(pub u64);
 
 impl Seq {
+    /// The following sequence number. Saturates at `u64::MAX`: a peer can claim
+    /// that watermark in a batch, and arithmetic on it must not panic.
     pub fn next(self) -> Seq {
-        Seq(self.0 + 1)
+        Seq(self.0.saturating_add(1))
     }
 }
 
@@ -152,7 +154,10 @@ pub struct Receiver {
 #[derive(Debug, PartialEq)]
 pub enum Plan<'a> {
     /// Commit these entries together with the new watermark, then acknowledge it.
-    Apply { entries: &'a [Entry], watermark: Seq },
+    Apply {
+        entries: &'a [Entry],
+        watermark: Seq,
+    },
     /// Everything was applied before: acknowledge the current watermark again.
     Duplicate { watermark: Seq },
 }
