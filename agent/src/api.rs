@@ -13,7 +13,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use fieldsync_shared::record::{value_depth, MAX_VALUE_DEPTH};
+use fieldsync_shared::record::{parse_patch, PatchError};
 use fieldsync_shared::{AgentId, CollectionName, FieldName, RecordKey, Seq, Value};
 use serde::Deserialize;
 use serde_json::json;
@@ -21,8 +21,6 @@ use serde_json::json;
 use crate::store::{RecordView, Store, WriteOp, WriteOutcome};
 use crate::writer::{WriteError, Writer};
 
-/// Most fields one write may set.
-pub const MAX_FIELDS_PER_WRITE: usize = 1000;
 /// Most writes one batch request may carry.
 pub const MAX_BATCH_WRITES: usize = 1000;
 
@@ -139,40 +137,15 @@ fn parse_json<T: serde::de::DeserializeOwned>(
         .map_err(|e| ApiError::bad("invalid_json", format!("invalid JSON: {e}")))
 }
 
-/// Validates a partial update: a non-empty JSON object of field names to values,
-/// `null` deleting the field (JSON Merge Patch, RFC 7396, at the top level).
+/// Validates a partial update (see [`parse_patch`]).
 fn fields_of(body: Value) -> Result<Vec<(FieldName, Option<Value>)>, ApiError> {
-    let Value::Object(map) = body else {
-        return Err(ApiError::bad(
-            "invalid_body",
-            "the body must be a JSON object of field names to values",
-        ));
-    };
-    if map.is_empty() {
-        return Err(ApiError::bad("invalid_body", "the body names no fields"));
-    }
-    if map.len() > MAX_FIELDS_PER_WRITE {
-        return Err(ApiError::bad(
-            "invalid_body",
-            format!(
-                "{} fields in one write; at most {MAX_FIELDS_PER_WRITE} are allowed",
-                map.len()
-            ),
-        ));
-    }
-    map.into_iter()
-        .map(|(name, value)| {
-            let field =
-                FieldName::new(name).map_err(|e| ApiError::bad("invalid_name", e.to_string()))?;
-            if value_depth(&value) > MAX_VALUE_DEPTH {
-                return Err(ApiError::bad(
-                    "invalid_body",
-                    format!("field {field:?} is nested deeper than {MAX_VALUE_DEPTH} levels"),
-                ));
-            }
-            Ok((field, (!value.is_null()).then_some(value)))
-        })
-        .collect()
+    parse_patch(body).map_err(|e| {
+        let code = match e {
+            PatchError::FieldName(_) => "invalid_name",
+            _ => "invalid_body",
+        };
+        ApiError::bad(code, e.to_string())
+    })
 }
 
 async fn put_record(

@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use fieldsync_shared::files::{existing_file, resolve};
 use fieldsync_shared::{AgentId, Policy, PolicyError};
 use serde::Deserialize;
 
@@ -148,7 +149,7 @@ impl AgentConfig {
             message,
         };
         let id = AgentId::new(raw.agent.id).map_err(|e| invalid("agent.id", e.to_string()))?;
-        let data_dir = non_empty_path(base, &raw.agent.data_dir)
+        let data_dir = resolve(base, &raw.agent.data_dir)
             .ok_or_else(|| invalid("agent.data_dir", "must not be empty".into()))?;
 
         let hub = match raw.hub {
@@ -210,18 +211,6 @@ impl AgentConfig {
             policy,
         })
     }
-}
-
-fn non_empty_path(base: &Path, value: &str) -> Option<PathBuf> {
-    (!value.trim().is_empty()).then(|| base.join(value))
-}
-
-fn existing_file(base: &Path, value: &str) -> Result<PathBuf, String> {
-    let path = non_empty_path(base, value).ok_or("must not be empty")?;
-    if !path.is_file() {
-        return Err(format!("{} is not a readable file", path.display()));
-    }
-    Ok(path)
 }
 
 /// Parses `mqtts://host[:port]` (port 8883 by default). Plain `mqtt://` is refused:

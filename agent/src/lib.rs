@@ -6,6 +6,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod link;
 pub mod store;
 pub mod writer;
 
@@ -16,7 +17,10 @@ use std::sync::Arc;
 use fieldsync_shared::{hlc::DEFAULT_MAX_DRIFT_MS, Origin};
 use tokio::net::TcpListener;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::config::AgentConfig;
+use crate::link::{Link, LinkSetup};
 use crate::store::{Store, StoreError};
 use crate::writer::{Writer, WriterSetup};
 
@@ -32,6 +36,8 @@ pub enum RunError {
     },
     #[error("local API failed: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Link(#[from] link::LinkError),
 }
 
 /// Opens the store, binds the local API and serves until `shutdown` completes.
@@ -57,18 +63,43 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let store = Store::open(&config.data_dir, &config.id)?;
+    let policy = Arc::new(config.policy.clone());
     let (writer, committer) = Writer::start(WriterSetup {
         store: store.clone(),
-        policy: Arc::new(config.policy.clone()),
+        policy: policy.clone(),
         origin: Origin::agent(&config.id),
         clock: writer::system_clock(),
         max_drift_ms: DEFAULT_MAX_DRIFT_MS,
     })?;
+    let connected = Arc::new(AtomicBool::new(false));
+    let cancel = CancellationToken::new();
+    let link_task = match &config.hub {
+        Some(hub) => {
+            let link = Link::new(LinkSetup {
+                hub: hub.clone(),
+                agent: config.id.clone(),
+                store: store.clone(),
+                writer: writer.clone(),
+                policy: policy.clone(),
+                connected: connected.clone(),
+            })?;
+            tracing::info!(host = %hub.host, port = hub.port, "syncing with the hub");
+            let cancel = cancel.clone();
+            Some(tokio::spawn(async move {
+                let result = link.run(cancel).await;
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "hub link stopped");
+                }
+                result
+            }))
+        }
+        None => None,
+    };
     let state = api::ApiState {
         agent_id: config.id.clone(),
         store,
         writer,
-        connected: Arc::new(AtomicBool::new(false)),
+        connected,
         hub_configured: config.hub.is_some(),
     };
     let app = api::router(state, config.api.max_body_bytes);
@@ -82,8 +113,16 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(RunError::Serve);
-    // The router (and with it every Writer clone) is gone: the committer drains
-    // what is queued and stops.
+    cancel.cancel();
+    let linked = match link_task {
+        Some(task) => match task.await {
+            Ok(r) => r.map_err(RunError::Link),
+            Err(e) => Err(RunError::Link(link::LinkError::Join(e))),
+        },
+        None => Ok(()),
+    };
+    // The router and the link (and with them every Writer clone) are gone: the
+    // committer drains what is queued and stops.
     let _ = tokio::task::spawn_blocking(move || committer.join()).await;
-    served
+    served.and(linked)
 }

@@ -13,9 +13,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fieldsync_shared::codec::{self, CodecError};
+use fieldsync_shared::files::create_private_dir;
 use fieldsync_shared::{
-    policy::Flow, AgentId, Change, CollectionName, FieldName, Hlc, Origin, Policy, RecordKey,
-    RecordState, Seq, Stamp, Value, Version,
+    policy::Flow, AgentId, Change, CollectionName, FieldName, Hlc, Merge, Origin, Policy,
+    RecordKey, RecordState, Seq, Stamp, Value, Version,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::Serialize;
@@ -281,7 +282,7 @@ impl Store {
 
     /// Applies `requests` (each a list of writes) in **one** durable transaction:
     /// records, clock state and outbox entries together. Returns each request's
-    /// outcomes in order. Stamps come from `hlc` at wall time `now_ms`; only the
+    /// outcomes in order and the outbox's last sequence number. Stamps come from `hlc` at wall time `now_ms`; only the
     /// fields `policy` lets go up enter the outbox.
     pub fn commit_writes(
         &self,
@@ -290,10 +291,10 @@ impl Store {
         origin: &Origin,
         policy: &Policy,
         now_ms: u64,
-    ) -> Result<Vec<Vec<WriteOutcome>>, StoreError> {
+    ) -> Result<(Vec<Vec<WriteOutcome>>, Seq), StoreError> {
         let txn = self.db.begin_write()?;
         let mut results = Vec::with_capacity(requests.len());
-        {
+        let outbox_last = {
             let mut records = txn.open_table(RECORDS)?;
             let mut outbox = txn.open_table(OUTBOX)?;
             let mut meta = txn.open_table(META)?;
@@ -346,22 +347,62 @@ impl Store {
             let last = hlc.last();
             meta.insert(K_HLC_WALL, last.wall_ms)?;
             meta.insert(K_HLC_LOGICAL, u64::from(last.logical))?;
+            Seq(last_seq)
+        };
+        txn.commit()?;
+        Ok((results, outbox_last))
+    }
+
+    /// Applies a downstream batch from the hub in **one** transaction: merges
+    /// each change into its record, moves the downstream cursor to `watermark`
+    /// and persists the clock state. Returns how many changes altered a record.
+    pub fn apply_downstream(
+        &self,
+        changes: &[Change],
+        watermark: Seq,
+        hlc: &Hlc,
+    ) -> Result<usize, StoreError> {
+        let txn = self.db.begin_write()?;
+        let mut altered = 0;
+        {
+            let mut records = txn.open_table(RECORDS)?;
+            let mut meta = txn.open_table(META)?;
+            for change in changes {
+                let db_key = (change.collection.as_str(), change.key.as_str());
+                let mut state: RecordState = match records.get(db_key)? {
+                    Some(bytes) => codec::from_bytes(bytes.value())?,
+                    None => RecordState::default(),
+                };
+                if state.merge(&change.state) {
+                    records.insert(db_key, codec::to_bytes(&state)?.as_slice())?;
+                    altered += 1;
+                }
+            }
+            let applied = meta.get(K_DOWN_APPLIED)?.map_or(0, |v| v.value());
+            meta.insert(K_DOWN_APPLIED, applied.max(watermark.0))?;
+            let last = hlc.last();
+            meta.insert(K_HLC_WALL, last.wall_ms)?;
+            meta.insert(K_HLC_LOGICAL, u64::from(last.logical))?;
         }
         txn.commit()?;
-        Ok(results)
+        Ok(altered)
     }
-}
 
-#[cfg(unix)]
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-}
-
-#[cfg(not(unix))]
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)
+    /// The hub acknowledged everything up to `upto`: those outbox entries go.
+    pub fn trim_outbox(&self, upto: Seq) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut outbox = txn.open_table(OUTBOX)?;
+            let mut meta = txn.open_table(META)?;
+            let acked = meta.get(K_OUTBOX_ACKED)?.map_or(0, |v| v.value());
+            let last = meta.get(K_OUTBOX_LAST)?.map_or(0, |v| v.value());
+            let upto = upto.0.min(last);
+            if upto > acked {
+                outbox.retain_in(..=upto, |_, _| false)?;
+                meta.insert(K_OUTBOX_ACKED, upto)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
 }

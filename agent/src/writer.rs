@@ -3,13 +3,15 @@
 //! bound), commits them all in one durable transaction, then answers each caller.
 //! One fsync serves many writes, so throughput does not stop at the disk's fsync
 //! rate, and no caller hears "done" before its write is durable.
+//!
+//! It also applies downstream batches from the hub, since it owns the clock.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 
-use fieldsync_shared::{hlc, Hlc, Origin, Policy};
-use tokio::sync::{mpsc, oneshot};
+use fieldsync_shared::{hlc, Change, Hlc, Origin, Policy, Seq};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::store::{Store, StoreError, WriteOp, WriteOutcome};
 
@@ -35,9 +37,20 @@ pub enum WriteError {
     Closed,
 }
 
-struct Request {
-    ops: Vec<WriteOp>,
-    reply: oneshot::Sender<Result<Vec<WriteOutcome>, Arc<StoreError>>>,
+type Reply<T> = oneshot::Sender<Result<T, Arc<StoreError>>>;
+
+enum Request {
+    /// Local writes, group-committed with other local writes.
+    Local {
+        ops: Vec<WriteOp>,
+        reply: Reply<Vec<WriteOutcome>>,
+    },
+    /// A downstream batch from the hub, committed on its own.
+    Downstream {
+        changes: Vec<Change>,
+        watermark: Seq,
+        reply: Reply<usize>,
+    },
 }
 
 /// Handle for submitting writes. Cheap to clone.
@@ -45,6 +58,7 @@ struct Request {
 pub struct Writer {
     tx: mpsc::Sender<Request>,
     stats: Arc<CommitStats>,
+    outbox_last: watch::Receiver<Seq>,
 }
 
 /// Counters kept by the committer.
@@ -72,14 +86,27 @@ impl Writer {
     /// and the queue is drained; join the returned handle to wait for that.
     pub fn start(setup: WriterSetup) -> Result<(Self, thread::JoinHandle<()>), StoreError> {
         let hlc = Hlc::restore(setup.store.hlc_last()?, setup.max_drift_ms);
+        let (outbox_tx, outbox_last) = watch::channel(setup.store.outbox_bounds()?.last);
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let stats = Arc::new(CommitStats::default());
-        let thread_stats = stats.clone();
+        let committer = Committer {
+            setup,
+            hlc,
+            stats: stats.clone(),
+            outbox_tx,
+        };
         let handle = thread::Builder::new()
             .name("fieldsync-writer".into())
-            .spawn(move || commit_loop(setup, hlc, rx, &thread_stats))
+            .spawn(move || committer.run(rx))
             .map_err(|e| StoreError::Storage(redb::Error::Io(e)))?;
-        Ok((Self { tx, stats }, handle))
+        Ok((
+            Self {
+                tx,
+                stats,
+                outbox_last,
+            },
+            handle,
+        ))
     }
 
     /// The committer's counters.
@@ -92,53 +119,110 @@ impl Writer {
         self.tx.max_capacity() - self.tx.capacity()
     }
 
+    /// The outbox's last sequence number, updated after every commit.
+    pub fn outbox_last(&self) -> watch::Receiver<Seq> {
+        self.outbox_last.clone()
+    }
+
     /// Commits `ops` atomically (together with whatever else is waiting) and
     /// returns their outcomes once the commit is durable.
     pub async fn write(&self, ops: Vec<WriteOp>) -> Result<Vec<WriteOutcome>, WriteError> {
         let (reply, answer) = oneshot::channel();
+        self.submit(Request::Local { ops, reply }, answer).await
+    }
+
+    /// Merges a downstream batch and moves the downstream cursor to `watermark`
+    /// in one durable transaction. Returns how many records changed.
+    pub async fn apply_downstream(
+        &self,
+        changes: Vec<Change>,
+        watermark: Seq,
+    ) -> Result<usize, WriteError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(
+            Request::Downstream {
+                changes,
+                watermark,
+                reply,
+            },
+            answer,
+        )
+        .await
+    }
+
+    async fn submit<T>(
+        &self,
+        request: Request,
+        answer: oneshot::Receiver<Result<T, Arc<StoreError>>>,
+    ) -> Result<T, WriteError> {
         self.tx
-            .send(Request { ops, reply })
+            .send(request)
             .await
             .map_err(|_| WriteError::Closed)?;
         Ok(answer.await.map_err(|_| WriteError::Closed)??)
     }
 }
 
-fn commit_loop(
+struct Committer {
     setup: WriterSetup,
-    mut hlc: Hlc,
-    mut rx: mpsc::Receiver<Request>,
-    stats: &CommitStats,
-) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut ops = first.ops.len();
-        let mut batch = vec![first];
-        while ops < MAX_OPS_PER_COMMIT {
-            match rx.try_recv() {
-                Ok(req) => {
-                    ops += req.ops.len();
-                    batch.push(req);
+    hlc: Hlc,
+    stats: Arc<CommitStats>,
+    outbox_tx: watch::Sender<Seq>,
+}
+
+impl Committer {
+    fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        let mut next = None;
+        while let Some(first) = next.take().or_else(|| rx.blocking_recv()) {
+            match first {
+                Request::Downstream {
+                    changes,
+                    watermark,
+                    reply,
+                } => {
+                    let result = self.downstream(&changes, watermark);
+                    let _ = reply.send(result.map_err(Arc::new));
                 }
-                Err(_) => break,
+                Request::Local { ops, reply } => {
+                    let mut count = ops.len();
+                    let mut batch = vec![(ops, reply)];
+                    while count < MAX_OPS_PER_COMMIT {
+                        match rx.try_recv() {
+                            Ok(Request::Local { ops, reply }) => {
+                                count += ops.len();
+                                batch.push((ops, reply));
+                            }
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.local(batch);
+                }
             }
         }
-        let (requests, replies): (Vec<_>, Vec<_>) =
-            batch.into_iter().map(|r| (r.ops, r.reply)).unzip();
-        stats
+    }
+
+    fn local(&mut self, batch: Vec<(Vec<WriteOp>, Reply<Vec<WriteOutcome>>)>) {
+        let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        self.stats
             .in_commit
             .store(replies.len() as u64, Ordering::Relaxed);
-        let now = (setup.clock)();
-        let result =
-            setup
-                .store
-                .commit_writes(&requests, &mut hlc, &setup.origin, &setup.policy, now);
-        stats.in_commit.store(0, Ordering::Relaxed);
+        let now = (self.setup.clock)();
+        let s = &self.setup;
+        let result = s
+            .store
+            .commit_writes(&requests, &mut self.hlc, &s.origin, &s.policy, now);
+        self.stats.in_commit.store(0, Ordering::Relaxed);
         match result {
-            Ok(outcomes) => {
-                stats.commits.fetch_add(1, Ordering::Relaxed);
-                stats
+            Ok((outcomes, outbox_last)) => {
+                self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                self.stats
                     .requests
                     .fetch_add(replies.len() as u64, Ordering::Relaxed);
+                self.outbox_tx.send_replace(outbox_last);
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     // A caller that went away no longer needs the answer; its
                     // write is committed all the same.
@@ -153,5 +237,22 @@ fn commit_loop(
                 }
             }
         }
+    }
+
+    /// Remote stamps advance the clock unless they are beyond the drift bound;
+    /// such a change is still applied (dropping it would lose the write for
+    /// good), but it does not drag this replica's clock into the future.
+    fn downstream(&mut self, changes: &[Change], watermark: Seq) -> Result<usize, StoreError> {
+        let now = (self.setup.clock)();
+        for change in changes {
+            if let Some(v) = change.state.max_version() {
+                if let Err(e) = self.hlc.observe(v.stamp, now) {
+                    tracing::warn!(collection = %change.collection, error = %e, "hub clock ahead of ours");
+                }
+            }
+        }
+        self.setup
+            .store
+            .apply_downstream(changes, watermark, &self.hlc)
     }
 }

@@ -1,4 +1,174 @@
-//! fieldsync-hub: the cloud side of Fieldsync (merging agents' changes, durable
-//! per-agent downstream queues, the mTLS MQTT front door and the operator API).
-//! Not built yet: this crate reserves its place in the workspace until the hub
-//! issue lands.
+//! fieldsync-hub: the cloud side of Fieldsync. Agents connect over mutually
+//! authenticated TLS MQTT to the hub's own front door, which checks identities
+//! and topics before handing packets to an embedded rumqttd used as an internal
+//! router. The sync engine applies what agents send (policy-checked, durable,
+//! then acknowledged) and feeds each agent its durable downstream queue. The
+//! operator API reads fleet data and queues writes down to agents. [`run`]
+//! starts it all; the `fieldsync-hub` binary is a thin CLI around this library.
+
+pub mod api;
+pub mod broker;
+pub mod config;
+pub mod engine;
+pub mod front_door;
+pub mod metrics;
+pub mod pki;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use fieldsync_shared::hlc::DEFAULT_MAX_DRIFT_MS;
+use fieldsync_shared::tls::{server_config, TlsError};
+use fieldsync_shared::{Hlc, Origin};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::BrokerError;
+use crate::config::HubConfig;
+use crate::engine::{Engine, EngineError};
+use crate::front_door::{Connections, FrontDoorSettings};
+use crate::metrics::Metrics;
+use crate::store::{HubStore, RedbHubStore, StoreError};
+
+/// The origin stamped on operator writes made through this hub.
+pub const HUB_ORIGIN: &str = "hub";
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("mqtt TLS (mqtt.ca / mqtt.cert / mqtt.key): {0}")]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("cannot listen on {addr} ({key}): {source}")]
+    Listen {
+        key: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("sync engine: {0}")]
+    Engine(#[from] EngineError),
+    #[error("operator API failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Listeners the hub serves on; tests bind `127.0.0.1:0`.
+pub struct Listeners {
+    pub mqtt: TcpListener,
+    pub api: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses in `config`.
+    pub async fn bind(config: &HubConfig) -> Result<Self, RunError> {
+        let bind = |key: &'static str, addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Listen { key, addr, source })
+        };
+        Ok(Self {
+            mqtt: bind("mqtt.listen", config.mqtt.listen).await?,
+            api: bind("api.listen", config.api.listen).await?,
+        })
+    }
+}
+
+/// Binds the configured addresses and serves until `shutdown` completes.
+/// Prints `fieldsync-hub: mqtt listening on ADDR` and
+/// `fieldsync-hub: api listening on http://ADDR` to stdout once both accept.
+pub async fn run(
+    config: HubConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let listeners = Listeners::bind(&config).await?;
+    serve(config, listeners, shutdown).await
+}
+
+/// Like [`run`], on listeners the caller bound.
+pub async fn serve(
+    config: HubConfig,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let store = Arc::new(RedbHubStore::open(&config.data_dir)?);
+    let tls = server_config(&config.mqtt.ca, &config.mqtt.cert, &config.mqtt.key)?;
+    let (broker, link) = broker::start(config.mqtt.max_connections).await?;
+    let hlc = Arc::new(Mutex::new(Hlc::restore(
+        store.hlc_last()?,
+        DEFAULT_MAX_DRIFT_MS,
+    )));
+    let policy = Arc::new(config.policy.clone());
+    let metrics = Arc::new(Metrics::default());
+    let connections = Arc::new(Connections::default());
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let cancel = CancellationToken::new();
+    let tasks = TaskTracker::new();
+
+    let engine = Engine {
+        store: store.clone(),
+        policy: policy.clone(),
+        hlc: hlc.clone(),
+        metrics: metrics.clone(),
+    };
+    let engine_task = tasks.spawn(engine.run(link, events_rx, cancel.clone()));
+
+    let mqtt_addr = listeners.mqtt.local_addr().map_err(RunError::Serve)?;
+    tasks.spawn(front_door::run(
+        listeners.mqtt,
+        FrontDoorSettings {
+            tls,
+            max_connections: config.mqtt.max_connections,
+            handshake_timeout: config.mqtt.handshake_timeout,
+            connect_timeout: config.mqtt.connect_timeout,
+            broker_addr: broker.addr,
+            broker_secret: broker.secret.clone(),
+        },
+        connections.clone(),
+        events_tx.clone(),
+        metrics.clone(),
+        cancel.clone(),
+        tasks.clone(),
+    ));
+
+    let api_state = Arc::new(api::ApiState {
+        store: store.clone(),
+        policy,
+        hlc,
+        origin: Origin::hub(HUB_ORIGIN).expect("a valid constant origin"),
+        connections,
+        events: events_tx,
+        metrics,
+        token: config.api.token.clone(),
+    });
+    let api_addr = listeners.api.local_addr().map_err(RunError::Serve)?;
+    tracing::info!(mqtt = %mqtt_addr, api = %api_addr, "hub listening");
+    println!("fieldsync-hub: mqtt listening on {mqtt_addr}");
+    println!("fieldsync-hub: api listening on http://{api_addr}");
+
+    let api_cancel = cancel.clone();
+    let served =
+        axum::serve(listeners.api, api::router(api_state)).with_graceful_shutdown(async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = api_cancel.cancelled() => {}
+            }
+        });
+    let result = tokio::select! {
+        r = served => r.map_err(RunError::Serve),
+        r = engine_task => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(RunError::Engine(e)),
+            Err(join) => Err(RunError::Engine(EngineError::Join(join))),
+        },
+    };
+    cancel.cancel();
+    tasks.close();
+    tasks.wait().await;
+    result
+}

@@ -3,12 +3,14 @@
 //! and the sans-IO sync session. No async runtime, no storage, no sockets.
 
 pub mod codec;
+pub mod files;
 pub mod hlc;
 pub mod id;
 pub mod merge;
 pub mod policy;
 pub mod record;
 pub mod session;
+pub mod tls;
 pub mod wire;
 
 pub use hlc::{Hlc, HlcError, Stamp};

@@ -168,16 +168,30 @@ impl Policy {
         self.collections.get(collection)
     }
 
+    /// The rule for `collection` if it may travel in direction `flow`.
+    fn rule_for(&self, flow: Flow, collection: &CollectionName) -> Option<&CollectionRule> {
+        self.collections
+            .get(collection)
+            .filter(|r| r.direction.allows(flow))
+    }
+
+    /// Whether anything of `collection` may travel in direction `flow`.
+    pub fn allows_collection(&self, flow: Flow, collection: &CollectionName) -> bool {
+        self.rule_for(flow, collection).is_some()
+    }
+
+    /// Whether `field` of `collection` may travel in direction `flow`.
+    pub fn permits(&self, flow: Flow, collection: &CollectionName, field: &FieldName) -> bool {
+        self.rule_for(flow, collection)
+            .is_some_and(|r| r.sync.contains(field))
+    }
+
     /// Splits `change` into what may travel in direction `flow` and what may not.
     /// A field passes only if its collection is named, allows `flow`, and lists the
     /// field in `sync`. A record-level delete passes if the collection allows
     /// `flow` (it carries no field data).
     pub fn filter(&self, flow: Flow, change: &Change) -> Filtered {
-        let rule = self
-            .collections
-            .get(&change.collection)
-            .filter(|r| r.direction.allows(flow));
-        let Some(rule) = rule else {
+        let Some(rule) = self.rule_for(flow, &change.collection) else {
             return Filtered {
                 permitted: None,
                 denied: change.state.fields.keys().cloned().collect(),

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::hlc::Stamp;
-use crate::id::{CollectionName, FieldName, Origin, RecordKey};
+use crate::id::{CollectionName, FieldName, IdError, Origin, RecordKey};
 use crate::merge::Merge;
 
 /// A field's value: anything JSON can hold.
@@ -28,6 +28,48 @@ pub fn value_depth(v: &Value) -> usize {
         Value::Object(map) => 1 + map.values().map(value_depth).max().unwrap_or(0),
         _ => 0,
     }
+}
+
+/// Most fields one write may set.
+pub const MAX_FIELDS_PER_WRITE: usize = 1000;
+
+/// Why a partial update is not acceptable.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PatchError {
+    #[error("the body must be a JSON object of field names to values")]
+    NotAnObject,
+    #[error("the body names no fields")]
+    Empty,
+    #[error("{count} fields in one write; at most {MAX_FIELDS_PER_WRITE} are allowed")]
+    TooManyFields { count: usize },
+    #[error(transparent)]
+    FieldName(#[from] IdError),
+    #[error("field {field:?} is nested deeper than {MAX_VALUE_DEPTH} levels")]
+    TooDeep { field: String },
+}
+
+/// Reads a partial update: a non-empty JSON object of field names to values,
+/// where `null` deletes the field (JSON Merge Patch, RFC 7396, at the top level).
+pub fn parse_patch(body: Value) -> Result<Vec<(FieldName, Option<Value>)>, PatchError> {
+    let Value::Object(map) = body else {
+        return Err(PatchError::NotAnObject);
+    };
+    if map.is_empty() {
+        return Err(PatchError::Empty);
+    }
+    if map.len() > MAX_FIELDS_PER_WRITE {
+        return Err(PatchError::TooManyFields { count: map.len() });
+    }
+    map.into_iter()
+        .map(|(name, value)| {
+            if value_depth(&value) > MAX_VALUE_DEPTH {
+                return Err(PatchError::TooDeep { field: name });
+            }
+            let field = FieldName::new(name)?;
+            Ok((field, (!value.is_null()).then_some(value)))
+        })
+        .collect()
 }
 
 /// When and by whom a write was made. Totally ordered by stamp, then origin, so

@@ -130,6 +130,17 @@ impl Sender {
         Ok(Some(upto))
     }
 
+    /// Sequence numbers sent on this connection and not yet acknowledged.
+    pub fn in_flight(&self) -> u64 {
+        self.sent.0 - self.acked.0
+    }
+
+    /// Go-back-N after an acknowledgement timeout: everything unacknowledged
+    /// will be sent again (the receiver skips what it already applied).
+    pub fn rewind(&mut self) {
+        self.sent = self.acked;
+    }
+
     /// How many entries wait for an acknowledgement (sent or not).
     pub fn pending(&self) -> u64 {
         self.last.0 - self.acked.0

@@ -141,6 +141,33 @@ pub enum InvalidMessage {
 }
 
 impl Batch {
+    /// The longest run of `entries` (in order, the first being `first`) that
+    /// encodes within [`MAX_MESSAGE_BYTES`], as a batch ending at its last entry.
+    /// A single entry is always taken, so a sender never stalls; the encoder
+    /// refuses it if it is too large on its own.
+    pub fn fit(first: Seq, entries: Vec<(Seq, Change)>) -> Batch {
+        /// Room for the envelope around the batch.
+        const ENVELOPE_OVERHEAD: usize = 64;
+        let mut entries: Vec<Entry> = entries
+            .into_iter()
+            .map(|(seq, change)| Entry { seq, change })
+            .collect();
+        loop {
+            let last = entries.last().map_or(first, |e| e.seq);
+            let batch = Batch {
+                first,
+                last,
+                entries,
+            };
+            let size = crate::codec::to_bytes(&batch).map_or(usize::MAX, |b| b.len());
+            if batch.entries.len() <= 1 || size + ENVELOPE_OVERHEAD <= MAX_MESSAGE_BYTES {
+                return batch;
+            }
+            entries = batch.entries;
+            entries.truncate(entries.len() / 2);
+        }
+    }
+
     /// Checks the invariants decoding alone cannot: a proper range, entries in
     /// strictly increasing order inside it, bounded size and nesting.
     pub fn validate(&self) -> Result<(), InvalidMessage> {

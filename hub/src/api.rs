@@ -1,0 +1,311 @@
+//! The operator API (JSON over HTTP, `Authorization: Bearer TOKEN`): the fleet's
+//! agents, the hub's copy of their records, and downstream writes, which are
+//! queued durably and accepted (202) whether or not the agent is connected.
+
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use fieldsync_shared::hlc::system_now_ms;
+use fieldsync_shared::record::{parse_patch, PatchError};
+use fieldsync_shared::{
+    AgentId, Change, CollectionName, Flow, Hlc, Origin, Policy, RecordKey, RecordState, Value,
+    Version,
+};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::broker::constant_time_eq;
+use crate::engine::EngineEvent;
+use crate::front_door::Connections;
+use crate::metrics::Metrics;
+use crate::store::{HubStore, StoreError};
+
+/// Largest request body.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// What the handlers share.
+pub struct ApiState<S: HubStore> {
+    pub store: Arc<S>,
+    pub policy: Arc<Policy>,
+    pub hlc: Arc<Mutex<Hlc>>,
+    pub origin: Origin,
+    pub connections: Arc<Connections>,
+    pub events: mpsc::UnboundedSender<EngineEvent>,
+    pub metrics: Arc<Metrics>,
+    pub token: String,
+}
+
+/// The API's routes.
+pub fn router<S: HubStore>(state: Arc<ApiState<S>>) -> Router {
+    let authed = Router::new()
+        .route("/v1/agents", get(list_agents::<S>))
+        .route(
+            "/v1/agents/{agent}/records/{collection}/{key}",
+            get(get_record::<S>).put(put_record::<S>),
+        )
+        .route("/v1/metrics", get(metrics::<S>))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_token::<S>,
+        ));
+    Router::new()
+        .route(
+            "/v1/health",
+            get(|| async { Json(json!({"status": "ok"})) }),
+        )
+        .merge(authed)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such route") })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// An error answer: `{"error": {"code", "message"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "request failed");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the hub's log",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response()
+    }
+}
+
+async fn require_token<S: HubStore>(
+    State(state): State<Arc<ApiState<S>>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(t) if constant_time_eq(t.as_bytes(), state.token.as_bytes()) => {
+            next.run(request).await
+        }
+        _ => {
+            let mut response = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong bearer token",
+            )
+            .into_response();
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            response
+        }
+    }
+}
+
+async fn blocking<S: HubStore, T: Send + 'static>(
+    store: &Arc<S>,
+    f: impl FnOnce(&S) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(&store))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)
+}
+
+fn format_ms(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
+}
+
+/// `GET /v1/agents`: every agent the hub knows, with link state and queue size.
+async fn list_agents<S: HubStore>(
+    State(state): State<Arc<ApiState<S>>>,
+) -> Result<Json<Value>, ApiError> {
+    let rows = blocking(&state.store, |s| s.agents()).await?;
+    let agents: Vec<Value> = rows
+        .into_iter()
+        .map(|(id, row)| {
+            json!({
+                "id": id,
+                "connected": state.connections.is_connected(&id),
+                "last_seen": row.last_seen_ms.map(format_ms),
+                "queue_pending": row.queue_pending(),
+                "up_applied": row.up_applied,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "agents": agents })))
+}
+
+type Address = Result<Path<(String, String, String)>, PathRejection>;
+
+fn address(path: Address) -> Result<(AgentId, CollectionName, RecordKey), ApiError> {
+    let Path((agent, collection, key)) =
+        path.map_err(|e| ApiError::bad("invalid_path", e.body_text()))?;
+    let name = |e: fieldsync_shared::IdError| ApiError::bad("invalid_name", e.to_string());
+    Ok((
+        AgentId::new(agent).map_err(name)?,
+        CollectionName::new(collection).map_err(name)?,
+        RecordKey::new(key).map_err(name)?,
+    ))
+}
+
+fn view(
+    agent: &AgentId,
+    collection: &CollectionName,
+    key: &RecordKey,
+    state: &RecordState,
+) -> Value {
+    let fields: serde_json::Map<String, Value> = state
+        .visible()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    json!({"agent": agent, "collection": collection, "key": key, "fields": fields})
+}
+
+/// `GET /v1/agents/{agent}/records/{collection}/{key}`: the hub's copy.
+async fn get_record<S: HubStore>(
+    State(state): State<Arc<ApiState<S>>>,
+    path: Address,
+) -> Result<Json<Value>, ApiError> {
+    let (agent, collection, key) = address(path)?;
+    let (a, c, k) = (agent.clone(), collection.clone(), key.clone());
+    let found = blocking(&state.store, move |s| s.record(&a, &c, &k)).await?;
+    match found.filter(RecordState::exists) {
+        Some(record) => Ok(Json(view(&agent, &collection, &key, &record))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("the hub has no record \"{key}\" in collection \"{collection}\" of agent \"{agent}\""),
+        )),
+    }
+}
+
+/// `PUT /v1/agents/{agent}/records/{collection}/{key}`: a downstream write,
+/// checked against the policy, queued durably, delivered when the agent is
+/// connected. Answers 202 with the queue position.
+async fn put_record<S: HubStore>(
+    State(state): State<Arc<ApiState<S>>>,
+    path: Address,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let (agent, collection, key) = address(path)?;
+    let body = body.map_err(|e| {
+        let status = e.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "payload_too_large"
+        } else {
+            "invalid_body"
+        };
+        ApiError::new(status, code, e.body_text())
+    })?;
+    let body: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad("invalid_json", format!("invalid JSON: {e}")))?;
+    let fields = parse_patch(body).map_err(|e| match e {
+        PatchError::FieldName(_) => ApiError::bad("invalid_name", e.to_string()),
+        e => ApiError::bad("invalid_body", e.to_string()),
+    })?;
+
+    // Check the policy first: a refused write changes nothing.
+    if !state.policy.allows_collection(Flow::Down, &collection) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "policy_denied",
+            format!("the policy does not let collection \"{collection}\" flow down to agents"),
+        ));
+    }
+    let denied: Vec<&str> = fields
+        .iter()
+        .filter(|(f, _)| !state.policy.permits(Flow::Down, &collection, f))
+        .map(|(f, _)| f.as_str())
+        .collect();
+    if !denied.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "policy_denied",
+            format!(
+                "the policy does not let these fields flow down: {}",
+                denied.join(", ")
+            ),
+        ));
+    }
+
+    let hlc = state.hlc.clone();
+    let origin = state.origin.clone();
+    let (a, c, k) = (agent.clone(), collection.clone(), key.clone());
+    let queued = blocking(&state.store, move |store| {
+        // The clock lock spans stamping and the commit that persists it, so the
+        // persisted clock state only moves forward.
+        let mut clock = hlc.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let version = Version {
+            stamp: clock.tick(system_now_ms()),
+            origin,
+        };
+        let mut record = RecordState::default();
+        let change_state = record.write(fields, &version);
+        let change = Change {
+            collection: c,
+            key: k,
+            state: change_state,
+        };
+        store.enqueue_downstream(&a, &[change], clock.last())
+    })
+    .await?;
+    Metrics::inc(&state.metrics.downstream_changes_queued);
+    let _ = state.events.send(EngineEvent::Enqueued {
+        agent: agent.clone(),
+        last: queued,
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "agent": agent,
+            "collection": collection,
+            "key": key,
+            "queued_seq": queued,
+            "agent_connected": state.connections.is_connected(&agent),
+        })),
+    ))
+}
+
+async fn metrics<S: HubStore>(State(state): State<Arc<ApiState<S>>>) -> Json<Value> {
+    let mut snapshot = json!(state.metrics.snapshot());
+    snapshot["agents_connected"] = json!(state.connections.count());
+    Json(snapshot)
+}

@@ -1,0 +1,346 @@
+//! The hub's configuration: a TOML file, overridden by `FIELDSYNC__SECTION__KEY`
+//! environment variables, validated once at start into [`HubConfig`]. Every
+//! error names the key at fault. Relative paths resolve against the folder that
+//! holds the config file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fieldsync_shared::files::{existing_file, resolve};
+use fieldsync_shared::{Policy, PolicyError};
+use serde::Deserialize;
+
+/// Default address of the MQTT front door.
+pub const DEFAULT_MQTT_LISTEN: &str = "127.0.0.1:8883";
+/// Default address of the operator API.
+pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:8080";
+/// Shortest operator token accepted.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {message}")]
+    Load { path: String, message: String },
+    #[error("config {path}: {key}: {message}")]
+    Invalid {
+        path: String,
+        key: &'static str,
+        message: String,
+    },
+    #[error("config {path}: policy.file: {source}")]
+    Policy { path: String, source: PolicyError },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    hub: RawHub,
+    mqtt: RawMqtt,
+    #[serde(default)]
+    api: RawApi,
+    policy: RawPolicy,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHub {
+    /// Folder of the hub's redb store.
+    data_dir: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMqtt {
+    /// Address of the public mTLS MQTT listener.
+    listen: Option<String>,
+    /// PEM of the fleet CA: agents' certificates must chain to it.
+    ca: String,
+    /// PEM of the hub's certificate.
+    cert: String,
+    /// PEM of the hub's private key.
+    key: String,
+    /// Most simultaneous connections.
+    max_connections: Option<usize>,
+    /// Time allowed for a TLS handshake, in milliseconds.
+    handshake_timeout_ms: Option<u64>,
+    /// Time allowed from handshake to CONNECT, in milliseconds.
+    connect_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    /// Address of the operator API.
+    listen: Option<String>,
+    /// Bearer token operators present.
+    token: Option<String>,
+    /// File holding the bearer token (first line).
+    token_file: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    /// The policy file: what the hub accepts from agents and may send down.
+    file: String,
+}
+
+/// The validated configuration.
+#[derive(Clone)]
+pub struct HubConfig {
+    /// `[hub] data_dir`.
+    pub data_dir: PathBuf,
+    /// `[mqtt]`.
+    pub mqtt: MqttConfig,
+    /// `[api]`.
+    pub api: ApiConfig,
+    /// `[policy] file`, parsed.
+    pub policy: Policy,
+}
+
+/// The front door's settings.
+#[derive(Debug, Clone)]
+pub struct MqttConfig {
+    pub listen: SocketAddr,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+/// The operator API's settings.
+#[derive(Clone)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    /// The bearer token (never logged).
+    pub token: String,
+}
+
+impl std::fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("listen", &self.listen)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+impl HubConfig {
+    /// Loads `path`, applies environment overrides and validates everything.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let env = config::Environment::with_prefix("FIELDSYNC").separator("__");
+        Self::load_with_env(path, env)
+    }
+
+    fn load_with_env(path: &Path, env: config::Environment) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let load_err = |message: String| ConfigError::Load {
+            path: shown.clone(),
+            message,
+        };
+        if !path.is_file() {
+            return Err(load_err("no such file".into()));
+        }
+        let raw: RawConfig = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(env)
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| load_err(e.to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::validate(raw, base, &shown)
+    }
+
+    fn validate(raw: RawConfig, base: &Path, shown: &str) -> Result<Self, ConfigError> {
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+            path: shown.to_owned(),
+            key,
+            message,
+        };
+        let data_dir = resolve(base, &raw.hub.data_dir)
+            .ok_or_else(|| invalid("hub.data_dir", "must not be empty".into()))?;
+        let addr = |key: &'static str, value: Option<&str>, default: &str| {
+            let text = value.unwrap_or(default);
+            text.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    key,
+                    format!("{text:?} is not an IP address and port such as {default}"),
+                )
+            })
+        };
+        let millis =
+            |key: &'static str, value: Option<u64>, default: u64| match value.unwrap_or(default) {
+                ms @ 100..=600_000 => Ok(Duration::from_millis(ms)),
+                ms => Err(invalid(key, format!("{ms} is outside 100..=600000"))),
+            };
+        let max_connections = match raw.mqtt.max_connections.unwrap_or(10_000) {
+            n @ 1..=1_000_000 => n,
+            n => {
+                return Err(invalid(
+                    "mqtt.max_connections",
+                    format!("{n} is outside 1..=1000000"),
+                ))
+            }
+        };
+        let mqtt = MqttConfig {
+            listen: addr(
+                "mqtt.listen",
+                raw.mqtt.listen.as_deref(),
+                DEFAULT_MQTT_LISTEN,
+            )?,
+            ca: existing_file(base, &raw.mqtt.ca).map_err(|m| invalid("mqtt.ca", m))?,
+            cert: existing_file(base, &raw.mqtt.cert).map_err(|m| invalid("mqtt.cert", m))?,
+            key: existing_file(base, &raw.mqtt.key).map_err(|m| invalid("mqtt.key", m))?,
+            max_connections,
+            handshake_timeout: millis(
+                "mqtt.handshake_timeout_ms",
+                raw.mqtt.handshake_timeout_ms,
+                10_000,
+            )?,
+            connect_timeout: millis(
+                "mqtt.connect_timeout_ms",
+                raw.mqtt.connect_timeout_ms,
+                10_000,
+            )?,
+        };
+        let token = match (raw.api.token, raw.api.token_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "api.token",
+                    "set api.token or api.token_file, not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "api.token",
+                    "the operator API needs api.token or api.token_file".into(),
+                ))
+            }
+            (Some(token), None) => token,
+            (None, Some(file)) => {
+                let path = existing_file(base, &file).map_err(|m| invalid("api.token_file", m))?;
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| invalid("api.token_file", format!("{}: {e}", path.display())))?;
+                text.lines().next().unwrap_or("").trim().to_owned()
+            }
+        };
+        if token.len() < MIN_TOKEN_LEN || token.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(invalid(
+                "api.token",
+                format!("the token must be at least {MIN_TOKEN_LEN} characters without spaces"),
+            ));
+        }
+        let api = ApiConfig {
+            listen: addr("api.listen", raw.api.listen.as_deref(), DEFAULT_API_LISTEN)?,
+            token,
+        };
+        let policy_file =
+            existing_file(base, &raw.policy.file).map_err(|m| invalid("policy.file", m))?;
+        let policy = Policy::load(&policy_file).map_err(|source| ConfigError::Policy {
+            path: shown.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            data_dir,
+            mqtt,
+            api,
+            policy,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[hub]
+data_dir = "data"
+[mqtt]
+listen = "127.0.0.1:0"
+ca = "ca.pem"
+cert = "hub.pem"
+key = "hub.key"
+[api]
+listen = "127.0.0.1:0"
+token = "0123456789abcdef"
+[policy]
+file = "policy.toml"
+"#;
+
+    fn error_of(config: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "hub.pem", "hub.key"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        std::fs::write(dir.path().join("policy.toml"), "").unwrap();
+        std::fs::write(dir.path().join("token"), "fedcba9876543210\n").unwrap();
+        let path = dir.path().join("hub.toml");
+        std::fs::write(&path, config).unwrap();
+        let env = config::Environment::with_prefix("FIELDSYNC_TEST_UNUSED").separator("__");
+        match HubConfig::load_with_env(&path, env) {
+            Ok(c) => format!("ok token={}", c.api.token),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_good_config_loads() {
+        assert_eq!(error_of(GOOD), "ok token=0123456789abcdef");
+        let with_file = GOOD.replace("token = \"0123456789abcdef\"", "token_file = \"token\"");
+        assert_eq!(error_of(&with_file), "ok token=fedcba9876543210");
+    }
+
+    #[test]
+    fn every_bad_key_is_named() {
+        let cases = [
+            (
+                GOOD.replace("data_dir = \"data\"", "data_dir = \"\""),
+                "hub.data_dir",
+            ),
+            (
+                GOOD.replace("ca = \"ca.pem\"", "ca = \"nope.pem\""),
+                "mqtt.ca",
+            ),
+            (
+                GOOD.replace("127.0.0.1:0\"\nca", "nonsense\"\nca"),
+                "mqtt.listen",
+            ),
+            (
+                GOOD.replace("token = \"0123456789abcdef\"", "token = \"short\""),
+                "api.token",
+            ),
+            (
+                GOOD.replace("token = \"0123456789abcdef\"", ""),
+                "api.token",
+            ),
+            (
+                GOOD.replace(
+                    "token = \"0123456789abcdef\"",
+                    "token = \"0123456789abcdef\"\ntoken_file = \"token\"",
+                ),
+                "api.token",
+            ),
+            (GOOD.replace("policy.toml", "missing.toml"), "policy.file"),
+            (format!("{GOOD}\n[extra]\nx = 1\n"), "extra"),
+        ];
+        for (config, key) in cases {
+            let e = error_of(&config);
+            assert!(e.contains(key), "expected {key} in {e:?}");
+        }
+    }
+
+    #[test]
+    fn the_token_is_redacted_in_debug_output() {
+        let api = ApiConfig {
+            listen: DEFAULT_API_LISTEN.parse().unwrap(),
+            token: "0123456789abcdef".into(),
+        };
+        assert!(!format!("{api:?}").contains("0123456789abcdef"));
+    }
+}

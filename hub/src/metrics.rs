@@ -1,0 +1,81 @@
+//! The hub's counters, in one place so every component counts the same way.
+//! Served as JSON by the operator API (`GET /v1/metrics`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Monotonic counters since the hub started.
+        #[derive(Debug, Default)]
+        pub struct Metrics {
+            $($(#[$doc])* pub $name: AtomicU64,)*
+        }
+
+        /// A point-in-time copy of [`Metrics`].
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+        pub struct MetricsSnapshot {
+            $($(#[$doc])* pub $name: u64,)*
+        }
+
+        impl Metrics {
+            pub fn snapshot(&self) -> MetricsSnapshot {
+                MetricsSnapshot {
+                    $($name: self.$name.load(Ordering::Relaxed),)*
+                }
+            }
+        }
+    };
+}
+
+counters!(
+    /// TCP connections accepted by the front door.
+    connections_accepted,
+    /// Connections dropped because the connection cap was reached.
+    connections_over_limit,
+    /// TLS handshakes that failed or timed out (no or bad client certificate included).
+    tls_handshake_failures,
+    /// Client certificates whose CN is not a valid agent id.
+    identity_rejected,
+    /// CONNECT packets refused (client id not the certificate's identity, a will,
+    /// wrong protocol, or none within the timeout).
+    connect_refused,
+    /// Packets that broke the topic ACL or protocol rules; the connection was closed.
+    acl_violations,
+    /// Malformed or oversize MQTT packets; the connection was closed.
+    malformed_packets,
+    /// Agent sessions that completed CONNECT through the front door.
+    sessions_established,
+    /// Envelopes from agents that failed to decode.
+    envelopes_rejected,
+    /// Upstream changes applied to the hub store.
+    upstream_changes_applied,
+    /// Upstream batches applied (each one durable transaction).
+    upstream_batches_applied,
+    /// Re-sent upstream batches recognised as already applied.
+    upstream_duplicates,
+    /// Fields an agent sent that the hub's policy does not permit (dropped).
+    policy_denied_fields,
+    /// Remote clock stamps beyond the drift bound (applied, but not used to
+    /// advance the hub clock).
+    clock_drift_rejected,
+    /// Downstream changes queued by operators.
+    downstream_changes_queued,
+    /// Downstream batches published to agents.
+    downstream_batches_sent,
+    /// Downstream resends after an acknowledgement timeout.
+    downstream_resends,
+);
+
+impl Metrics {
+    /// Adds one to `counter`.
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds `n` to `counter`.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}

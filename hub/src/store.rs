@@ -1,0 +1,353 @@
+//! The hub's durable state behind a narrow trait, [`HubStore`]: per-agent
+//! records (permitted fields only), the upstream watermark that makes a re-sent
+//! batch apply once, and the per-agent downstream queue. [`RedbHubStore`] is the
+//! embedded implementation; a PostgreSQL one can follow without touching callers.
+//!
+//! **Architecture invariant:** `apply_upstream` commits the merged records and the
+//! new watermark in one transaction, and the hub acknowledges only after it
+//! returns; `enqueue_downstream` commits the hub's copy and the queue entry in one
+//! transaction; queue entries leave only through `ack_downstream`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fieldsync_shared::codec::{self, CodecError};
+use fieldsync_shared::files::create_private_dir;
+use fieldsync_shared::{
+    AgentId, Change, CollectionName, Merge, RecordKey, RecordState, Seq, Stamp,
+};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+/// The on-disk schema this build writes.
+pub const SCHEMA_VERSION: u64 = 1;
+/// File name of the store inside `[hub] data_dir`.
+pub const STORE_FILE: &str = "hub.redb";
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// agent id → CBOR [`AgentRow`].
+const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
+/// (agent, collection, key) → CBOR [`RecordState`].
+const RECORDS: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("records");
+/// (agent, seq) → CBOR [`Change`] waiting for the agent.
+const DOWN_QUEUE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("down_queue");
+
+const K_SCHEMA: &str = "schema_version";
+const K_HLC_WALL: &str = "hlc_wall_ms";
+const K_HLC_LOGICAL: &str = "hlc_logical";
+
+/// What the hub keeps per agent besides its records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRow {
+    /// Highest upstream sequence number applied.
+    pub up_applied: Seq,
+    /// Highest downstream sequence number queued.
+    pub down_last: Seq,
+    /// Highest downstream sequence number the agent acknowledged.
+    pub down_acked: Seq,
+    /// Wall time (ms since the Unix epoch) of the agent's last applied batch or hello.
+    pub last_seen_ms: Option<u64>,
+}
+
+impl AgentRow {
+    /// Downstream entries that wait for the agent.
+    pub fn queue_pending(&self) -> u64 {
+        self.down_last.0 - self.down_acked.0
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open store {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: redb::DatabaseError,
+    },
+    #[error("store {path} has schema version {found}; this build reads version {SCHEMA_VERSION}")]
+    SchemaVersion { path: PathBuf, found: u64 },
+    #[error("storage: {0}")]
+    Storage(#[from] redb::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(#[from] CodecError),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Storage(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// The hub's durable state. Every method is one transaction; implementations
+/// must be safe to call from several threads.
+pub trait HubStore: Send + Sync + 'static {
+    /// The agent's cursors, if the hub has heard of it.
+    fn agent(&self, agent: &AgentId) -> Result<Option<AgentRow>, StoreError>;
+    /// Every agent the hub has heard of, by id.
+    fn agents(&self) -> Result<Vec<(AgentId, AgentRow)>, StoreError>;
+    /// Merges `changes` into the agent's records and sets its upstream watermark
+    /// to `watermark`, atomically.
+    fn apply_upstream(
+        &self,
+        agent: &AgentId,
+        changes: &[Change],
+        watermark: Seq,
+        now_ms: u64,
+    ) -> Result<(), StoreError>;
+    /// Records that the agent said hello at `now_ms`.
+    fn touch(&self, agent: &AgentId, now_ms: u64) -> Result<AgentRow, StoreError>;
+    /// Merges `changes` into the hub's copy of the agent's records and appends
+    /// each to the agent's downstream queue, atomically, persisting the hub
+    /// clock state `hlc_last`. Returns the last queued sequence number.
+    fn enqueue_downstream(
+        &self,
+        agent: &AgentId,
+        changes: &[Change],
+        hlc_last: Stamp,
+    ) -> Result<Seq, StoreError>;
+    /// Up to `limit` queued entries for `agent` from `from` on.
+    fn downstream(
+        &self,
+        agent: &AgentId,
+        from: Seq,
+        limit: usize,
+    ) -> Result<Vec<(Seq, Change)>, StoreError>;
+    /// The agent acknowledged everything up to `upto`: drop those entries.
+    fn ack_downstream(&self, agent: &AgentId, upto: Seq) -> Result<(), StoreError>;
+    /// The hub's copy of one record.
+    fn record(
+        &self,
+        agent: &AgentId,
+        collection: &CollectionName,
+        key: &RecordKey,
+    ) -> Result<Option<RecordState>, StoreError>;
+    /// The hub clock state persisted with the last downstream write.
+    fn hlc_last(&self) -> Result<Stamp, StoreError>;
+}
+
+/// [`HubStore`] on one redb file.
+#[derive(Clone)]
+pub struct RedbHubStore {
+    db: Arc<Database>,
+}
+
+impl RedbHubStore {
+    /// Opens (or creates) the store in `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        create_private_dir(data_dir).map_err(|source| StoreError::DataDir {
+            path: data_dir.to_owned(),
+            source,
+        })?;
+        let path = data_dir.join(STORE_FILE);
+        let db = Database::create(&path).map_err(|source| StoreError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let txn = db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let found = meta.get(K_SCHEMA)?.map(|v| v.value());
+            match found {
+                None => {
+                    meta.insert(K_SCHEMA, SCHEMA_VERSION)?;
+                }
+                Some(SCHEMA_VERSION) => {}
+                Some(found) => return Err(StoreError::SchemaVersion { path, found }),
+            }
+            txn.open_table(AGENTS)?;
+            txn.open_table(RECORDS)?;
+            txn.open_table(DOWN_QUEUE)?;
+        }
+        txn.commit()?;
+        Ok(Self { db: Arc::new(db) })
+    }
+}
+
+fn read_row(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    agent: &AgentId,
+) -> Result<Option<AgentRow>, StoreError> {
+    Ok(match table.get(agent.as_str())? {
+        Some(bytes) => Some(codec::from_bytes(bytes.value())?),
+        None => None,
+    })
+}
+
+fn merge_into(
+    records: &mut redb::Table<(&'static str, &'static str, &'static str), &'static [u8]>,
+    agent: &AgentId,
+    change: &Change,
+) -> Result<(), StoreError> {
+    let key = (
+        agent.as_str(),
+        change.collection.as_str(),
+        change.key.as_str(),
+    );
+    let mut state: RecordState = match records.get(key)? {
+        Some(bytes) => codec::from_bytes(bytes.value())?,
+        None => RecordState::default(),
+    };
+    if state.merge(&change.state) {
+        records.insert(key, codec::to_bytes(&state)?.as_slice())?;
+    }
+    Ok(())
+}
+
+impl HubStore for RedbHubStore {
+    fn agent(&self, agent: &AgentId) -> Result<Option<AgentRow>, StoreError> {
+        let txn = self.db.begin_read()?;
+        read_row(&txn.open_table(AGENTS)?, agent)
+    }
+
+    fn agents(&self) -> Result<Vec<(AgentId, AgentRow)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(AGENTS)?;
+        let mut out = Vec::new();
+        for item in table.iter()? {
+            let (id, bytes) = item?;
+            let id = AgentId::new(id.value()).map_err(|e| CodecError::Malformed(e.to_string()))?;
+            out.push((id, codec::from_bytes(bytes.value())?));
+        }
+        Ok(out)
+    }
+
+    fn apply_upstream(
+        &self,
+        agent: &AgentId,
+        changes: &[Change],
+        watermark: Seq,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut agents = txn.open_table(AGENTS)?;
+            let mut records = txn.open_table(RECORDS)?;
+            let mut row = read_row(&agents, agent)?.unwrap_or_default();
+            for change in changes {
+                merge_into(&mut records, agent, change)?;
+            }
+            row.up_applied = row.up_applied.max(watermark);
+            row.last_seen_ms = Some(now_ms);
+            agents.insert(agent.as_str(), codec::to_bytes(&row)?.as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn touch(&self, agent: &AgentId, now_ms: u64) -> Result<AgentRow, StoreError> {
+        let txn = self.db.begin_write()?;
+        let row = {
+            let mut agents = txn.open_table(AGENTS)?;
+            let mut row = read_row(&agents, agent)?.unwrap_or_default();
+            row.last_seen_ms = Some(now_ms);
+            agents.insert(agent.as_str(), codec::to_bytes(&row)?.as_slice())?;
+            row
+        };
+        txn.commit()?;
+        Ok(row)
+    }
+
+    fn enqueue_downstream(
+        &self,
+        agent: &AgentId,
+        changes: &[Change],
+        hlc_last: Stamp,
+    ) -> Result<Seq, StoreError> {
+        let txn = self.db.begin_write()?;
+        let last = {
+            let mut agents = txn.open_table(AGENTS)?;
+            let mut records = txn.open_table(RECORDS)?;
+            let mut queue = txn.open_table(DOWN_QUEUE)?;
+            let mut meta = txn.open_table(META)?;
+            let mut row = read_row(&agents, agent)?.unwrap_or_default();
+            for change in changes {
+                merge_into(&mut records, agent, change)?;
+                row.down_last = row.down_last.next();
+                queue.insert(
+                    (agent.as_str(), row.down_last.0),
+                    codec::to_bytes(change)?.as_slice(),
+                )?;
+            }
+            agents.insert(agent.as_str(), codec::to_bytes(&row)?.as_slice())?;
+            meta.insert(K_HLC_WALL, hlc_last.wall_ms)?;
+            meta.insert(K_HLC_LOGICAL, u64::from(hlc_last.logical))?;
+            row.down_last
+        };
+        txn.commit()?;
+        Ok(last)
+    }
+
+    fn downstream(
+        &self,
+        agent: &AgentId,
+        from: Seq,
+        limit: usize,
+    ) -> Result<Vec<(Seq, Change)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let queue = txn.open_table(DOWN_QUEUE)?;
+        let mut out = Vec::new();
+        for item in queue
+            .range((agent.as_str(), from.0)..=(agent.as_str(), u64::MAX))?
+            .take(limit)
+        {
+            let (k, bytes) = item?;
+            out.push((Seq(k.value().1), codec::from_bytes(bytes.value())?));
+        }
+        Ok(out)
+    }
+
+    fn ack_downstream(&self, agent: &AgentId, upto: Seq) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut agents = txn.open_table(AGENTS)?;
+            let mut queue = txn.open_table(DOWN_QUEUE)?;
+            let mut row = read_row(&agents, agent)?.unwrap_or_default();
+            let upto = upto.min(row.down_last);
+            if upto > row.down_acked {
+                queue.retain_in((agent.as_str(), 0)..=(agent.as_str(), upto.0), |_, _| false)?;
+                row.down_acked = upto;
+                agents.insert(agent.as_str(), codec::to_bytes(&row)?.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn record(
+        &self,
+        agent: &AgentId,
+        collection: &CollectionName,
+        key: &RecordKey,
+    ) -> Result<Option<RecordState>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let records = txn.open_table(RECORDS)?;
+        let found = records.get((agent.as_str(), collection.as_str(), key.as_str()))?;
+        Ok(match found {
+            Some(bytes) => Some(codec::from_bytes(bytes.value())?),
+            None => None,
+        })
+    }
+
+    fn hlc_last(&self) -> Result<Stamp, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let wall = meta.get(K_HLC_WALL)?.map_or(0, |v| v.value());
+        let logical = meta.get(K_HLC_LOGICAL)?.map_or(0, |v| v.value());
+        Ok(Stamp::new(wall, u32::try_from(logical).unwrap_or(u32::MAX)))
+    }
+}
