@@ -309,8 +309,13 @@ const STATUS_PREVIEW: usize = 10;
 /// `GET /v1/status`: identity, link state, and what waits in the outbox (the
 /// first few entries by collection, key and field names).
 async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
-    let (pending, first) = read(&state.store, |s| {
-        Ok((s.outbox_len()?, s.outbox_entries(Seq(0), STATUS_PREVIEW)?))
+    let (pending, first, bounds, down_applied) = read(&state.store, |s| {
+        Ok((
+            s.outbox_len()?,
+            s.outbox_entries(Seq(0), STATUS_PREVIEW)?,
+            s.outbox_bounds()?,
+            s.down_applied()?,
+        ))
     })
     .await?;
     let preview: Vec<Value> = first
@@ -331,6 +336,9 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
         "hub_configured": state.hub_configured,
         "outbox_pending": pending,
         "outbox_preview": preview,
+        "outbox_last_seq": bounds.last,
+        "outbox_acked_seq": bounds.acked,
+        "down_applied_seq": down_applied,
     })))
 }
 

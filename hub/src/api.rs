@@ -167,6 +167,7 @@ async fn list_agents<S: HubStore>(
                 "last_seen": row.last_seen_ms.map(format_ms),
                 "queue_pending": row.queue_pending(),
                 "up_applied": row.up_applied,
+                "changes_applied": row.changes_applied,
             })
         })
         .collect();

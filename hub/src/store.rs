@@ -47,6 +47,8 @@ pub struct AgentRow {
     pub down_acked: Seq,
     /// Wall time (ms since the Unix epoch) of the agent's last applied batch or hello.
     pub last_seen_ms: Option<u64>,
+    /// Upstream changes applied in all (each sequence number counts once).
+    pub changes_applied: u64,
 }
 
 impl AgentRow {
@@ -243,6 +245,7 @@ impl HubStore for RedbHubStore {
             }
             row.up_applied = row.up_applied.max(watermark);
             row.last_seen_ms = Some(now_ms);
+            row.changes_applied += changes.len() as u64;
             agents.insert(agent.as_str(), codec::to_bytes(&row)?.as_slice())?;
         }
         txn.commit()?;
