@@ -1,1 +1,483 @@
-//! e2e
+//! End-to-end test harness: builds and locates the real `fieldsync-agent` binary,
+//! runs it on temp dirs ([`TempAgent`]), runs it as a CLI client ([`cli`]), and
+//! waits on things with deadlines ([`wait_for`], [`eventually`]) instead of sleeps.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{mpsc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use fieldsync_agent::store::Store;
+use fieldsync_shared::AgentId;
+
+/// Set this to a path to test a prebuilt binary instead of building one.
+pub const AGENT_BIN_ENV: &str = "FIELDSYNC_E2E_AGENT_BIN";
+/// The line prefix `fieldsync-agent run` prints on stdout once its API is up.
+pub const LISTENING_PREFIX: &str = "fieldsync-agent: api listening on ";
+/// The policy every [`TempAgent`] runs with (the brief's example).
+pub const PATIENTS_POLICY: &str = "[collections.patients]\n\
+direction = \"up\"\n\
+sync = [\"initials\", \"ward\", \"heart_rate\"]\n";
+/// The agent id every [`TempAgent`] runs as.
+pub const AGENT_ID: &str = "gw-e2e";
+
+/// How long an agent may take from spawn to "api listening" (a loaded 2-core
+/// machine, a debug build and a redb repair after SIGKILL all fit in it).
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a CLI command or a failing `run` may take.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The `fieldsync-agent` binary of the profile this test was built with, built
+/// (once per test process) by `cargo build -p fieldsync-agent --bin fieldsync-agent`.
+/// Panics with the build's error if it cannot be built.
+pub fn agent_bin() -> &'static Path {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    match BIN.get_or_init(|| build_agent().map_err(|e| format!("{e:#}"))) {
+        Ok(path) => path,
+        Err(e) => panic!("cannot build or find fieldsync-agent: {e}"),
+    }
+}
+
+fn build_agent() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os(AGENT_BIN_ENV) {
+        let path = PathBuf::from(path);
+        if !path.is_file() {
+            bail!("{AGENT_BIN_ENV}={} is not a file", path.display());
+        }
+        return Ok(path);
+    }
+    // The test executable is <target>/<profile>/deps/<test>-<hash>.
+    let exe = std::env::current_exe().context("cannot locate the test executable")?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| anyhow!("unexpected test executable location {}", exe.display()))?;
+    let target_dir = profile_dir
+        .parent()
+        .ok_or_else(|| anyhow!("unexpected test executable location {}", exe.display()))?;
+    let profile = profile_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| anyhow!("unexpected test executable location {}", exe.display()))?;
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("the e2e crate has no parent folder")?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = Command::new(cargo);
+    build
+        .current_dir(workspace)
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "fieldsync-agent",
+            "--bin",
+            "fieldsync-agent",
+        ])
+        .arg("--target-dir")
+        .arg(target_dir);
+    match profile {
+        "debug" => {}
+        "release" => {
+            build.arg("--release");
+        }
+        other => {
+            build.args(["--profile", other]);
+        }
+    }
+    let status = build
+        .stdin(Stdio::null())
+        .status()
+        .context("cannot run cargo")?;
+    if !status.success() {
+        bail!("cargo build -p fieldsync-agent failed: {status}");
+    }
+    let bin = profile_dir.join(format!("fieldsync-agent{}", std::env::consts::EXE_SUFFIX));
+    if !bin.is_file() {
+        bail!(
+            "cargo built fieldsync-agent but {} is missing",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// A `fieldsync-agent` command with a clean environment: no `FIELDSYNC*`
+/// variable of the caller's shell leaks in and changes the config or `--api`.
+pub fn agent_command() -> Command {
+    let mut cmd = Command::new(agent_bin());
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("FIELDSYNC") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.env("RUST_LOG", "info").env("NO_COLOR", "1");
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+/// Runs the binary with `args` (for example as an API client) and returns its
+/// output; fails if it does not exit within [`COMMAND_TIMEOUT`].
+pub fn cli<I, S>(args: I) -> anyhow::Result<Output>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut cmd = agent_command();
+    cmd.args(args);
+    output_within(cmd, COMMAND_TIMEOUT)
+}
+
+/// Spawns `cmd` with captured stdout and stderr and waits at most `timeout` for
+/// it to exit; a process still running then is killed and reported as an error.
+pub fn output_within(mut cmd: Command, timeout: Duration) -> anyhow::Result<Output> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot spawn {cmd:?}"))?;
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
+    let status = wait_for_exit(&mut child, timeout);
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    match status {
+        Some(status) => Ok(Output {
+            status,
+            stdout,
+            stderr,
+        }),
+        None => bail!(
+            "{cmd:?} did not exit within {timeout:?}; stdout: {}; stderr: {}",
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        ),
+    }
+}
+
+fn drain(pipe: Option<impl Read + Send + 'static>) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut buf);
+        }
+        buf
+    })
+}
+
+/// Waits up to `timeout` for `child` to exit; kills (and reaps) it and returns
+/// `None` if it is still running then.
+fn wait_for_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let found = wait_for(timeout, || child.try_wait().ok().flatten());
+    if found.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    found
+}
+
+/// Calls `check` until it returns `Some` or `timeout` passes (then `None`),
+/// pausing briefly between calls.
+pub fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(found) = check() {
+            return Some(found);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The async form of [`wait_for`]: awaits `check` until it yields `Some`, or
+/// fails naming `what` once `timeout` has passed.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(found) = check().await {
+            return Ok(found);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A TCP port on 127.0.0.1 that nothing listens on (bound, then released).
+pub fn closed_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("cannot bind 127.0.0.1:0");
+    listener.local_addr().expect("no local address").port()
+}
+
+/// Options for [`TempAgent::start_with`].
+#[derive(Debug, Clone, Default)]
+pub struct AgentSetup {
+    /// Add a `[hub]` section pointing at this `mqtts://` URL, with a CA, a
+    /// certificate for [`AGENT_ID`] and its key made by [`write_dev_pki`].
+    pub hub_url: Option<String>,
+}
+
+/// Writes a throwaway PKI into `dir`: `ca.pem` (a self-signed CA), and
+/// `agent.pem` / `agent.key`, a client certificate for [`AGENT_ID`] signed by it.
+pub fn write_dev_pki(dir: &Path) -> anyhow::Result<()> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let mut ca = CertificateParams::default();
+    ca.distinguished_name
+        .push(DnType::CommonName, "fieldsync e2e CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_key = KeyPair::generate()?;
+    std::fs::write(dir.join("ca.pem"), ca.self_signed(&ca_key)?.pem())?;
+    let issuer = Issuer::new(ca, ca_key);
+
+    let mut leaf = CertificateParams::default();
+    leaf.distinguished_name.push(DnType::CommonName, AGENT_ID);
+    leaf.is_ca = IsCa::ExplicitNoCa;
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate()?;
+    std::fs::write(dir.join("agent.pem"), leaf.signed_by(&key, &issuer)?.pem())?;
+    std::fs::write(dir.join("agent.key"), key.serialize_pem())?;
+    Ok(())
+}
+
+/// Writes the agent config (`agent.toml`) and the patients policy (`policy.toml`)
+/// into `dir`, with the API on `127.0.0.1:0` and the store in `dir/data`.
+/// Returns the config's path.
+pub fn write_agent_config(dir: &Path, setup: &AgentSetup) -> anyhow::Result<PathBuf> {
+    std::fs::write(dir.join("policy.toml"), PATIENTS_POLICY)?;
+    let mut config = format!(
+        "[agent]\nid = \"{AGENT_ID}\"\ndata_dir = \"data\"\n\n\
+         [api]\nlisten = \"127.0.0.1:0\"\n\n\
+         [policy]\nfile = \"policy.toml\"\n"
+    );
+    if let Some(url) = &setup.hub_url {
+        write_dev_pki(dir)?;
+        config.push_str(&format!(
+            "\n[hub]\nurl = \"{url}\"\nca = \"ca.pem\"\ncert = \"agent.pem\"\nkey = \"agent.key\"\n"
+        ));
+    }
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, config)?;
+    Ok(path)
+}
+
+/// A running `fieldsync-agent run` on a temp dir of its own, with the patients
+/// policy and its API on a free loopback port. Dropping it kills the process.
+pub struct TempAgent {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    running: Option<Running>,
+    base_url: String,
+    starts: u32,
+}
+
+struct Running {
+    child: Child,
+    stdout_drain: JoinHandle<()>,
+}
+
+impl TempAgent {
+    /// Starts an agent with no `[hub]` section.
+    pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(AgentSetup::default())
+    }
+
+    /// Starts an agent configured by `setup`.
+    pub fn start_with(setup: AgentSetup) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("fieldsync-e2e-")
+            .tempdir()?;
+        let config = write_agent_config(dir.path(), &setup)?;
+        let mut agent = Self {
+            dir,
+            config,
+            running: None,
+            base_url: String::new(),
+            starts: 0,
+        };
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        self.starts += 1;
+        let log_path = self.stderr_log_path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("cannot open {}", log_path.display()))?;
+        let mut child = agent_command()
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .context("cannot spawn fieldsync-agent run")?;
+        let stdout = child.stdout.take().context("no stdout pipe")?;
+        let (tx, rx) = mpsc::channel();
+        // Reads stdout to the end, so the agent never blocks on a full pipe, and
+        // hands over the address from the "api listening" line.
+        let stdout_drain = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(url) = line.strip_prefix(LISTENING_PREFIX) {
+                    let _ = tx.send(url.trim().to_owned());
+                }
+            }
+        });
+        let running = Running {
+            child,
+            stdout_drain,
+        };
+        match rx.recv_timeout(START_TIMEOUT) {
+            Ok(url) => {
+                self.base_url = url;
+                self.running = Some(running);
+                Ok(())
+            }
+            Err(e) => {
+                running.kill();
+                let why = match e {
+                    mpsc::RecvTimeoutError::Timeout => {
+                        format!("not ready within {START_TIMEOUT:?}")
+                    }
+                    mpsc::RecvTimeoutError::Disconnected => "exited before it was ready".into(),
+                };
+                bail!(
+                    "fieldsync-agent (start #{}) {why}; its stderr:\n{}",
+                    self.starts,
+                    self.stderr_log()
+                )
+            }
+        }
+    }
+
+    /// The API's base URL, `http://127.0.0.1:PORT` (a new port after each restart).
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// The URL of `path` (which starts with `/`) on the API.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    /// The temp dir holding the config, policy, store and logs.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The agent's config file.
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// The store's folder (`[agent] data_dir`).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn stderr_log_path(&self) -> PathBuf {
+        self.dir.path().join("agent.stderr.log")
+    }
+
+    /// Everything the agent has written to stderr, over all its starts.
+    pub fn stderr_log(&self) -> String {
+        std::fs::read_to_string(self.stderr_log_path()).unwrap_or_default()
+    }
+
+    /// Whether the process is running (not killed, not exited).
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.running {
+            Some(r) => matches!(r.child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Kills the agent with SIGKILL (no shutdown path runs) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.kill();
+        }
+    }
+
+    /// Kills the agent if it runs, then starts it again on the same config and
+    /// store and waits until its API is up.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn()
+    }
+
+    /// Runs the binary as a client of this agent: `args` then `--api URL`.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--api", &self.base_url]);
+        cli(all)
+    }
+
+    /// Opens the agent's store directly. Kill the agent first: redb locks the
+    /// file while the agent has it open.
+    pub fn open_store(&self) -> anyhow::Result<Store> {
+        if self.running.is_some() {
+            bail!("open_store while the agent runs: kill it first");
+        }
+        let id = AgentId::new(AGENT_ID)?;
+        Ok(Store::open(&self.data_dir(), &id)?)
+    }
+}
+
+impl Running {
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // The pipe closes with the process, so the drain thread ends.
+        let _ = self.stdout_drain.join();
+    }
+}
+
+impl Drop for TempAgent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Asserts a finished command failed, and returns its stderr for further checks.
+pub fn expect_failure(output: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        !output.status.success(),
+        "expected a failure; got {} with stdout {} and stderr {stderr}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout)
+    );
+    stderr
+}
+
+/// Asserts a finished command succeeded, and returns its stdout.
+pub fn expect_success(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "expected success; got {} with stdout {} and stderr {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
