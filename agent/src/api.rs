@@ -46,6 +46,13 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/outbox", get(outbox))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method",
+            )
+        })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }

@@ -62,6 +62,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
+    let tls = config.hub.as_ref().map(link::load_tls).transpose()?;
     let store = Store::open(&config.data_dir, &config.id)?;
     let policy = Arc::new(config.policy.clone());
     let (writer, committer) = Writer::start(WriterSetup {
@@ -73,16 +74,19 @@ pub async fn serve(
     })?;
     let connected = Arc::new(AtomicBool::new(false));
     let cancel = CancellationToken::new();
-    let link_task = match &config.hub {
-        Some(hub) => {
-            let link = Link::new(LinkSetup {
-                hub: hub.clone(),
-                agent: config.id.clone(),
-                store: store.clone(),
-                writer: writer.clone(),
-                policy: policy.clone(),
-                connected: connected.clone(),
-            })?;
+    let link_task = match (&config.hub, tls) {
+        (Some(hub), Some(tls)) => {
+            let link = Link::new(
+                LinkSetup {
+                    hub: hub.clone(),
+                    agent: config.id.clone(),
+                    store: store.clone(),
+                    writer: writer.clone(),
+                    policy: policy.clone(),
+                    connected: connected.clone(),
+                },
+                tls,
+            );
             tracing::info!(host = %hub.host, port = hub.port, "syncing with the hub");
             let cancel = cancel.clone();
             Some(tokio::spawn(async move {
@@ -93,7 +97,7 @@ pub async fn serve(
                 result
             }))
         }
-        None => None,
+        _ => None,
     };
     let state = api::ApiState {
         agent_id: config.id.clone(),

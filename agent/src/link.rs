@@ -75,11 +75,16 @@ pub struct Link {
     options: MqttOptions,
 }
 
+/// Loads the link's TLS files. The agent calls it before anything else, so a
+/// bad certificate or key stops it at start with an error naming the key and
+/// without touching the store.
+pub fn load_tls(hub: &HubConfig) -> Result<Arc<rustls::ClientConfig>, LinkError> {
+    Ok(client_config(&hub.ca, &hub.cert, &hub.key)?)
+}
+
 impl Link {
-    /// Loads the TLS files, so a bad certificate or key stops the agent at start
-    /// with an error naming the key.
-    pub fn new(setup: LinkSetup) -> Result<Self, LinkError> {
-        let tls = client_config(&setup.hub.ca, &setup.hub.cert, &setup.hub.key)?;
+    /// A link with the TLS configuration from [`load_tls`].
+    pub fn new(setup: LinkSetup, tls: Arc<rustls::ClientConfig>) -> Self {
         let mut options =
             MqttOptions::new(setup.agent.as_str(), setup.hub.host.clone(), setup.hub.port);
         options
@@ -88,7 +93,7 @@ impl Link {
             .set_clean_session(true)
             .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES)
             .set_inflight(64);
-        Ok(Self { setup, options })
+        Self { setup, options }
     }
 
     /// Runs until `shutdown`.

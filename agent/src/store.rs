@@ -58,6 +58,8 @@ pub enum StoreError {
         path: PathBuf,
         source: redb::DatabaseError,
     },
+    #[error("store {path} is in use by another process (is another fieldsync-agent running with this data_dir?)")]
+    InUse { path: PathBuf },
     #[error("store {path} has schema version {found}; this build reads version {SCHEMA_VERSION}")]
     SchemaVersion { path: PathBuf, found: u64 },
     #[error("store {path} belongs to agent {found:?}, not {expected:?}")]
@@ -159,9 +161,12 @@ impl Store {
             source,
         })?;
         let path = data_dir.join(STORE_FILE);
-        let db = Database::create(&path).map_err(|source| StoreError::Open {
-            path: path.clone(),
-            source,
+        let db = Database::create(&path).map_err(|source| match source {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse { path: path.clone() },
+            source => StoreError::Open {
+                path: path.clone(),
+                source,
+            },
         })?;
         let store = Self {
             db: Arc::new(db),

@@ -149,7 +149,7 @@ impl Policy {
                 let field =
                     FieldName::new(field).map_err(|e| invalid(key.clone(), e.to_string()))?;
                 if !sync.insert(field.clone()) {
-                    return Err(invalid(key, format!("field {field:?} is listed twice")));
+                    return Err(invalid(key, format!("field \"{field}\" is listed twice")));
                 }
             }
             collections.insert(
