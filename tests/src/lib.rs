@@ -1,6 +1,13 @@
-//! End-to-end test harness: builds and locates the real `fieldsync-agent` binary,
-//! runs it on temp dirs ([`TempAgent`]), runs it as a CLI client ([`cli`]), and
-//! waits on things with deadlines ([`wait_for`], [`eventually`]) instead of sleeps.
+//! End-to-end test harness: builds and locates the real `fieldsync-agent` and
+//! `fieldsync-hub` binaries, runs an agent on a temp dir ([`TempAgent`]), runs
+//! it as a CLI client ([`cli`]), runs a hub and a fleet of linked agents with a
+//! generated PKI ([`fleet`]), records what agents send ([`tap`]), and waits on
+//! things with deadlines ([`wait_for`], [`eventually`]) instead of sleeps.
+
+pub mod durability;
+pub mod fleet;
+pub mod raw_mqtt;
+pub mod tap;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
@@ -31,31 +38,46 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a CLI command or a failing `run` may take.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The `fieldsync-agent` binary of the profile this test was built with, built
-/// (once per test process) by `cargo build -p fieldsync-agent --bin fieldsync-agent`.
-/// Panics with the build's error if it cannot be built.
+/// The `fieldsync-agent` binary of the profile this test was built with (see
+/// [`bin_dir`]).
 pub fn agent_bin() -> &'static Path {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    match BIN.get_or_init(|| build_agent().map_err(|e| format!("{e:#}"))) {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| match std::env::var_os(AGENT_BIN_ENV) {
+        Some(path) => PathBuf::from(path),
+        None => bin_dir().join(format!("fieldsync-agent{}", std::env::consts::EXE_SUFFIX)),
+    })
+}
+
+/// The `fieldsync-hub` binary of the profile this test was built with.
+pub fn hub_bin() -> PathBuf {
+    bin_dir().join(format!("fieldsync-hub{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// The folder holding both binaries, built (once per process) by
+/// `cargo build -p fieldsync-agent -p fieldsync-hub --bins` with this test's
+/// profile and target dir. Panics with the build's error if they cannot be built.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    match DIR.get_or_init(|| build_bins().map_err(|e| format!("{e:#}"))) {
         Ok(path) => path,
-        Err(e) => panic!("cannot build or find fieldsync-agent: {e}"),
+        Err(e) => panic!("cannot build or find the fieldsync binaries: {e}"),
     }
 }
 
-fn build_agent() -> anyhow::Result<PathBuf> {
-    if let Some(path) = std::env::var_os(AGENT_BIN_ENV) {
-        let path = PathBuf::from(path);
-        if !path.is_file() {
-            bail!("{AGENT_BIN_ENV}={} is not a file", path.display());
-        }
-        return Ok(path);
-    }
-    // The test executable is <target>/<profile>/deps/<test>-<hash>.
+fn build_bins() -> anyhow::Result<PathBuf> {
+    // A test executable is <target>/<profile>/deps/<test>-<hash>; the demo
+    // binary is <target>/<profile>/fieldsync-demo.
     let exe = std::env::current_exe().context("cannot locate the test executable")?;
-    let profile_dir = exe
+    let parent = exe
         .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| anyhow!("unexpected test executable location {}", exe.display()))?;
+        .ok_or_else(|| anyhow!("unexpected executable location {}", exe.display()))?;
+    let profile_dir = if parent.file_name().is_some_and(|n| n == "deps") {
+        parent
+            .parent()
+            .ok_or_else(|| anyhow!("unexpected test executable location {}", exe.display()))?
+    } else {
+        parent
+    };
     let target_dir = profile_dir
         .parent()
         .ok_or_else(|| anyhow!("unexpected test executable location {}", exe.display()))?;
@@ -92,14 +114,9 @@ fn build_agent() -> anyhow::Result<PathBuf> {
     }
     build
         .current_dir(workspace)
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "fieldsync-agent",
-            "--bin",
-            "fieldsync-agent",
-        ])
+        // `--workspace` resolves features exactly as `cargo test --workspace`
+        // does, so after a test build this is a no-op instead of a rebuild.
+        .args(["build", "--quiet", "--workspace", "--bins"])
         .arg("--target-dir")
         .arg(target_dir);
     match profile {
@@ -116,22 +133,30 @@ fn build_agent() -> anyhow::Result<PathBuf> {
         .status()
         .context("cannot run cargo")?;
     if !status.success() {
-        bail!("cargo build -p fieldsync-agent failed: {status}");
+        bail!("cargo build of fieldsync-agent and fieldsync-hub failed: {status}");
     }
-    let bin = profile_dir.join(format!("fieldsync-agent{}", std::env::consts::EXE_SUFFIX));
-    if !bin.is_file() {
-        bail!(
-            "cargo built fieldsync-agent but {} is missing",
-            bin.display()
-        );
+    for name in ["fieldsync-agent", "fieldsync-hub"] {
+        let bin = profile_dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+        if !bin.is_file() {
+            bail!("cargo built {name} but {} is missing", bin.display());
+        }
     }
-    Ok(bin)
+    Ok(profile_dir.to_owned())
 }
 
 /// A `fieldsync-agent` command with a clean environment: no `FIELDSYNC*`
 /// variable of the caller's shell leaks in and changes the config or `--api`.
 pub fn agent_command() -> Command {
-    let mut cmd = Command::new(agent_bin());
+    clean_command(agent_bin())
+}
+
+/// A `fieldsync-hub` command with the same clean environment.
+pub fn hub_command() -> Command {
+    clean_command(&hub_bin())
+}
+
+fn clean_command(bin: &Path) -> Command {
+    let mut cmd = Command::new(bin);
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("FIELDSYNC") {
             cmd.env_remove(name);
@@ -248,6 +273,21 @@ pub struct AgentSetup {
     /// Add a `[hub]` section pointing at this `mqtts://` URL, with a CA, a
     /// certificate for [`AGENT_ID`] and its key made by [`write_dev_pki`].
     pub hub_url: Option<String>,
+    /// Add a `[hub]` section with these URL and files (a real hub's PKI).
+    pub link: Option<AgentLink>,
+    /// The agent id; [`AGENT_ID`] if unset.
+    pub id: Option<String>,
+    /// The policy file's text; [`PATIENTS_POLICY`] if unset.
+    pub policy: Option<String>,
+}
+
+/// A `[hub]` section: where the hub is and the agent's TLS files.
+#[derive(Debug, Clone)]
+pub struct AgentLink {
+    pub url: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Writes a throwaway PKI into `dir`: `ca.pem` (a self-signed CA), and
@@ -281,9 +321,11 @@ pub fn write_dev_pki(dir: &Path) -> anyhow::Result<()> {
 /// into `dir`, with the API on `127.0.0.1:0` and the store in `dir/data`.
 /// Returns the config's path.
 pub fn write_agent_config(dir: &Path, setup: &AgentSetup) -> anyhow::Result<PathBuf> {
-    std::fs::write(dir.join("policy.toml"), PATIENTS_POLICY)?;
+    let policy = setup.policy.as_deref().unwrap_or(PATIENTS_POLICY);
+    std::fs::write(dir.join("policy.toml"), policy)?;
+    let id = setup.id.as_deref().unwrap_or(AGENT_ID);
     let mut config = format!(
-        "[agent]\nid = \"{AGENT_ID}\"\ndata_dir = \"data\"\n\n\
+        "[agent]\nid = \"{id}\"\ndata_dir = \"data\"\n\n\
          [api]\nlisten = \"127.0.0.1:0\"\n\n\
          [policy]\nfile = \"policy.toml\"\n"
     );
@@ -291,6 +333,12 @@ pub fn write_agent_config(dir: &Path, setup: &AgentSetup) -> anyhow::Result<Path
         write_dev_pki(dir)?;
         config.push_str(&format!(
             "\n[hub]\nurl = \"{url}\"\nca = \"ca.pem\"\ncert = \"agent.pem\"\nkey = \"agent.key\"\n"
+        ));
+    }
+    if let Some(link) = &setup.link {
+        config.push_str(&format!(
+            "\n[hub]\nurl = \"{}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            link.url, link.ca, link.cert, link.key
         ));
     }
     let path = dir.join("agent.toml");
@@ -302,6 +350,7 @@ pub fn write_agent_config(dir: &Path, setup: &AgentSetup) -> anyhow::Result<Path
 /// policy and its API on a free loopback port. Dropping it kills the process.
 pub struct TempAgent {
     dir: tempfile::TempDir,
+    id: String,
     config: PathBuf,
     running: Option<Running>,
     base_url: String,
@@ -327,6 +376,7 @@ impl TempAgent {
         let config = write_agent_config(dir.path(), &setup)?;
         let mut agent = Self {
             dir,
+            id: setup.id.clone().unwrap_or_else(|| AGENT_ID.to_owned()),
             config,
             running: None,
             base_url: String::new(),
@@ -389,6 +439,11 @@ impl TempAgent {
                 )
             }
         }
+    }
+
+    /// The agent's id.
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// The API's base URL, `http://127.0.0.1:PORT` (a new port after each restart).
@@ -460,7 +515,7 @@ impl TempAgent {
         if self.running.is_some() {
             bail!("open_store while the agent runs: kill it first");
         }
-        let id = AgentId::new(AGENT_ID)?;
+        let id = AgentId::new(&*self.id)?;
         Ok(Store::open(&self.data_dir(), &id)?)
     }
 }

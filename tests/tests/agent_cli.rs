@@ -98,6 +98,7 @@ async fn runs_without_a_hub_and_keeps_denied_fields_local() {
 async fn runs_while_the_configured_hub_is_unreachable() {
     let setup = AgentSetup {
         hub_url: Some(format!("mqtts://127.0.0.1:{}", closed_port())),
+        ..AgentSetup::default()
     };
     let mut agent = TempAgent::start_with(setup).unwrap();
     put_get_status_outbox(&agent, true).await;
