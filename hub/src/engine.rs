@@ -92,8 +92,15 @@ impl<S: HubStore> Engine<S> {
         let mut sessions: HashMap<AgentId, AgentSession> = HashMap::new();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
+            // Biased: a connection's Connected event is always handled before
+            // the messages that connection sends.
             tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => return Ok(()),
+                e = events.recv() => {
+                    let Some(e) = e else { return Ok(()) };
+                    self.on_event(&mut sessions, e);
+                }
                 n = link.rx.next() => {
                     match n.map_err(|e| EngineError::Link(e.to_string()))? {
                         Some(Notification::Forward(f)) => {
@@ -105,10 +112,6 @@ impl<S: HubStore> Engine<S> {
                         }
                         _ => {}
                     }
-                }
-                e = events.recv() => {
-                    let Some(e) = e else { return Ok(()) };
-                    self.on_event(&mut sessions, e);
                 }
                 _ = tick.tick() => self.on_tick(&mut sessions),
             }
