@@ -2,8 +2,9 @@
 //! its PKI in one temp dir ([`Fleet`]), cloneable clients for an agent's local
 //! API ([`AgentApi`]) and the hub's operator API ([`Operator`]), polling with
 //! deadlines ([`poll`]), a continuous writer that records which writes the
-//! agent acknowledged ([`stream_writes`]), and a parallel comparison of
-//! expected records with what a replica holds ([`mismatches`]).
+//! agent acknowledged ([`stream_writes`]), a parallel comparison of
+//! expected records with what a replica holds ([`mismatches`]), and the log
+//! lines that mean a broken invariant ([`log_problems`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -491,4 +492,24 @@ pub fn seed() -> u64 {
             .unwrap_or_else(|_| panic!("FIELDSYNC_E2E_SEED={s:?} is not a u64")),
         Err(_) => rand::random(),
     }
+}
+
+/// Log lines of a hub or agent that mean a broken invariant or protocol
+/// exchange: any ERROR from Fieldsync's own code (a queue missing entries, a
+/// peer ahead of its sender, a failed commit or request, ...) and warnings about
+/// bad acknowledgements or undecodable messages. Lost connections are expected
+/// after a kill and are not listed; nor is the embedded rumqttd's own noise.
+pub fn log_problems(log: &str) -> Vec<&str> {
+    const BAD_WARNINGS: [&str; 4] = [
+        "bad acknowledgement",
+        "bad downstream ack",
+        "undecodable",
+        "dropped",
+    ];
+    log.lines()
+        .filter(|l| {
+            (l.contains(" ERROR ") && l.contains("fieldsync_"))
+                || (l.contains(" WARN ") && BAD_WARNINGS.iter().any(|w| l.contains(w)))
+        })
+        .collect()
 }
