@@ -26,6 +26,8 @@ use tokio_rustls::TlsConnector;
 
 /// Largest packet the raw client reads (the hub's limit is 1 MiB plus headers).
 const MAX_PACKET: usize = 2 << 20;
+/// Deadline for TCP connect plus the client side of the TLS handshake.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The fleet's client configuration: TLS 1.3, ring, the agent's certificate.
 pub fn mtls_config(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<Arc<ClientConfig>> {
@@ -68,15 +70,22 @@ impl RawMqtt {
     /// TCP connect and the client side of the TLS handshake (the server name is
     /// the address's IP, which the hub's certificate carries). In TLS 1.3 the
     /// client finishes its handshake before the server has checked the client
-    /// certificate, so a refused certificate shows up on the first read.
+    /// certificate, so a refused certificate shows up on the first read. Fails
+    /// if it takes longer than [`HANDSHAKE_DEADLINE`].
     pub async fn tls(addr: SocketAddr, config: Arc<ClientConfig>) -> anyhow::Result<Self> {
-        let tcp = TcpStream::connect(addr)
+        let handshake = async {
+            let tcp = TcpStream::connect(addr)
+                .await
+                .with_context(|| format!("cannot connect to {addr}"))?;
+            tcp.set_nodelay(true)?;
+            let stream = TlsConnector::from(config)
+                .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+                .await?;
+            anyhow::Ok(stream)
+        };
+        let stream = tokio::time::timeout(HANDSHAKE_DEADLINE, handshake)
             .await
-            .with_context(|| format!("cannot connect to {addr}"))?;
-        tcp.set_nodelay(true)?;
-        let stream = TlsConnector::from(config)
-            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
-            .await?;
+            .map_err(|_| anyhow!("no TLS handshake with {addr} within {HANDSHAKE_DEADLINE:?}"))??;
         Ok(Self {
             stream,
             buf: BytesMut::with_capacity(4096),
