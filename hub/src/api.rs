@@ -10,13 +10,13 @@ use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use fieldsync_shared::hlc::system_now_ms;
 use fieldsync_shared::record::{parse_patch, PatchError};
 use fieldsync_shared::{
-    AgentId, Change, CollectionName, Flow, Hlc, Origin, Policy, RecordKey, RecordState, Value,
-    Version,
+    AgentId, Change, CollectionName, FieldName, Flow, Hlc, Origin, Policy, RecordKey, RecordState,
+    Seq, Value, Version,
 };
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -50,6 +50,7 @@ pub fn router<S: HubStore>(state: Arc<ApiState<S>>) -> Router {
             "/v1/agents/{agent}/records/{collection}/{key}",
             get(get_record::<S>).put(put_record::<S>),
         )
+        .route("/v1/agents/{agent}/batch", post(batch::<S>))
         .route("/v1/metrics", get(metrics::<S>))
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -225,16 +226,15 @@ async fn get_record<S: HubStore>(
     }
 }
 
-/// `PUT /v1/agents/{agent}/records/{collection}/{key}`: a downstream write,
-/// checked against the policy, queued durably, delivered when the agent is
-/// connected. Answers 202 with the queue position.
-async fn put_record<S: HubStore>(
-    State(state): State<Arc<ApiState<S>>>,
-    path: Address,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let (agent, collection, key) = address(path)?;
-    let body = body.map_err(|e| {
+/// One validated downstream write.
+struct DownWrite {
+    collection: CollectionName,
+    key: RecordKey,
+    fields: Vec<(FieldName, Option<Value>)>,
+}
+
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
         let status = e.status();
         let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
             "payload_too_large"
@@ -242,25 +242,30 @@ async fn put_record<S: HubStore>(
             "invalid_body"
         };
         ApiError::new(status, code, e.body_text())
-    })?;
-    let body: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad("invalid_json", format!("invalid JSON: {e}")))?;
-    let fields = parse_patch(body).map_err(|e| match e {
+    })
+}
+
+fn patch_of(body: Value) -> Result<Vec<(FieldName, Option<Value>)>, ApiError> {
+    parse_patch(body).map_err(|e| match e {
         PatchError::FieldName(_) => ApiError::bad("invalid_name", e.to_string()),
         e => ApiError::bad("invalid_body", e.to_string()),
-    })?;
+    })
+}
 
-    // Check the policy first: a refused write changes nothing.
-    if !state.policy.allows_collection(Flow::Down, &collection) {
+/// The policy decides first: a refused write changes nothing.
+fn check_policy(policy: &Policy, write: &DownWrite) -> Result<(), ApiError> {
+    let collection = &write.collection;
+    if !policy.allows_collection(Flow::Down, collection) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "policy_denied",
             format!("the policy does not let collection \"{collection}\" flow down to agents"),
         ));
     }
-    let denied: Vec<&str> = fields
+    let denied: Vec<&str> = write
+        .fields
         .iter()
-        .filter(|(f, _)| !state.policy.permits(Flow::Down, &collection, f))
+        .filter(|(f, _)| !policy.permits(Flow::Down, collection, f))
         .map(|(f, _)| f.as_str())
         .collect();
     if !denied.is_empty() {
@@ -273,33 +278,70 @@ async fn put_record<S: HubStore>(
             ),
         ));
     }
+    Ok(())
+}
 
+/// Stamps `writes` with the hub clock and queues them for `agent` in one
+/// durable transaction; returns the last queued sequence number.
+async fn enqueue<S: HubStore>(
+    state: &ApiState<S>,
+    agent: &AgentId,
+    writes: Vec<DownWrite>,
+) -> Result<Seq, ApiError> {
+    let count = writes.len() as u64;
     let hlc = state.hlc.clone();
     let origin = state.origin.clone();
-    let (a, c, k) = (agent.clone(), collection.clone(), key.clone());
+    let a = agent.clone();
     let queued = blocking(&state.store, move |store| {
         // The clock lock spans stamping and the commit that persists it, so the
         // persisted clock state only moves forward.
         let mut clock = hlc.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let version = Version {
-            stamp: clock.tick(system_now_ms()),
-            origin,
-        };
-        let mut record = RecordState::default();
-        let change_state = record.write(fields, &version);
-        let change = Change {
-            collection: c,
-            key: k,
-            state: change_state,
-        };
-        store.enqueue_downstream(&a, &[change], clock.last())
+        let now = system_now_ms();
+        let changes: Vec<Change> = writes
+            .into_iter()
+            .map(|w| {
+                let version = Version {
+                    stamp: clock.tick(now),
+                    origin: origin.clone(),
+                };
+                let state = RecordState::default().write(w.fields, &version);
+                Change {
+                    collection: w.collection,
+                    key: w.key,
+                    state,
+                }
+            })
+            .collect();
+        store.enqueue_downstream(&a, &changes, clock.last())
     })
     .await?;
-    Metrics::inc(&state.metrics.downstream_changes_queued);
+    Metrics::add(&state.metrics.downstream_changes_queued, count);
     let _ = state.events.send(EngineEvent::Enqueued {
         agent: agent.clone(),
         last: queued,
     });
+    Ok(queued)
+}
+
+/// `PUT /v1/agents/{agent}/records/{collection}/{key}`: a downstream write,
+/// checked against the policy, queued durably, delivered when the agent is
+/// connected. Answers 202 with the queue position.
+async fn put_record<S: HubStore>(
+    State(state): State<Arc<ApiState<S>>>,
+    path: Address,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let (agent, collection, key) = address(path)?;
+    let body: Value = serde_json::from_slice(&body_bytes(body)?)
+        .map_err(|e| ApiError::bad("invalid_json", format!("invalid JSON: {e}")))?;
+    let write = DownWrite {
+        collection,
+        key,
+        fields: patch_of(body)?,
+    };
+    check_policy(&state.policy, &write)?;
+    let (collection, key) = (write.collection.clone(), write.key.clone());
+    let queued = enqueue(&state, &agent, vec![write]).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({
@@ -307,6 +349,72 @@ async fn put_record<S: HubStore>(
             "collection": collection,
             "key": key,
             "queued_seq": queued,
+            "agent_connected": state.connections.is_connected(&agent),
+        })),
+    ))
+}
+
+/// Most writes in one operator batch.
+pub const MAX_BATCH_WRITES: usize = 1000;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchWrite {
+    collection: String,
+    key: String,
+    fields: Value,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchBody {
+    writes: Vec<BatchWrite>,
+}
+
+/// `POST /v1/agents/{agent}/batch`: many downstream writes, all checked before
+/// any is queued, queued in order in one durable transaction. Answers 202 with
+/// the last queue position.
+async fn batch<S: HubStore>(
+    State(state): State<Arc<ApiState<S>>>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let Path(agent) = path.map_err(|e| ApiError::bad("invalid_path", e.body_text()))?;
+    let agent = AgentId::new(agent).map_err(|e| ApiError::bad("invalid_name", e.to_string()))?;
+    let body: BatchBody = serde_json::from_slice(&body_bytes(body)?)
+        .map_err(|e| ApiError::bad("invalid_json", format!("invalid JSON: {e}")))?;
+    if body.writes.is_empty() || body.writes.len() > MAX_BATCH_WRITES {
+        return Err(ApiError::bad(
+            "invalid_body",
+            format!(
+                "a batch holds 1 to {MAX_BATCH_WRITES} writes; got {}",
+                body.writes.len()
+            ),
+        ));
+    }
+    let mut writes = Vec::with_capacity(body.writes.len());
+    for (i, w) in body.writes.into_iter().enumerate() {
+        let at = |e: ApiError| ApiError {
+            message: format!("writes[{i}]: {}", e.message),
+            ..e
+        };
+        let name = |e: fieldsync_shared::IdError| at(ApiError::bad("invalid_name", e.to_string()));
+        let write = DownWrite {
+            collection: CollectionName::new(w.collection).map_err(name)?,
+            key: RecordKey::new(w.key).map_err(name)?,
+            fields: patch_of(w.fields).map_err(at)?,
+        };
+        check_policy(&state.policy, &write).map_err(at)?;
+        writes.push(write);
+    }
+    let count = writes.len();
+    let queued = enqueue(&state, &agent, writes).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "agent": agent,
+            "queued": count,
+            "last_seq": queued,
             "agent_connected": state.connections.is_connected(&agent),
         })),
     ))
