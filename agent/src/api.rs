@@ -14,7 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use fieldsync_shared::record::{parse_patch, PatchError};
-use fieldsync_shared::{AgentId, CollectionName, FieldName, RecordKey, Seq, Value};
+use fieldsync_shared::wire::{write_fits, MAX_CHANGE_BYTES};
+use fieldsync_shared::{AgentId, CollectionName, FieldName, Origin, RecordKey, Seq, Value};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -155,6 +156,24 @@ fn fields_of(body: Value) -> Result<Vec<(FieldName, Option<Value>)>, ApiError> {
     })
 }
 
+/// Refuses a write whose change could not travel in one message (it would
+/// block the outbox behind it).
+fn check_fits(
+    state: &ApiState,
+    collection: &CollectionName,
+    key: &RecordKey,
+    fields: &[(FieldName, Option<Value>)],
+) -> Result<(), ApiError> {
+    if write_fits(collection, key, fields, &Origin::agent(&state.agent_id)) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "change_too_large",
+        format!("one write may encode to at most {MAX_CHANGE_BYTES} bytes; split it"),
+    ))
+}
+
 async fn put_record(
     State(state): State<ApiState>,
     path: Address,
@@ -162,6 +181,7 @@ async fn put_record(
 ) -> Result<Json<RecordView>, ApiError> {
     let (collection, key) = address(path)?;
     let fields = fields_of(parse_json(body)?)?;
+    check_fits(&state, &collection, &key, &fields)?;
     let op = WriteOp::Put {
         collection,
         key,
@@ -261,11 +281,15 @@ async fn batch(
             RecordKey::new(w.key).map_err(|e| at(ApiError::bad("invalid_name", e.to_string())))?;
         ops.push(match (w.fields, w.delete) {
             (None, true) => WriteOp::Delete { collection, key },
-            (Some(fields), false) => WriteOp::Put {
-                collection,
-                key,
-                fields: fields_of(fields).map_err(at)?,
-            },
+            (Some(fields), false) => {
+                let fields = fields_of(fields).map_err(at)?;
+                check_fits(&state, &collection, &key, &fields).map_err(at)?;
+                WriteOp::Put {
+                    collection,
+                    key,
+                    fields,
+                }
+            }
             _ => {
                 return Err(at(ApiError::bad(
                     "invalid_body",

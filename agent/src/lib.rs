@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
-use crate::link::{Link, LinkSetup};
+use crate::link::LinkSetup;
 use crate::store::{Store, StoreError};
 use crate::writer::{Writer, WriterSetup};
 
@@ -76,26 +76,16 @@ pub async fn serve(
     let cancel = CancellationToken::new();
     let link_task = match (&config.hub, tls) {
         (Some(hub), Some(tls)) => {
-            let link = Link::new(
-                LinkSetup {
-                    hub: hub.clone(),
-                    agent: config.id.clone(),
-                    store: store.clone(),
-                    writer: writer.clone(),
-                    policy: policy.clone(),
-                    connected: connected.clone(),
-                },
-                tls,
-            );
+            let setup = LinkSetup {
+                hub: hub.clone(),
+                agent: config.id.clone(),
+                store: store.clone(),
+                writer: writer.clone(),
+                policy: policy.clone(),
+                connected: connected.clone(),
+            };
             tracing::info!(host = %hub.host, port = hub.port, "syncing with the hub");
-            let cancel = cancel.clone();
-            Some(tokio::spawn(async move {
-                let result = link.run(cancel).await;
-                if let Err(e) = &result {
-                    tracing::error!(error = %e, "hub link stopped");
-                }
-                result
-            }))
+            Some(tokio::spawn(link::supervise(setup, tls, cancel.clone())))
         }
         _ => None,
     };
@@ -118,15 +108,11 @@ pub async fn serve(
         .await
         .map_err(RunError::Serve);
     cancel.cancel();
-    let linked = match link_task {
-        Some(task) => match task.await {
-            Ok(r) => r.map_err(RunError::Link),
-            Err(e) => Err(RunError::Link(link::LinkError::Join(e))),
-        },
-        None => Ok(()),
-    };
+    if let Some(task) = link_task {
+        let _ = task.await;
+    }
     // The router and the link (and with them every Writer clone) are gone: the
     // committer drains what is queued and stops.
     let _ = tokio::task::spawn_blocking(move || committer.join()).await;
-    served.and(linked)
+    served
 }

@@ -17,7 +17,7 @@ use fieldsync_shared::codec;
 use fieldsync_shared::session::{Plan, Receiver, Sender};
 use fieldsync_shared::tls::{client_config, TlsError};
 use fieldsync_shared::wire::{
-    down_topic, up_topic, Ack, Batch, Envelope, Hello, Message, MAX_MESSAGE_BYTES,
+    down_topic, up_topic, Ack, Batch, Envelope, ErrorCode, Hello, Message, MAX_MESSAGE_BYTES,
 };
 use fieldsync_shared::{AgentId, Change, Flow, Policy, Seq};
 use rand::Rng;
@@ -59,6 +59,7 @@ pub enum LinkError {
 }
 
 /// What the link needs.
+#[derive(Clone)]
 pub struct LinkSetup {
     pub hub: HubConfig,
     pub agent: AgentId,
@@ -181,6 +182,32 @@ impl Link {
     }
 }
 
+/// Runs the link until `shutdown`, starting it again (after a backoff) if it
+/// stops on an error such as a failed store transaction, so a passing fault
+/// never ends syncing while the local API keeps taking writes.
+pub async fn supervise(
+    setup: LinkSetup,
+    tls: Arc<rustls::ClientConfig>,
+    shutdown: CancellationToken,
+) {
+    let mut failures = 0u32;
+    loop {
+        let link = Link::new(setup.clone(), tls.clone());
+        match link.run(shutdown.clone()).await {
+            Ok(()) => return,
+            Err(e) => {
+                let delay = backoff(failures);
+                failures = failures.saturating_add(1);
+                tracing::error!(error = %e, retry_in = ?delay, "hub link stopped; restarting it");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
 /// Delay before reconnect attempt `failures + 1`: exponential with full jitter.
 fn backoff(failures: u32) -> Duration {
     let cap = BACKOFF_MIN
@@ -276,6 +303,13 @@ impl Session<'_> {
                 Err(e) => tracing::warn!(error = %e, "bad acknowledgement from the hub"),
             },
             Message::Batch(batch) => self.on_batch(batch).await?,
+            Message::Error(e) if e.code == ErrorCode::HelloFirst => {
+                tracing::info!(message = %e.message, "the hub asks for a new hello");
+                self.welcomed = false;
+                self.setup.connected.store(false, Ordering::Relaxed);
+                self.up.disconnected();
+                self.hello().await;
+            }
             Message::Error(e) => {
                 tracing::warn!(code = ?e.code, message = %e.message, "the hub reported an error")
             }

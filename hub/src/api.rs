@@ -14,6 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use fieldsync_shared::hlc::system_now_ms;
 use fieldsync_shared::record::{parse_patch, PatchError};
+use fieldsync_shared::wire::{write_fits, MAX_CHANGE_BYTES};
 use fieldsync_shared::{
     AgentId, Change, CollectionName, FieldName, Flow, Hlc, Origin, Policy, RecordKey, RecordState,
     Seq, Value, Version,
@@ -252,6 +253,19 @@ fn patch_of(body: Value) -> Result<Vec<(FieldName, Option<Value>)>, ApiError> {
     })
 }
 
+/// Refuses a write whose change could not travel in one message (it would
+/// block the agent's queue behind it).
+fn check_fits(origin: &Origin, write: &DownWrite) -> Result<(), ApiError> {
+    if write_fits(&write.collection, &write.key, &write.fields, origin) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "change_too_large",
+        format!("one write may encode to at most {MAX_CHANGE_BYTES} bytes; split it"),
+    ))
+}
+
 /// The policy decides first: a refused write changes nothing.
 fn check_policy(policy: &Policy, write: &DownWrite) -> Result<(), ApiError> {
     let collection = &write.collection;
@@ -297,6 +311,18 @@ async fn enqueue<S: HubStore>(
         // persisted clock state only moves forward.
         let mut clock = hlc.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let now = system_now_ms();
+        // Stamps observed from agents live only in memory until this commit;
+        // the hub's copy of each record bounds them, so an operator write
+        // always sorts after what the hub already holds.
+        for w in &writes {
+            if let Some(v) = store
+                .record(&a, &w.collection, &w.key)?
+                .as_ref()
+                .and_then(RecordState::max_version)
+            {
+                let _ = clock.observe(v.stamp, now);
+            }
+        }
         let changes: Vec<Change> = writes
             .into_iter()
             .map(|w| {
@@ -340,6 +366,7 @@ async fn put_record<S: HubStore>(
         fields: patch_of(body)?,
     };
     check_policy(&state.policy, &write)?;
+    check_fits(&state.origin, &write)?;
     let (collection, key) = (write.collection.clone(), write.key.clone());
     let queued = enqueue(&state, &agent, vec![write]).await?;
     Ok((
@@ -405,6 +432,7 @@ async fn batch<S: HubStore>(
             fields: patch_of(w.fields).map_err(at)?,
         };
         check_policy(&state.policy, &write).map_err(at)?;
+        check_fits(&state.origin, &write).map_err(at)?;
         writes.push(write);
     }
     let count = writes.len();

@@ -25,6 +25,11 @@ use fieldsync_shared::wire::MAX_MESSAGE_BYTES;
 /// Largest MQTT packet the broker and front door accept: one envelope plus the
 /// topic and headers.
 pub const MAX_PACKET_BYTES: usize = MAX_MESSAGE_BYTES + 1024;
+/// MQTT client ids of the hub's own broker clients. A leading `_` can never
+/// start an [`fieldsync_shared::AgentId`], so no agent can take over these
+/// sessions by connecting with the same id.
+pub const ENGINE_CLIENT_ID: &str = "_fieldsync-engine";
+const PROBE_CLIENT_ID: &str = "_fieldsync-probe";
 /// Username the front door presents to the broker.
 pub const FRONT_DOOR_USER: &str = "fieldsync-front-door";
 
@@ -98,7 +103,7 @@ pub async fn start(max_connections: usize) -> Result<(EmbeddedBroker, EngineLink
     };
     let mut broker = Broker::new(config);
     let (tx, rx) = broker
-        .link("fieldsync-hub-engine")
+        .link(ENGINE_CLIENT_ID)
         .map_err(|e| BrokerError::Link(e.to_string()))?;
     std::thread::Builder::new()
         .name("rumqttd".into())
@@ -136,7 +141,7 @@ impl EmbeddedBroker {
         let mut stream = TcpStream::connect(self.addr)
             .await
             .map_err(|e| e.to_string())?;
-        let mut connect = Connect::new("fieldsync-hub-probe");
+        let mut connect = Connect::new(PROBE_CLIENT_ID);
         connect.set_login(FRONT_DOOR_USER, &self.secret);
         let mut out = BytesMut::new();
         Packet::Connect(connect)

@@ -13,7 +13,7 @@ use fieldsync_shared::session::{Plan, Receiver, Sender};
 use fieldsync_shared::wire::{
     down_topic, parse_topic, Ack, Batch, Entry, Envelope, ErrorCode, ErrorMsg, Message, Welcome,
 };
-use fieldsync_shared::{AgentId, Change, Flow, Hlc, Policy, Seq};
+use fieldsync_shared::{AgentId, Change, Flow, Hlc, Origin, Policy, Seq};
 use rumqttd::Notification;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -203,9 +203,13 @@ impl<S: HubStore> Engine<S> {
             }
         };
         let Some(session) = sessions.get_mut(&agent) else {
-            // A message can only come through the front door, which announced the
-            // connection first; anything else is stale.
-            return Ok(());
+            // The front door announces every connection before its messages;
+            // without that the agent must start over.
+            return send(
+                link,
+                &agent,
+                error(ErrorCode::HelloFirst, "no session: say hello"),
+            );
         };
         match envelope.msg {
             Message::Hello(hello) => {
@@ -245,7 +249,11 @@ impl<S: HubStore> Engine<S> {
             Message::Batch(batch) => self.on_batch(link, &agent, session, batch).await,
             Message::Ack(Ack { upto }) => {
                 let Some(sender) = session.down.as_mut() else {
-                    return Ok(());
+                    return send(
+                        link,
+                        &agent,
+                        error(ErrorCode::HelloFirst, "ack before hello"),
+                    );
                 };
                 match sender.acked(upto) {
                     Ok(Some(upto)) => {
@@ -277,10 +285,14 @@ impl<S: HubStore> Engine<S> {
         session: &mut AgentSession,
         batch: Batch,
     ) -> Result<(), EngineError> {
-        // Batches before this connection's hello (re-sent from an old
-        // connection) are ignored: the agent resends after the welcome.
+        // A batch before this connection's hello is not applied; the agent is
+        // told to say hello, and resends after the welcome.
         let Some(up) = session.up.as_mut() else {
-            return Ok(());
+            return send(
+                link,
+                agent,
+                error(ErrorCode::HelloFirst, "batch before hello"),
+            );
         };
         let (entries, watermark) = match up.plan(&batch) {
             Ok(Plan::Apply { entries, watermark }) => (entries, watermark),
@@ -309,8 +321,23 @@ impl<S: HubStore> Engine<S> {
     /// stamps advance the hub clock unless they are beyond the drift bound.
     fn admit_upstream(&self, agent: &AgentId, entries: &[Entry]) -> Vec<Change> {
         let now = system_now_ms();
+        let own = Origin::agent(agent);
         let mut out = Vec::with_capacity(entries.len());
         for entry in entries {
+            // An agent sends only its own writes; a change claiming another
+            // origin (another agent, or the hub) is refused whole.
+            let state = &entry.change.state;
+            let forged = state
+                .fields
+                .values()
+                .map(|f| &f.version)
+                .chain(state.deleted.as_ref())
+                .any(|v| v.origin != own);
+            if forged {
+                Metrics::inc(&self.metrics.forged_origin_changes);
+                tracing::warn!(%agent, collection = %entry.change.collection, "dropped a change stamped with another origin");
+                continue;
+            }
             let filtered = self.policy.filter(Flow::Up, &entry.change);
             if !filtered.denied.is_empty() || filtered.collection_denied {
                 Metrics::add(

@@ -57,6 +57,8 @@ counters!(
     upstream_duplicates,
     /// Fields an agent sent that the hub's policy does not permit (dropped).
     policy_denied_fields,
+    /// Upstream changes stamped with an origin other than the sending agent (dropped).
+    forged_origin_changes,
     /// Remote clock stamps beyond the drift bound (applied, but not used to
     /// advance the hub clock).
     clock_drift_rejected,

@@ -4,19 +4,49 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::id::AgentId;
+use crate::hlc::Stamp;
+use crate::id::{AgentId, CollectionName, FieldName, Origin, RecordKey};
 use crate::policy::Flow;
-use crate::record::{value_depth, Change, FieldValue, MAX_VALUE_DEPTH};
+use crate::record::{
+    value_depth, Change, FieldValue, RecordState, Value, Version, MAX_VALUE_DEPTH,
+};
 use crate::session::Seq;
 
 /// The envelope version this build writes and reads.
 pub const WIRE_VERSION: u16 = 1;
 /// Largest encoded envelope accepted or produced, in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+/// Largest encoded change: what is left of a message after the envelope and
+/// batch framing around one entry. Writes whose change would be larger are
+/// refused where they enter (the local API, the operator API), so a sender can
+/// always ship its next entry.
+pub const MAX_CHANGE_BYTES: usize = MAX_MESSAGE_BYTES - 16 * 1024;
 /// Most entries one batch may carry.
 pub const MAX_BATCH_ENTRIES: usize = 10_000;
 
 const TOPIC_ROOT: &str = "fieldsync/v1/agents";
+
+/// Whether a write of `fields` to `collection`/`key` by `origin` encodes within
+/// [`MAX_CHANGE_BYTES`] whatever stamp it gets (a partial update's change holds
+/// exactly the written fields).
+pub fn write_fits(
+    collection: &CollectionName,
+    key: &RecordKey,
+    fields: &[(FieldName, Option<Value>)],
+    origin: &Origin,
+) -> bool {
+    let version = Version {
+        stamp: Stamp::new(u64::MAX, u32::MAX),
+        origin: origin.clone(),
+    };
+    let state = RecordState::default().write(fields.iter().cloned(), &version);
+    let change = Change {
+        collection: collection.clone(),
+        key: key.clone(),
+        state,
+    };
+    crate::codec::to_bytes(&change).is_ok_and(|b| b.len() <= MAX_CHANGE_BYTES)
+}
 
 /// The topic an agent publishes to (agent to hub).
 pub fn up_topic(agent: &AgentId) -> String {
@@ -122,6 +152,9 @@ pub enum ErrorCode {
     SequenceGap,
     PolicyDenied,
     Internal,
+    /// A batch or ack arrived on a connection the receiver has no hello for:
+    /// say hello again.
+    HelloFirst,
 }
 
 /// Why a decoded message is not acceptable.
@@ -207,6 +240,34 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_fits_draws_the_line_below_the_message_limit() {
+        let c = CollectionName::new("c").unwrap();
+        let k = RecordKey::new("k").unwrap();
+        let o = Origin::new("gw-1").unwrap();
+        let field = |n: usize| {
+            vec![(
+                FieldName::new("f").unwrap(),
+                Some(Value::String("x".repeat(n))),
+            )]
+        };
+        assert!(write_fits(&c, &k, &field(MAX_CHANGE_BYTES - 1024), &o));
+        assert!(!write_fits(&c, &k, &field(MAX_CHANGE_BYTES), &o));
+        // Whatever fits also fits in a one-entry batch envelope.
+        let version = Version {
+            stamp: Stamp::new(u64::MAX, u32::MAX),
+            origin: o,
+        };
+        let state = RecordState::default().write(field(MAX_CHANGE_BYTES - 1024), &version);
+        let change = Change {
+            collection: c,
+            key: k,
+            state,
+        };
+        let batch = Batch::fit(Seq(1), vec![(Seq(1), change)]);
+        assert!(crate::codec::encode(&Envelope::new(Message::Batch(batch))).is_ok());
+    }
 
     #[test]
     fn topics_round_trip() {

@@ -302,6 +302,7 @@ fn code_name(code: ErrorCode) -> &'static str {
         ErrorCode::SequenceGap => "SequenceGap",
         ErrorCode::PolicyDenied => "PolicyDenied",
         ErrorCode::Internal => "Internal",
+        ErrorCode::HelloFirst => "HelloFirst",
     }
 }
 
@@ -314,6 +315,7 @@ fn every_error_code_is_its_name_as_text() {
         ErrorCode::SequenceGap,
         ErrorCode::PolicyDenied,
         ErrorCode::Internal,
+        ErrorCode::HelloFirst,
     ] {
         let name = code_name(code);
         let mut expected = vec![0x60 + u8::try_from(name.len()).unwrap()];

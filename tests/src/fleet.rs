@@ -171,6 +171,11 @@ impl TempHub {
         Ok(())
     }
 
+    /// The process id while the hub runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|(c, _)| c.id())
+    }
+
     /// `mqtts://127.0.0.1:PORT` for agents' `[hub] url`.
     pub fn mqtt_url(&self) -> String {
         format!("mqtts://{}", self.mqtt)

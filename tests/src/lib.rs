@@ -441,6 +441,11 @@ impl TempAgent {
         }
     }
 
+    /// The process id while the agent runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.running.as_ref().map(|r| r.child.id())
+    }
+
     /// The agent's id.
     pub fn id(&self) -> &str {
         &self.id

@@ -436,3 +436,34 @@ async fn a_second_agent_on_the_same_store_is_refused_and_the_first_keeps_serving
     assert_eq!(got["fields"], json!({"ward": 3}));
     assert!(Path::new(&store).is_file());
 }
+
+#[tokio::test]
+async fn a_write_too_large_to_sync_is_refused_and_changes_nothing() {
+    let agent = TempAgent::start().unwrap();
+    let http = reqwest::Client::new();
+    let big = "x".repeat(1_040_000);
+    let r = http
+        .put(agent.url("/v1/records/patients/big"))
+        .json(&json!({ "initials": big }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::PAYLOAD_TOO_LARGE);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "change_too_large", "{body}");
+    let r = http
+        .get(agent.url("/v1/records/patients/big"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::NOT_FOUND);
+    let status: Value = http
+        .get(agent.url("/v1/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["outbox_pending"], 0);
+}

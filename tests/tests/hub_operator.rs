@@ -130,3 +130,39 @@ async fn a_batch_is_checked_whole_queued_in_order_and_delivered() {
         .unwrap();
     assert_eq!(status["down_applied_seq"], 1050);
 }
+
+#[tokio::test]
+async fn a_write_too_large_to_travel_is_refused_and_queues_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::create(&dir.path().join("pki")).unwrap();
+    let hub = TempHub::start(dir.path(), &pki, FLEET_POLICY).unwrap();
+    // Under the 1 MiB body limit, over what one message can carry.
+    let big = "x".repeat(1_040_000);
+    let (status, answer) = hub
+        .put(
+            "/v1/agents/gw-big/records/settings/s",
+            &json!({ "mode": big }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+    assert_eq!(answer["error"]["code"], "change_too_large");
+    let (status, _) = post(
+        &hub,
+        "gw-big",
+        &json!({"writes": [{"collection": "settings", "key": "s", "fields": {"mode": big}}]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(queued(&hub, "gw-big").await, 0);
+    // A large write that fits is accepted.
+    let fits = "y".repeat(900_000);
+    let (status, answer) = hub
+        .put(
+            "/v1/agents/gw-big/records/settings/s",
+            &json!({ "mode": fits }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+}

@@ -1186,3 +1186,76 @@ async fn the_operator_api_checks_the_token_and_the_policy() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_claiming_another_origin_are_dropped_and_batches_before_hello_are_refused() {
+    let fleet = Fleet::start();
+    let x = "gw-forger";
+    let mut client = fleet.raw(x).await;
+
+    // A batch before any hello is not applied; the hub asks for a hello.
+    client.subscribe(&down(x), ANSWER).await.expect("SUBACK");
+    client
+        .publish_msg(
+            &up(x),
+            batch(
+                1,
+                vec![change(x, "patients", "early", &[("ward", json!(1))])],
+            ),
+        )
+        .await
+        .unwrap();
+    match client.next_msg(ANSWER).await.unwrap() {
+        Message::Error(e) => assert_eq!(
+            e.code,
+            fieldsync_shared::wire::ErrorCode::HelloFirst,
+            "{e:?}"
+        ),
+        other => panic!("expected a HelloFirst error, got {other:?}"),
+    }
+    assert_eq!(
+        fleet.hub.record(x, "patients", "early").await.unwrap(),
+        None
+    );
+
+    let mut client = fleet.raw(x).await;
+    assert_eq!(hello(&mut client, x).await, Seq(0));
+    let before = fleet.metrics().await;
+    // One change stamped as the hub's, one as another agent's, one honest.
+    let mut as_hub = change(x, "patients", "p-hub", &[("ward", json!("FORGED-HUB"))]);
+    for f in as_hub.state.fields.values_mut() {
+        f.version.origin = Origin::hub("hub").unwrap();
+    }
+    let as_other = change(
+        "gw-victim",
+        "patients",
+        "p-other",
+        &[("ward", json!("FORGED-OTHER"))],
+    );
+    let honest = change(x, "patients", "p-own", &[("ward", json!("HONEST"))]);
+    client
+        .publish_msg(&up(x), batch(1, vec![as_hub, as_other, honest]))
+        .await
+        .unwrap();
+    match client.next_msg(ANSWER).await.unwrap() {
+        Message::Ack(Ack { upto }) => assert_eq!(upto, Seq(3)),
+        other => panic!("expected an ack, got {other:?}"),
+    }
+    fleet
+        .expect_hub_record(x, "patients", "p-own", json!({"ward": "HONEST"}))
+        .await;
+    assert_eq!(
+        fleet.hub.record(x, "patients", "p-hub").await.unwrap(),
+        None
+    );
+    assert_eq!(
+        fleet.hub.record(x, "patients", "p-other").await.unwrap(),
+        None
+    );
+    fleet
+        .expect_counter(
+            "forged_origin_changes",
+            before["forged_origin_changes"].as_u64().unwrap() + 2,
+        )
+        .await;
+}

@@ -1,0 +1,314 @@
+//! The benchmark harness (first increment): runs scenarios against the real
+//! release binaries on loopback, prints a table and writes the same figures as
+//! one flat JSON object to `target/bench/report.json`. Every throughput figure
+//! comes with a baseline measured in the same run where one exists, because
+//! this machine is shared and noisy. Run it with
+//! `cargo run --release -p fieldsync-e2e --bin fieldsync-bench [-- --quick]`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use fieldsync_e2e::fleet::{Pki, TempHub, FLEET_POLICY, TOKEN};
+use fieldsync_e2e::TempAgent;
+use serde_json::{json, Value};
+
+/// Sizes of one run.
+struct Plan {
+    quick: bool,
+    /// Changes in each catch-up backlog.
+    backlog: u64,
+    /// How long the local-write scenario runs.
+    api_secs: u64,
+    /// Batches of redb inserts in the storage baseline.
+    redb_batches: u64,
+}
+
+type Report = BTreeMap<&'static str, f64>;
+
+fn main() -> ExitCode {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let plan = Plan {
+        quick,
+        backlog: if quick { 10_000 } else { 100_000 },
+        api_secs: if quick { 2 } else { 5 },
+        redb_batches: if quick { 20 } else { 100 },
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("cannot start the async runtime");
+    match runtime.block_on(run(&plan)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fieldsync-bench FAILED: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(plan: &Plan) -> anyhow::Result<()> {
+    if cfg!(debug_assertions) {
+        eprintln!("warning: a debug build; run with --release for meaningful figures");
+    }
+    let started = Instant::now();
+    let bins = fieldsync_e2e::bin_dir();
+    let mut report = Report::new();
+    report.insert("quick", if plan.quick { 1.0 } else { 0.0 });
+
+    footprint_binaries(bins, &mut report)?;
+    redb_baseline(plan, &mut report)?;
+    local_writes(plan, &mut report).await?;
+    catch_up(plan, &mut report).await?;
+    report.insert("bench_wall_s", started.elapsed().as_secs_f64());
+
+    print_table(&report);
+    let path = write_report(&report)?;
+    println!("\nwrote {}", path.display());
+    Ok(())
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// Stripped release binary sizes (`strip = "symbols"` in the release profile).
+fn footprint_binaries(bins: &Path, report: &mut Report) -> anyhow::Result<()> {
+    for (key, name) in [
+        ("agent_binary_mib", "fieldsync-agent"),
+        ("hub_binary_mib", "fieldsync-hub"),
+    ] {
+        let len = std::fs::metadata(bins.join(name))
+            .with_context(|| format!("{name} binary"))?
+            .len();
+        report.insert(key, mib(len));
+    }
+    Ok(())
+}
+
+/// Resident set size of a process, from /proc (Linux).
+fn rss_mib(pid: Option<u32>) -> anyhow::Result<f64> {
+    let pid = pid.context("the process is not running")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")?;
+    Ok(kb as f64 / 1024.0)
+}
+
+/// The storage limit: durable redb commits of 1,000 inserts each, on the same disk.
+fn redb_baseline(plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
+    const TABLE: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("bench");
+    let dir = tempfile::tempdir()?;
+    let db = redb::Database::create(dir.path().join("bench.redb"))?;
+    let value = vec![7u8; 100];
+    let start = Instant::now();
+    for b in 0..plan.redb_batches {
+        let txn = db.begin_write()?;
+        {
+            let mut t = txn.open_table(TABLE)?;
+            for i in 0..1000 {
+                t.insert(b * 1000 + i, value.as_slice())?;
+            }
+        }
+        txn.commit()?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    report.insert(
+        "redb_batch_inserts_per_s",
+        (plan.redb_batches * 1000) as f64 / secs,
+    );
+    // One insert per durable commit: the fsync rate of this disk.
+    let start = Instant::now();
+    let commits = 200u64;
+    for i in 0..commits {
+        let txn = db.begin_write()?;
+        txn.open_table(TABLE)?
+            .insert(u64::MAX - i, value.as_slice())?;
+        txn.commit()?;
+    }
+    report.insert(
+        "redb_durable_commits_per_s",
+        commits as f64 / start.elapsed().as_secs_f64(),
+    );
+    Ok(())
+}
+
+/// Single-record PUTs through the agent's HTTP API from 16 concurrent clients
+/// (group commit at work), and the agent's idle footprint.
+async fn local_writes(plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
+    let agent = TempAgent::start()?;
+    report.insert("agent_idle_rss_mib", rss_mib(agent.pid())?);
+    let http = reqwest::Client::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..16 {
+        let (http, stop, done) = (http.clone(), stop.clone(), done.clone());
+        let base = agent.base_url().to_owned();
+        tasks.spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let url = format!("{base}/v1/records/patients/c{c}-{n}");
+                let r = http
+                    .put(url)
+                    .json(&json!({"ward": n, "initials": "AB"}))
+                    .send()
+                    .await?;
+                ensure!(r.status().is_success(), "PUT answered {}", r.status());
+                n += 1;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        });
+    }
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs(plan.api_secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    report.insert(
+        "agent_api_writes_per_s",
+        done.load(Ordering::Relaxed) as f64 / secs,
+    );
+    Ok(())
+}
+
+async fn get_json(http: &reqwest::Client, url: &str, token: bool) -> anyhow::Result<Value> {
+    let mut r = http.get(url);
+    if token {
+        r = r.bearer_auth(TOKEN);
+    }
+    Ok(r.send().await?.error_for_status()?.json().await?)
+}
+
+/// Polls `check` every 20 ms until it is true; returns the time it took.
+async fn time_until<F, Fut>(what: &str, limit: Duration, mut check: F) -> anyhow::Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await? {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > limit {
+            bail!("{what} did not happen within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Catch-up both ways, through the real hub with mTLS and durable commits on
+/// both sides: an agent with a backlog of changes meets a hub that was down;
+/// an agent that was down meets a hub with a queue for it.
+async fn catch_up(plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(&dir.path().join("pki"))?;
+    let mut hub = TempHub::start(dir.path(), &pki, FLEET_POLICY)?;
+    let mut agent = hub.agent(&pki, "gw-bench", None)?;
+    let http = reqwest::Client::new();
+    let status_url = agent.url("/v1/status");
+    time_until("the agent to link", Duration::from_secs(60), || async {
+        Ok(get_json(&http, &status_url, false).await?["connected"] == true)
+    })
+    .await?;
+
+    // Upstream: the backlog is written while the hub is down.
+    hub.kill();
+    let batch_url = agent.url("/v1/batch");
+    for b in 0..plan.backlog / 1000 {
+        let writes: Vec<Value> = (0..1000)
+            .map(|i| json!({"collection": "patients", "key": format!("p{b}-{i}"), "fields": {"ward": i, "initials": "CD", "ssn": "local"}}))
+            .collect();
+        http.post(&batch_url)
+            .json(&json!({ "writes": writes }))
+            .send()
+            .await?
+            .error_for_status()?;
+    }
+    let pending = get_json(&http, &status_url, false).await?["outbox_pending"]
+        .as_u64()
+        .unwrap_or(0);
+    ensure!(
+        pending == plan.backlog,
+        "outbox holds {pending}, expected {}",
+        plan.backlog
+    );
+    hub.restart()?;
+    let peak = AtomicU64::new(0);
+    let took = time_until(
+        "the upstream backlog to drain",
+        Duration::from_secs(600),
+        || async {
+            if let Ok(rss) = rss_mib(agent.pid()) {
+                peak.fetch_max((rss * 1024.0) as u64, Ordering::Relaxed);
+            }
+            Ok(get_json(&http, &status_url, false).await?["outbox_pending"] == 0)
+        },
+    )
+    .await?;
+    report.insert("catchup_100k_up_s", took.as_secs_f64());
+    report.insert(
+        "upstream_changes_per_s",
+        plan.backlog as f64 / took.as_secs_f64(),
+    );
+    report.insert(
+        "agent_load_rss_mib",
+        peak.load(Ordering::Relaxed) as f64 / 1024.0,
+    );
+    report.insert("hub_rss_mib", rss_mib(hub.pid())?);
+
+    // Downstream: the operator queues the backlog while the agent is down.
+    agent.kill();
+    let ops_url = format!("{}/v1/agents/gw-bench/batch", hub.api_url());
+    for b in 0..plan.backlog / 1000 {
+        let writes: Vec<Value> = (0..1000)
+            .map(|i| json!({"collection": "settings", "key": format!("s{b}-{i}"), "fields": {"mode": i}}))
+            .collect();
+        http.post(&ops_url)
+            .bearer_auth(TOKEN)
+            .json(&json!({ "writes": writes }))
+            .send()
+            .await?
+            .error_for_status()?;
+    }
+    agent.restart()?;
+    let agents_url = format!("{}/v1/agents", hub.api_url());
+    let took = time_until(
+        "the downstream queue to drain",
+        Duration::from_secs(600),
+        || async {
+            let body = get_json(&http, &agents_url, true).await?;
+            let row = body["agents"]
+                .as_array()
+                .and_then(|a| a.iter().find(|r| r["id"] == "gw-bench").cloned());
+            Ok(row.is_some_and(|r| r["queue_pending"] == 0))
+        },
+    )
+    .await?;
+    report.insert("catchup_100k_down_s", took.as_secs_f64());
+    Ok(())
+}
+
+fn print_table(report: &Report) {
+    println!("\n{:<32} {:>14}", "figure", "value");
+    println!("{}", "-".repeat(47));
+    for (key, value) in report {
+        println!("{key:<32} {value:>14.2}");
+    }
+}
+
+fn write_report(report: &Report) -> anyhow::Result<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("report.json");
+    std::fs::write(&path, serde_json::to_string_pretty(report)?)?;
+    Ok(path.canonicalize().unwrap_or(path))
+}
