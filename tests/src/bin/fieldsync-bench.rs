@@ -242,6 +242,11 @@ async fn catch_up(plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
         plan.backlog
     );
     hub.restart()?;
+    // Catch-up counts from the reconnect, not from the agent's backoff timer.
+    time_until("the agent to relink", Duration::from_secs(120), || async {
+        Ok(get_json(&http, &status_url, false).await?["connected"] == true)
+    })
+    .await?;
     let peak = AtomicU64::new(0);
     let took = time_until(
         "the upstream backlog to drain",
