@@ -387,8 +387,10 @@ impl Session<'_> {
         while let Some((first, last)) = self.up.next_range(UP_BATCH) {
             let store = self.setup.store.clone();
             let limit = usize::try_from(last.0 - first.0 + 1).unwrap_or(usize::MAX);
-            let entries =
-                tokio::task::spawn_blocking(move || store.outbox_entries(first, limit)).await??;
+            let entries = tokio::task::spawn_blocking(move || {
+                store.outbox_batch(first, limit, MAX_MESSAGE_BYTES)
+            })
+            .await??;
             if entries.first().map(|(seq, _)| *seq) != Some(first) {
                 tracing::error!(%first, "outbox is missing entries; not sending");
                 break;

@@ -25,6 +25,8 @@ use serde::Serialize;
 /// fails with [`StoreError::SchemaVersion`] (a migration chain comes with the
 /// first change of format).
 pub const SCHEMA_VERSION: u64 = 1;
+/// redb's page cache: small, because agents run on gateways with little memory.
+const CACHE_BYTES: usize = 16 << 20;
 /// File name of the store inside `data_dir`.
 pub const STORE_FILE: &str = "agent.redb";
 
@@ -161,13 +163,18 @@ impl Store {
             source,
         })?;
         let path = data_dir.join(STORE_FILE);
-        let db = Database::create(&path).map_err(|source| match source {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse { path: path.clone() },
-            source => StoreError::Open {
-                path: path.clone(),
-                source,
-            },
-        })?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|source| match source {
+                redb::DatabaseError::DatabaseAlreadyOpen => {
+                    StoreError::InUse { path: path.clone() }
+                }
+                source => StoreError::Open {
+                    path: path.clone(),
+                    source,
+                },
+            })?;
         let store = Self {
             db: Arc::new(db),
             path,
@@ -268,11 +275,28 @@ impl Store {
         from: Seq,
         limit: usize,
     ) -> Result<Vec<(Seq, Change)>, StoreError> {
+        self.outbox_batch(from, limit, usize::MAX)
+    }
+
+    /// Like [`Store::outbox_entries`], also stopping before the stored bytes
+    /// pass `max_bytes` (the first entry is always taken), so a sender never
+    /// decodes much more than one message's worth.
+    pub fn outbox_batch(
+        &self,
+        from: Seq,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(Seq, Change)>, StoreError> {
         let txn = self.db.begin_read()?;
         let outbox = txn.open_table(OUTBOX)?;
         let mut out = Vec::new();
+        let mut total = 0usize;
         for item in outbox.range(from.0..)?.take(limit) {
             let (seq, bytes) = item?;
+            total = total.saturating_add(bytes.value().len());
+            if total > max_bytes && !out.is_empty() {
+                break;
+            }
             out.push((Seq(seq.value()), codec::from_bytes(bytes.value())?));
         }
         Ok(out)

@@ -334,3 +334,31 @@ async fn concurrent_writes_are_group_committed() {
     );
     assert_eq!(store.outbox_len().unwrap(), N as u64);
 }
+
+#[tokio::test]
+async fn reading_the_outbox_stops_at_a_byte_budget_but_always_takes_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (writer, store, _h) = start(dir.path(), fixed_clock(1_000));
+    let big = "x".repeat(400_000);
+    for i in 0..3 {
+        writer
+            .write(vec![put(
+                "patients",
+                &format!("k{i}"),
+                &[("initials", json!(big))],
+            )])
+            .await
+            .unwrap();
+    }
+    let seqs = |max: usize| -> Vec<u64> {
+        store
+            .outbox_batch(Seq(1), 100, max)
+            .unwrap()
+            .iter()
+            .map(|(s, _)| s.0)
+            .collect()
+    };
+    assert_eq!(seqs(usize::MAX), [1, 2, 3]);
+    assert_eq!(seqs(1 << 20), [1, 2]);
+    assert_eq!(seqs(1), [1]);
+}

@@ -12,6 +12,7 @@ use fieldsync_shared::hlc::system_now_ms;
 use fieldsync_shared::session::{Plan, Receiver, Sender};
 use fieldsync_shared::wire::{
     down_topic, parse_topic, Ack, Batch, Entry, Envelope, ErrorCode, ErrorMsg, Message, Welcome,
+    MAX_MESSAGE_BYTES,
 };
 use fieldsync_shared::{AgentId, Change, Flow, Hlc, Origin, Policy, Seq};
 use rumqttd::Notification;
@@ -381,7 +382,7 @@ impl<S: HubStore> Engine<S> {
                 let a = agent.clone();
                 let limit = (last.0 - first.0 + 1) as usize;
                 let entries = self
-                    .blocking(move |s| s.downstream(&a, first, limit))
+                    .blocking(move |s| s.downstream(&a, first, limit, MAX_MESSAGE_BYTES))
                     .await?;
                 if entries.first().map(|(seq, _)| *seq) != Some(first) {
                     tracing::error!(%agent, %first, "downstream queue is missing entries; not sending");

@@ -21,6 +21,8 @@ use serde::{Deserialize, Serialize};
 
 /// The on-disk schema this build writes.
 pub const SCHEMA_VERSION: u64 = 1;
+/// redb's page cache for the hub store.
+const CACHE_BYTES: usize = 256 << 20;
 /// File name of the store inside `[hub] data_dir`.
 pub const STORE_FILE: &str = "hub.redb";
 
@@ -71,6 +73,8 @@ pub enum StoreError {
         path: PathBuf,
         source: redb::DatabaseError,
     },
+    #[error("store {path} is in use by another process (is another fieldsync-hub running with this data_dir?)")]
+    InUse { path: PathBuf },
     #[error("store {path} has schema version {found}; this build reads version {SCHEMA_VERSION}")]
     SchemaVersion { path: PathBuf, found: u64 },
     #[error("storage: {0}")]
@@ -128,6 +132,7 @@ pub trait HubStore: Send + Sync + 'static {
         agent: &AgentId,
         from: Seq,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<(Seq, Change)>, StoreError>;
     /// The agent acknowledged everything up to `upto`: drop those entries.
     fn ack_downstream(&self, agent: &AgentId, upto: Seq) -> Result<(), StoreError>;
@@ -156,10 +161,18 @@ impl RedbHubStore {
             source,
         })?;
         let path = data_dir.join(STORE_FILE);
-        let db = Database::create(&path).map_err(|source| StoreError::Open {
-            path: path.clone(),
-            source,
-        })?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|source| match source {
+                redb::DatabaseError::DatabaseAlreadyOpen => {
+                    StoreError::InUse { path: path.clone() }
+                }
+                source => StoreError::Open {
+                    path: path.clone(),
+                    source,
+                },
+            })?;
         let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
@@ -300,15 +313,21 @@ impl HubStore for RedbHubStore {
         agent: &AgentId,
         from: Seq,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<(Seq, Change)>, StoreError> {
         let txn = self.db.begin_read()?;
         let queue = txn.open_table(DOWN_QUEUE)?;
         let mut out = Vec::new();
+        let mut total = 0usize;
         for item in queue
             .range((agent.as_str(), from.0)..=(agent.as_str(), u64::MAX))?
             .take(limit)
         {
             let (k, bytes) = item?;
+            total = total.saturating_add(bytes.value().len());
+            if total > max_bytes && !out.is_empty() {
+                break;
+            }
             out.push((Seq(k.value().1), codec::from_bytes(bytes.value())?));
         }
         Ok(out)

@@ -141,22 +141,31 @@ fn downstream_queues_are_ordered_per_agent_and_trimmed_only_by_ack() {
     // Everything survives a reopen.
     let store = RedbHubStore::open(dir.path()).unwrap();
     let rest: Vec<u64> = store
-        .downstream(&a, Seq(0), 100)
+        .downstream(&a, Seq(0), 100, usize::MAX)
         .unwrap()
         .iter()
         .map(|(s, _)| s.0)
         .collect();
     assert_eq!(rest, [3, 4, 5]);
-    assert_eq!(store.downstream(&a, Seq(4), 1).unwrap()[0].0, Seq(4));
-    assert_eq!(store.downstream(&b, Seq(0), 100).unwrap().len(), 1);
+    assert_eq!(
+        store.downstream(&a, Seq(4), 1, usize::MAX).unwrap()[0].0,
+        Seq(4)
+    );
+    assert_eq!(
+        store.downstream(&b, Seq(0), 100, usize::MAX).unwrap().len(),
+        1
+    );
     // An ack beyond the queue trims only what exists; an old ack changes nothing.
     store.ack_downstream(&a, Seq(99)).unwrap();
     store.ack_downstream(&a, Seq(1)).unwrap();
     let row = store.agent(&a).unwrap().unwrap();
     assert_eq!((row.down_acked, row.queue_pending()), (Seq(5), 0));
-    assert!(store.downstream(&a, Seq(0), 100).unwrap().is_empty());
+    assert!(store
+        .downstream(&a, Seq(0), 100, usize::MAX)
+        .unwrap()
+        .is_empty());
     assert_eq!(
-        store.downstream(&b, Seq(0), 100).unwrap().len(),
+        store.downstream(&b, Seq(0), 100, usize::MAX).unwrap().len(),
         1,
         "b's queue is untouched"
     );
@@ -179,4 +188,29 @@ fn an_unknown_schema_version_is_refused() {
         RedbHubStore::open(dir.path()),
         Err(StoreError::SchemaVersion { found: 7, .. })
     ));
+}
+
+#[test]
+fn reading_the_queue_stops_at_a_byte_budget_but_always_takes_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbHubStore::open(dir.path()).unwrap();
+    let a = agent("a");
+    let big = "x".repeat(400_000);
+    for i in 0..3 {
+        let c = change(&format!("k{i}"), "mode", json!(big), 10 + i, "@hub");
+        store
+            .enqueue_downstream(&a, &[c], Stamp::new(10 + i, 0))
+            .unwrap();
+    }
+    let seqs = |max: usize| -> Vec<u64> {
+        store
+            .downstream(&a, Seq(0), 100, max)
+            .unwrap()
+            .iter()
+            .map(|(s, _)| s.0)
+            .collect()
+    };
+    assert_eq!(seqs(usize::MAX), [1, 2, 3]);
+    assert_eq!(seqs(1 << 20), [1, 2]);
+    assert_eq!(seqs(1), [1]);
 }
