@@ -163,11 +163,6 @@ impl Policy {
         Ok(Self { collections })
     }
 
-    /// The rule for `collection`, if the policy names it.
-    pub fn rule(&self, collection: &CollectionName) -> Option<&CollectionRule> {
-        self.collections.get(collection)
-    }
-
     /// The rule for `collection` if it may travel in direction `flow`.
     fn rule_for(&self, flow: Flow, collection: &CollectionName) -> Option<&CollectionRule> {
         self.collections
