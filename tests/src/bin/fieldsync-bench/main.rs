@@ -17,9 +17,14 @@ use fieldsync_e2e::fleet::{Pki, TempHub, FLEET_POLICY, TOKEN};
 use fieldsync_e2e::TempAgent;
 use serde_json::{json, Value};
 
+mod fleet;
+mod latency;
+mod mosquitto;
+mod raw;
+
 /// Sizes of one run.
-struct Plan {
-    quick: bool,
+pub(crate) struct Plan {
+    pub(crate) quick: bool,
     /// Changes in each catch-up backlog.
     backlog: u64,
     /// How long the local-write scenario runs.
@@ -28,10 +33,33 @@ struct Plan {
     redb_batches: u64,
 }
 
-type Report = BTreeMap<&'static str, f64>;
+/// Every figure of a run, by its JSON key.
+pub(crate) type Report = BTreeMap<&'static str, f64>;
+
+/// Scenario names, in the order a run takes them (`--only a,b` picks some).
+const SCENARIOS: &[&str] = &[
+    "footprint", "redb", "local", "catchup", "raw", "mosquitto", "latency", "fleet",
+];
 
 fn main() -> ExitCode {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|list| list.split(',').map(str::to_owned).collect());
+    if let Some(unknown) = only
+        .iter()
+        .flatten()
+        .find(|name| !SCENARIOS.contains(&name.as_str()))
+    {
+        eprintln!(
+            "fieldsync-bench: unknown scenario {unknown:?}; known: {}",
+            SCENARIOS.join(", ")
+        );
+        return ExitCode::from(2);
+    }
     let plan = Plan {
         quick,
         backlog: if quick { 10_000 } else { 100_000 },
@@ -39,7 +67,7 @@ fn main() -> ExitCode {
         redb_batches: if quick { 20 } else { 100 },
     };
     let runtime = tokio::runtime::Runtime::new().expect("cannot start the async runtime");
-    match runtime.block_on(run(&plan)) {
+    match runtime.block_on(run(&plan, only.as_deref())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fieldsync-bench FAILED: {e:#}");
@@ -48,7 +76,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(plan: &Plan) -> anyhow::Result<()> {
+async fn run(plan: &Plan, only: Option<&[String]>) -> anyhow::Result<()> {
     if cfg!(debug_assertions) {
         eprintln!("warning: a debug build; run with --release for meaningful figures");
     }
@@ -57,10 +85,28 @@ async fn run(plan: &Plan) -> anyhow::Result<()> {
     let mut report = Report::new();
     report.insert("quick", if plan.quick { 1.0 } else { 0.0 });
 
-    footprint_binaries(bins, &mut report)?;
-    redb_baseline(plan, &mut report)?;
-    local_writes(plan, &mut report).await?;
-    catch_up(plan, &mut report).await?;
+    for &name in SCENARIOS {
+        if only.is_some_and(|o| !o.iter().any(|n| n == name)) {
+            continue;
+        }
+        eprintln!("fieldsync-bench: {name} ...");
+        let t = Instant::now();
+        let r = &mut report;
+        match name {
+            "footprint" => footprint_binaries(bins, r),
+            "redb" => redb_baseline(plan, r),
+            "local" => local_writes(plan, r).await,
+            "catchup" => catch_up(plan, r).await,
+            "raw" => raw::baseline(plan, r).await,
+            "mosquitto" => mosquitto::peer(plan, r).await,
+            "latency" => latency::run(plan, r).await,
+            "fleet" => fleet::connections(plan, r).await,
+            _ => unreachable!("SCENARIOS lists every arm"),
+        }
+        .with_context(|| format!("scenario {name}"))?;
+        eprintln!("fieldsync-bench: {name} took {:.1} s", t.elapsed().as_secs_f64());
+    }
+    derive_ratios(&mut report);
     report.insert("bench_wall_s", started.elapsed().as_secs_f64());
 
     print_table(&report);
@@ -69,7 +115,12 @@ async fn run(plan: &Plan) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn mib(bytes: u64) -> f64 {
+/// Figures computed from others measured in the same run.
+fn derive_ratios(report: &mut Report) {
+    let _ = report;
+}
+
+pub(crate) fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
@@ -88,7 +139,7 @@ fn footprint_binaries(bins: &Path, report: &mut Report) -> anyhow::Result<()> {
 }
 
 /// Resident set size of a process, from /proc (Linux).
-fn rss_mib(pid: Option<u32>) -> anyhow::Result<f64> {
+pub(crate) fn rss_mib(pid: Option<u32>) -> anyhow::Result<f64> {
     let pid = pid.context("the process is not running")?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: u64 = status
@@ -179,7 +230,7 @@ async fn local_writes(plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn get_json(http: &reqwest::Client, url: &str, token: bool) -> anyhow::Result<Value> {
+pub(crate) async fn get_json(http: &reqwest::Client, url: &str, token: bool) -> anyhow::Result<Value> {
     let mut r = http.get(url);
     if token {
         r = r.bearer_auth(TOKEN);
@@ -188,7 +239,7 @@ async fn get_json(http: &reqwest::Client, url: &str, token: bool) -> anyhow::Res
 }
 
 /// Polls `check` every 20 ms until it is true; returns the time it took.
-async fn time_until<F, Fut>(what: &str, limit: Duration, mut check: F) -> anyhow::Result<Duration>
+pub(crate) async fn time_until<F, Fut>(what: &str, limit: Duration, mut check: F) -> anyhow::Result<Duration>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<bool>>,
