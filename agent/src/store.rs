@@ -89,7 +89,8 @@ from_redb!(
     redb::TransactionError,
     redb::TableError,
     redb::StorageError,
-    redb::CommitError
+    redb::CommitError,
+    redb::SetDurabilityError
 );
 
 /// One local write, already validated.
@@ -418,8 +419,13 @@ impl Store {
     }
 
     /// The hub acknowledged everything up to `upto`: those outbox entries go.
+    /// The commit skips the fsync (it becomes durable with the next durable
+    /// commit): a trim lost in a crash only means those entries are sent
+    /// again, and the hub's watermark acknowledges them without applying them
+    /// twice.
     pub fn trim_outbox(&self, upto: Seq) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(redb::Durability::None)?;
         {
             let mut outbox = txn.open_table(OUTBOX)?;
             let mut meta = txn.open_table(META)?;

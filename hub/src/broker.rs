@@ -44,6 +44,8 @@ pub enum BrokerError {
     Thread(std::io::Error),
     #[error("the internal broker on {addr} did not accept an authenticated CONNECT: {reason}")]
     NotReady { addr: SocketAddr, reason: String },
+    #[error("cannot turn on TCP_NODELAY for the internal broker's sockets: {0}")]
+    NoDelay(String),
 }
 
 /// A running embedded broker.
@@ -115,6 +117,7 @@ pub async fn start(max_connections: usize) -> Result<(EmbeddedBroker, EngineLink
         .map_err(BrokerError::Thread)?;
     let broker = EmbeddedBroker { addr, secret };
     broker.wait_ready(Duration::from_secs(10)).await?;
+    set_listener_nodelay(addr).map_err(BrokerError::NoDelay)?;
     Ok((broker, EngineLink { tx, rx }))
 }
 
@@ -177,6 +180,58 @@ impl EmbeddedBroker {
             other => Err(format!("unexpected answer {other:?}")),
         }
     }
+}
+
+/// rumqttd never sets TCP_NODELAY on the sockets it accepts, so its writes to
+/// the front door (acks, forwarded messages) would wait on Nagle's algorithm
+/// and the front door's delayed ACK: a ~40 ms floor under every round trip.
+/// Linux copies TCP_NODELAY from a listening socket to the sockets it accepts,
+/// so this finds rumqttd's listener among this process's descriptors (it is
+/// the only listening socket bound to `addr`) and sets it there, once.
+#[cfg(target_os = "linux")]
+fn set_listener_nodelay(addr: SocketAddr) -> Result<(), String> {
+    use std::os::fd::{BorrowedFd, RawFd};
+
+    let dir = std::fs::read_dir("/proc/self/fd").map_err(|e| format!("/proc/self/fd: {e}"))?;
+    for entry in dir.flatten() {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<RawFd>().ok())
+        else {
+            continue;
+        };
+        let is_socket = std::fs::read_link(entry.path())
+            .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
+        if !is_socket {
+            continue;
+        }
+        // SAFETY: the descriptor is only borrowed for the calls below. Should
+        // it be closed meanwhile, they fail with EBADF; should its number be
+        // reused, the address and listening checks reject the newcomer.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let socket = socket2::SockRef::from(&fd);
+        let bound_here = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .is_some_and(|a| a == addr);
+        if bound_here && socket.is_listener().unwrap_or(false) {
+            return socket
+                .set_tcp_nodelay(true)
+                .map_err(|e| format!("setsockopt: {e}"));
+        }
+    }
+    Err(format!(
+        "no listening socket bound to {addr} in this process"
+    ))
+}
+
+/// Elsewhere the loopback hop keeps Nagle's algorithm (a latency floor, not an
+/// error).
+#[cfg(not(target_os = "linux"))]
+fn set_listener_nodelay(_addr: SocketAddr) -> Result<(), String> {
+    Ok(())
 }
 
 fn random_secret() -> String {

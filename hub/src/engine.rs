@@ -4,7 +4,9 @@
 //! agent its durable downstream queue, using the shared sans-IO session types.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use fieldsync_shared::codec;
@@ -22,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::EngineLink;
 use crate::metrics::Metrics;
-use crate::store::{HubStore, StoreError};
+use crate::store::{HubStore, StoreError, Upstream};
 
 /// Most sequence numbers in flight to one agent.
 pub const DOWN_WINDOW: u64 = 4096;
@@ -30,6 +32,10 @@ pub const DOWN_WINDOW: u64 = 4096;
 pub const DOWN_BATCH: u64 = 512;
 /// Without an acknowledgement for this long, unacknowledged entries are resent.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most upstream changes committed in one transaction (group commit).
+const GROUP_CHANGES: usize = 8192;
+/// Most messages taken from the broker before a group is committed.
+const GROUP_MESSAGES: usize = 256;
 
 /// What the front door and the operator API tell the engine.
 #[derive(Debug)]
@@ -103,21 +109,72 @@ impl<S: HubStore> Engine<S> {
                     self.on_event(&mut sessions, e);
                 }
                 n = link.rx.next() => {
-                    match n.map_err(|e| EngineError::Link(e.to_string()))? {
-                        Some(Notification::Forward(f)) => {
-                            let topic = String::from_utf8_lossy(&f.publish.topic).into_owned();
-                            self.on_publish(&mut link, &mut sessions, &topic, &f.publish.payload).await?;
+                    // Group commit: take what the broker already holds (pending
+                    // connection events first, as above), apply every upstream
+                    // batch in one transaction, then send what waited for it.
+                    let mut group = Group::default();
+                    let mut next = Some(n);
+                    while let Some(n) = next.take() {
+                        let n = n.map_err(|e| EngineError::Link(e.to_string()))?;
+                        self.on_notification(&mut link, &mut sessions, &mut group, n).await?;
+                        if group.changes >= GROUP_CHANGES || group.messages >= GROUP_MESSAGES {
+                            break;
                         }
-                        Some(Notification::Unschedule) => {
-                            link.rx.ready().map_err(|e| EngineError::Link(e.to_string()))?;
+                        while let Ok(e) = events.try_recv() {
+                            self.on_event(&mut sessions, e);
                         }
-                        _ => {}
+                        next = ready_now(link.rx.next());
                     }
+                    self.flush(&mut link, &mut group).await?;
                 }
                 _ = tick.tick() => self.on_tick(&mut sessions),
             }
             self.pump(&mut link, &mut sessions).await?;
         }
+    }
+
+    async fn on_notification(
+        &self,
+        link: &mut EngineLink,
+        sessions: &mut HashMap<AgentId, AgentSession>,
+        group: &mut Group,
+        notification: Option<Notification>,
+    ) -> Result<(), EngineError> {
+        match notification {
+            Some(Notification::Forward(f)) => {
+                group.messages += 1;
+                let topic = String::from_utf8_lossy(&f.publish.topic).into_owned();
+                self.on_publish(link, sessions, group, &topic, &f.publish.payload)
+                    .await
+            }
+            Some(Notification::Unschedule) => link
+                .rx
+                .ready()
+                .map_err(|e| EngineError::Link(e.to_string())),
+            _ => Ok(()),
+        }
+    }
+
+    /// Commits the group's upstream batches in one durable transaction, then
+    /// sends the messages that waited for it, in the order they were made.
+    async fn flush(&self, link: &mut EngineLink, group: &mut Group) -> Result<(), EngineError> {
+        if !group.upstream.is_empty() {
+            let upstream = std::mem::take(&mut group.upstream);
+            let batches = upstream.len() as u64;
+            let changes = self
+                .blocking(move |s| {
+                    s.apply_upstream_group(&upstream, system_now_ms())?;
+                    Ok(upstream.iter().map(|u| u.changes.len() as u64).sum())
+                })
+                .await?;
+            Metrics::add(&self.metrics.upstream_batches_applied, batches);
+            Metrics::add(&self.metrics.upstream_changes_applied, changes);
+        }
+        for (agent, msg) in group.out.drain(..) {
+            send(link, &agent, msg)?;
+        }
+        group.changes = 0;
+        Ok(())
     }
 
     fn on_event(&self, sessions: &mut HashMap<AgentId, AgentSession>, event: EngineEvent) {
@@ -177,6 +234,7 @@ impl<S: HubStore> Engine<S> {
         &self,
         link: &mut EngineLink,
         sessions: &mut HashMap<AgentId, AgentSession>,
+        group: &mut Group,
         topic: &str,
         payload: &[u8],
     ) -> Result<(), EngineError> {
@@ -193,8 +251,7 @@ impl<S: HubStore> Engine<S> {
                     codec::CodecError::TooLarge { .. } => ErrorCode::TooLarge,
                     _ => ErrorCode::Malformed,
                 };
-                return send(
-                    link,
+                return group.reply(
                     &agent,
                     Message::Error(ErrorMsg {
                         code,
@@ -206,8 +263,7 @@ impl<S: HubStore> Engine<S> {
         let Some(session) = sessions.get_mut(&agent) else {
             // The front door announces every connection before its messages;
             // without that the agent must start over.
-            return send(
-                link,
+            return group.reply(
                 &agent,
                 error(ErrorCode::HelloFirst, "no session: say hello"),
             );
@@ -216,12 +272,14 @@ impl<S: HubStore> Engine<S> {
             Message::Hello(hello) => {
                 if hello.agent != agent {
                     Metrics::inc(&self.metrics.envelopes_rejected);
-                    return send(
-                        link,
+                    return group.reply(
                         &agent,
                         error(ErrorCode::Malformed, "hello names another agent"),
                     );
                 }
+                // The welcome names what the store holds, so this agent's
+                // batches planned in this group must be committed first.
+                self.flush(link, group).await?;
                 let a = agent.clone();
                 let row = self.blocking(move |s| s.touch(&a, system_now_ms())).await?;
                 session.up = Some(Receiver::new(row.up_applied));
@@ -234,27 +292,22 @@ impl<S: HubStore> Engine<S> {
                     Ok(None) => {}
                     Err(e) => {
                         tracing::error!(%agent, error = %e, "agent reports downstream entries the hub never queued");
-                        return send(link, &agent, error(ErrorCode::SequenceGap, &e.to_string()));
+                        return group.reply(&agent, error(ErrorCode::SequenceGap, &e.to_string()));
                     }
                 }
                 session.down = Some(sender);
                 session.last_progress = Instant::now();
-                send(
-                    link,
+                group.reply(
                     &agent,
                     Message::Welcome(Welcome {
                         up_applied: row.up_applied,
                     }),
                 )
             }
-            Message::Batch(batch) => self.on_batch(link, &agent, session, batch).await,
+            Message::Batch(batch) => self.on_batch(group, &agent, session, batch),
             Message::Ack(Ack { upto }) => {
                 let Some(sender) = session.down.as_mut() else {
-                    return send(
-                        link,
-                        &agent,
-                        error(ErrorCode::HelloFirst, "ack before hello"),
-                    );
+                    return group.reply(&agent, error(ErrorCode::HelloFirst, "ack before hello"));
                 };
                 match sender.acked(upto) {
                     Ok(Some(upto)) => {
@@ -271,17 +324,20 @@ impl<S: HubStore> Engine<S> {
                 tracing::warn!(%agent, code = ?e.code, message = %e.message, "agent reported an error");
                 Ok(())
             }
-            Message::Welcome(_) => send(
-                link,
+            Message::Welcome(_) => group.reply(
                 &agent,
                 error(ErrorCode::Malformed, "welcome is hub-to-agent only"),
             ),
         }
     }
 
-    async fn on_batch(
+    /// Plans `batch` into the group: it is committed with the group and
+    /// acknowledged after that. The receiver advances at once so that the
+    /// agent's next batch in the same group follows on; a failed commit stops
+    /// the engine, so no acknowledgement can run ahead of the store.
+    fn on_batch(
         &self,
-        link: &mut EngineLink,
+        group: &mut Group,
         agent: &AgentId,
         session: &mut AgentSession,
         batch: Batch,
@@ -289,32 +345,28 @@ impl<S: HubStore> Engine<S> {
         // A batch before this connection's hello is not applied; the agent is
         // told to say hello, and resends after the welcome.
         let Some(up) = session.up.as_mut() else {
-            return send(
-                link,
-                agent,
-                error(ErrorCode::HelloFirst, "batch before hello"),
-            );
+            return group.reply(agent, error(ErrorCode::HelloFirst, "batch before hello"));
         };
         let (entries, watermark) = match up.plan(&batch) {
             Ok(Plan::Apply { entries, watermark }) => (entries, watermark),
             Ok(Plan::Duplicate { watermark }) => {
                 Metrics::inc(&self.metrics.upstream_duplicates);
-                return send(link, agent, Message::Ack(Ack { upto: watermark }));
+                return group.reply(agent, Message::Ack(Ack { upto: watermark }));
             }
             Err(e) => {
                 tracing::debug!(%agent, error = %e, "upstream gap");
-                return send(link, agent, error(ErrorCode::SequenceGap, &e.to_string()));
+                return group.reply(agent, error(ErrorCode::SequenceGap, &e.to_string()));
             }
         };
         let changes = self.admit_upstream(agent, entries);
-        let count = changes.len() as u64;
-        let a = agent.clone();
-        self.blocking(move |s| s.apply_upstream(&a, &changes, watermark, system_now_ms()))
-            .await?;
         up.committed(watermark);
-        Metrics::inc(&self.metrics.upstream_batches_applied);
-        Metrics::add(&self.metrics.upstream_changes_applied, count);
-        send(link, agent, Message::Ack(Ack { upto: watermark }))
+        group.changes += changes.len();
+        group.upstream.push(Upstream {
+            agent: agent.clone(),
+            changes,
+            watermark,
+        });
+        group.reply(agent, Message::Ack(Ack { upto: watermark }))
     }
 
     /// The hub's own policy check (defence in depth): fields it does not permit
@@ -399,6 +451,37 @@ impl<S: HubStore> Engine<S> {
             }
         }
         Ok(())
+    }
+}
+
+/// Upstream batches planned but not yet committed, and the messages (acks,
+/// welcomes, errors) that leave only after the commit, in order.
+#[derive(Default)]
+struct Group {
+    upstream: Vec<Upstream>,
+    out: Vec<(AgentId, Message)>,
+    changes: usize,
+    messages: usize,
+}
+
+impl Group {
+    fn reply(&mut self, agent: &AgentId, msg: Message) -> Result<(), EngineError> {
+        self.out.push((agent.clone(), msg));
+        Ok(())
+    }
+}
+
+/// Polls `future` once: its output if it is ready now, `None` if it would wait.
+/// (Dropping a pending `LinkRx::next` loses nothing: the broker's signal stays
+/// queued for the next call.)
+fn ready_now<F: Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    match future
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
+        Poll::Ready(output) => Some(output),
+        Poll::Pending => None,
     }
 }
 

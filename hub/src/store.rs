@@ -3,8 +3,8 @@
 //! batch apply once, and the per-agent downstream queue. [`RedbHubStore`] is the
 //! embedded implementation; a PostgreSQL one can follow without touching callers.
 //!
-//! **Architecture invariant:** `apply_upstream` commits the merged records and the
-//! new watermark in one transaction, and the hub acknowledges only after it
+//! **Architecture invariant:** `apply_upstream_group` commits the merged records and
+//! the new watermarks in one transaction, and the hub acknowledges only after it
 //! returns; `enqueue_downstream` commits the hub's copy and the queue entry in one
 //! transaction; queue entries leave only through `ack_downstream`.
 
@@ -96,8 +96,18 @@ from_redb!(
     redb::TransactionError,
     redb::TableError,
     redb::StorageError,
-    redb::CommitError
+    redb::CommitError,
+    redb::SetDurabilityError
 );
+
+/// One agent's upstream batch, ready to commit: the changes the hub admitted
+/// and the agent's new watermark.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub agent: AgentId,
+    pub changes: Vec<Change>,
+    pub watermark: Seq,
+}
 
 /// The hub's durable state. Every method is one transaction; implementations
 /// must be safe to call from several threads.
@@ -106,16 +116,28 @@ pub trait HubStore: Send + Sync + 'static {
     fn agent(&self, agent: &AgentId) -> Result<Option<AgentRow>, StoreError>;
     /// Every agent the hub has heard of, by id.
     fn agents(&self) -> Result<Vec<(AgentId, AgentRow)>, StoreError>;
-    /// Merges `changes` into the agent's records and sets its upstream watermark
-    /// to `watermark`, atomically.
+    /// Applies every batch of `group` (several agents, or several batches of
+    /// one agent in order) in one durable transaction: each batch's changes are
+    /// merged into its agent's records and its watermark is set, atomically.
+    fn apply_upstream_group(&self, group: &[Upstream], now_ms: u64) -> Result<(), StoreError>;
+    /// [`HubStore::apply_upstream_group`] for one batch.
     fn apply_upstream(
         &self,
         agent: &AgentId,
         changes: &[Change],
         watermark: Seq,
         now_ms: u64,
-    ) -> Result<(), StoreError>;
-    /// Records that the agent said hello at `now_ms`.
+    ) -> Result<(), StoreError> {
+        let one = Upstream {
+            agent: agent.clone(),
+            changes: changes.to_vec(),
+            watermark,
+        };
+        self.apply_upstream_group(std::slice::from_ref(&one), now_ms)
+    }
+    /// Records that the agent said hello at `now_ms`. Need not be durable:
+    /// losing it in a crash loses only `last_seen_ms` (a missing row is
+    /// recreated as the default row by the next hello).
     fn touch(&self, agent: &AgentId, now_ms: u64) -> Result<AgentRow, StoreError>;
     /// Merges `changes` into the hub's copy of the agent's records and appends
     /// each to the agent's downstream queue, atomically, persisting the hub
@@ -135,6 +157,9 @@ pub trait HubStore: Send + Sync + 'static {
         max_bytes: usize,
     ) -> Result<Vec<(Seq, Change)>, StoreError>;
     /// The agent acknowledged everything up to `upto`: drop those entries.
+    /// Need not be durable: an ack lost in a crash only means those entries
+    /// are offered again, and the agent's hello (`down_applied`) acknowledges
+    /// them at once; nothing is applied twice.
     fn ack_downstream(&self, agent: &AgentId, upto: Seq) -> Result<(), StoreError>;
     /// The hub's copy of one record.
     fn record(
@@ -154,6 +179,15 @@ pub struct RedbHubStore {
 }
 
 impl RedbHubStore {
+    /// A write transaction whose commit skips the fsync: it becomes durable
+    /// with the next durable commit, and a crash before that rolls it back.
+    /// Only for writes whose loss the protocol repairs (see [`HubStore`]).
+    fn lazy_write(&self) -> Result<redb::WriteTransaction, StoreError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(redb::Durability::None)?;
+        Ok(txn)
+    }
+
     /// Opens (or creates) the store in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         create_private_dir(data_dir).map_err(|source| StoreError::DataDir {
@@ -241,32 +275,33 @@ impl HubStore for RedbHubStore {
         Ok(out)
     }
 
-    fn apply_upstream(
-        &self,
-        agent: &AgentId,
-        changes: &[Change],
-        watermark: Seq,
-        now_ms: u64,
-    ) -> Result<(), StoreError> {
+    fn apply_upstream_group(&self, group: &[Upstream], now_ms: u64) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         {
             let mut agents = txn.open_table(AGENTS)?;
             let mut records = txn.open_table(RECORDS)?;
-            let mut row = read_row(&agents, agent)?.unwrap_or_default();
-            for change in changes {
-                merge_into(&mut records, agent, change)?;
+            for Upstream {
+                agent,
+                changes,
+                watermark,
+            } in group
+            {
+                let mut row = read_row(&agents, agent)?.unwrap_or_default();
+                for change in changes {
+                    merge_into(&mut records, agent, change)?;
+                }
+                row.up_applied = row.up_applied.max(*watermark);
+                row.last_seen_ms = Some(now_ms);
+                row.changes_applied += changes.len() as u64;
+                agents.insert(agent.as_str(), codec::to_bytes(&row)?.as_slice())?;
             }
-            row.up_applied = row.up_applied.max(watermark);
-            row.last_seen_ms = Some(now_ms);
-            row.changes_applied += changes.len() as u64;
-            agents.insert(agent.as_str(), codec::to_bytes(&row)?.as_slice())?;
         }
         txn.commit()?;
         Ok(())
     }
 
     fn touch(&self, agent: &AgentId, now_ms: u64) -> Result<AgentRow, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.lazy_write()?;
         let row = {
             let mut agents = txn.open_table(AGENTS)?;
             let mut row = read_row(&agents, agent)?.unwrap_or_default();
@@ -334,7 +369,7 @@ impl HubStore for RedbHubStore {
     }
 
     fn ack_downstream(&self, agent: &AgentId, upto: Seq) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.lazy_write()?;
         {
             let mut agents = txn.open_table(AGENTS)?;
             let mut queue = txn.open_table(DOWN_QUEUE)?;

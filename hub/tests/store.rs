@@ -2,7 +2,7 @@
 //! watermark, re-applying is harmless, downstream queues are per agent, ordered,
 //! and trimmed only by acknowledgement, and everything survives a reopen.
 
-use fieldsync_hub::store::{HubStore, RedbHubStore, StoreError};
+use fieldsync_hub::store::{HubStore, RedbHubStore, StoreError, Upstream};
 use fieldsync_shared::{
     AgentId, Change, CollectionName, FieldName, Origin, RecordKey, RecordState, Seq, Stamp, Version,
 };
@@ -65,6 +65,45 @@ fn upstream_applies_with_its_watermark_and_reapplying_changes_nothing() {
     store.apply_upstream(&a, &batch, Seq(1), 2_000).unwrap();
     assert_eq!(visible(&store, &a, "p1"), before);
     assert_eq!(store.agent(&a).unwrap().unwrap().up_applied, Seq(2));
+}
+
+#[test]
+fn a_group_applies_several_agents_and_consecutive_batches_in_one_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbHubStore::open(dir.path()).unwrap();
+    let (a, b) = (agent("gw-a"), agent("gw-b"));
+    let group = [
+        Upstream {
+            agent: a.clone(),
+            changes: vec![change("k", "ward", json!(1), 10, "gw-a")],
+            watermark: Seq(1),
+        },
+        Upstream {
+            agent: b.clone(),
+            changes: vec![change("k", "ward", json!(7), 10, "gw-b")],
+            watermark: Seq(4),
+        },
+        // The same agent's next batch in the same group builds on the first.
+        Upstream {
+            agent: a.clone(),
+            changes: vec![
+                change("k", "ward", json!(2), 11, "gw-a"),
+                change("j", "initials", json!("AB"), 11, "gw-a"),
+            ],
+            watermark: Seq(3),
+        },
+    ];
+    store.apply_upstream_group(&group, 5_000).unwrap();
+    drop(store);
+    // All of it is durable: a reopened store has every batch.
+    let store = RedbHubStore::open(dir.path()).unwrap();
+    let row_a = store.agent(&a).unwrap().unwrap();
+    assert_eq!((row_a.up_applied, row_a.changes_applied), (Seq(3), 3));
+    let row_b = store.agent(&b).unwrap().unwrap();
+    assert_eq!((row_b.up_applied, row_b.changes_applied), (Seq(4), 1));
+    assert_eq!(visible(&store, &a, "k"), [("ward".into(), json!(2))]);
+    assert_eq!(visible(&store, &a, "j"), [("initials".into(), json!("AB"))]);
+    assert_eq!(visible(&store, &b, "k"), [("ward".into(), json!(7))]);
 }
 
 #[test]

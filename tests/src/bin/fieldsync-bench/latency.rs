@@ -1,5 +1,270 @@
-//! placeholder (latency)
-use crate::{Plan, Report};
-pub(crate) async fn run(_plan: &Plan, _report: &mut Report) -> anyhow::Result<()> {
-    anyhow::bail!("not written yet")
+//! Propagation latency at fixed offered loads, both directions, through the
+//! real hub and agent processes (mTLS, durable commits on both sides).
+//!
+//! Upstream: a writer offers `rate` changes per second to the agent's batch API
+//! on a fixed schedule (write `i` is due at `start + i / rate`); when the agent
+//! is slower than the schedule, the next call carries every write that is due,
+//! so a slow system cannot hide its delay by slowing the writer down
+//! (coordinated omission). A write's latency runs from its due time to the
+//! moment the agent reports it acknowledged (`outbox_acked_seq`), which the hub
+//! sends only after its durable commit. Downstream is the same from the
+//! operator's batch API to the agent's `down_applied_seq` (merged and committed
+//! by the agent). An observer polls the agent's `/v1/status` back to back, so
+//! each figure is late by at most one poll (`latency_poll_ms` is the median
+//! poll time).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use fieldsync_e2e::fleet::{Pki, TempHub, FLEET_POLICY, TOKEN};
+use fieldsync_e2e::TempAgent;
+use serde_json::{json, Value};
+
+use crate::{get_json, time_until, Plan, Report};
+
+/// Writes offered before measuring starts (connections and caches warm up).
+const WARM_UP: Duration = Duration::from_secs(1);
+/// Most writes one API call carries (the batch routes' limit).
+const MAX_BATCH: u64 = 1000;
+
+const AGENT: &str = "gw-latency";
+
+/// The direction under test.
+#[derive(Clone, Copy)]
+enum Flow {
+    Up,
+    Down,
+}
+
+/// Latencies of one run, in milliseconds, sorted.
+struct Samples {
+    ms: Vec<f64>,
+    poll_ms: f64,
+}
+
+impl Samples {
+    fn quantile(&self, q: f64) -> f64 {
+        let n = self.ms.len();
+        let rank = ((q * n as f64).ceil() as usize).clamp(1, n);
+        self.ms[rank - 1]
+    }
+}
+
+pub(crate) async fn run(plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(&dir.path().join("pki"))?;
+    let hub = TempHub::start(dir.path(), &pki, FLEET_POLICY)?;
+    let agent = hub.agent(&pki, AGENT, None)?;
+    let http = reqwest::Client::new();
+    let status_url = agent.url("/v1/status");
+    time_until("the agent to link", Duration::from_secs(60), || async {
+        Ok(get_json(&http, &status_url, false).await?["connected"] == true)
+    })
+    .await?;
+
+    let measure = Duration::from_secs(if plan.quick { 3 } else { 10 });
+    let runs: [(Flow, u64, [&'static str; 3]); 4] = [
+        (
+            Flow::Up,
+            1_000,
+            [
+                "latency_p50_ms_1k",
+                "latency_p99_ms_1k",
+                "latency_max_ms_1k",
+            ],
+        ),
+        (
+            Flow::Up,
+            10_000,
+            [
+                "latency_p50_ms_10k",
+                "latency_p99_ms_10k",
+                "latency_max_ms_10k",
+            ],
+        ),
+        (
+            Flow::Down,
+            1_000,
+            [
+                "latency_down_p50_ms_1k",
+                "latency_down_p99_ms_1k",
+                "latency_down_max_ms_1k",
+            ],
+        ),
+        (
+            Flow::Down,
+            10_000,
+            [
+                "latency_down_p50_ms_10k",
+                "latency_down_p99_ms_10k",
+                "latency_down_max_ms_10k",
+            ],
+        ),
+    ];
+    let mut poll = Vec::new();
+    for (flow, rate, [p50, p99, max]) in runs {
+        let samples = offer(&http, &hub, &agent, flow, rate, measure).await?;
+        report.insert(p50, samples.quantile(0.50));
+        report.insert(p99, samples.quantile(0.99));
+        report.insert(max, samples.quantile(1.0));
+        poll.push(samples.poll_ms);
+    }
+    poll.sort_by(f64::total_cmp);
+    report.insert("latency_poll_ms", poll[poll.len() / 2]);
+    Ok(())
+}
+
+/// The agent's cursor that shows a write of `flow` arrived.
+fn cursor(status: &Value, flow: Flow) -> anyhow::Result<u64> {
+    let key = match flow {
+        Flow::Up => "outbox_acked_seq",
+        Flow::Down => "down_applied_seq",
+    };
+    status[key]
+        .as_u64()
+        .with_context(|| format!("status has no {key}"))
+}
+
+/// Offers `rate` writes per second for the warm-up plus `measure`, and returns
+/// the latency of every write due after the warm-up.
+async fn offer(
+    http: &reqwest::Client,
+    hub: &TempHub,
+    agent: &TempAgent,
+    flow: Flow,
+    rate: u64,
+    measure: Duration,
+) -> anyhow::Result<Samples> {
+    let status_url = agent.url("/v1/status");
+    let before = get_json(http, &status_url, false).await?;
+    let base = match flow {
+        Flow::Up => before["outbox_last_seq"]
+            .as_u64()
+            .context("outbox_last_seq")?,
+        // The hub numbers its queue for this agent; everything queued so far
+        // has been applied (the previous run waited for it).
+        Flow::Down => cursor(&before, flow)?,
+    };
+    let total = (WARM_UP + measure).as_secs_f64() * rate as f64;
+    let total = total as u64;
+    let start = Instant::now();
+    let due = move |i: u64| start + Duration::from_secs_f64(i as f64 / rate as f64);
+
+    // The observer: write `i` (0-based) has arrived when the cursor passes
+    // `base + i + 1`.
+    let done = Arc::new(AtomicBool::new(false));
+    let observer = {
+        let (http, url, done) = (http.clone(), status_url.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(total as usize);
+            let mut polls = Vec::new();
+            let mut seen = 0u64;
+            let deadline = Duration::from_secs(120);
+            while seen < total {
+                ensure!(
+                    start.elapsed() < measure + WARM_UP + deadline,
+                    "only {seen} of {total} writes arrived"
+                );
+                let asked = Instant::now();
+                let status = get_json(&http, &url, false).await?;
+                let now = Instant::now();
+                polls.push(now - asked);
+                let arrived = cursor(&status, flow)?.saturating_sub(base).min(total);
+                for i in seen..arrived {
+                    let d = due(i);
+                    if d >= start + WARM_UP {
+                        latencies.push(now.saturating_duration_since(d).as_secs_f64() * 1e3);
+                        if std::env::var_os("BENCH_TRACE").is_some() {
+                            eprintln!(
+                                "T {} {:.1} {:.1}",
+                                i,
+                                (d - start).as_secs_f64() * 1e3,
+                                now.saturating_duration_since(d).as_secs_f64() * 1e3
+                            );
+                        }
+                    }
+                }
+                seen = seen.max(arrived);
+                if done.load(Ordering::Relaxed) && seen >= total {
+                    break;
+                }
+            }
+            polls.sort();
+            anyhow::Ok((latencies, polls[polls.len() / 2].as_secs_f64() * 1e3))
+        })
+    };
+
+    // The writer: every call carries all writes that are due.
+    let mut sent = 0u64;
+    let up_url = agent.url("/v1/batch");
+    let down_url = format!("{}/v1/agents/{AGENT}/batch", hub.api_url());
+    let tag = format!("{}-{rate}", matches!(flow, Flow::Up) as u8);
+    while sent < total {
+        let from = sent;
+        let now_due = ((start.elapsed().as_secs_f64() * rate as f64) as u64 + 1).min(total);
+        if now_due <= from {
+            tokio::time::sleep_until(due(from).into()).await;
+            continue;
+        }
+        let upto = now_due.min(from + MAX_BATCH);
+        let writes: Vec<Value> = (from..upto)
+            .map(|i| match flow {
+                Flow::Up => json!({"collection": "patients", "key": format!("l{tag}-{i}"),
+                    "fields": {"ward": i, "initials": "LT", "ssn": "local-only"}}),
+                Flow::Down => json!({"collection": "settings", "key": format!("l{tag}-{i}"),
+                    "fields": {"mode": i}}),
+            })
+            .collect();
+        let request = match flow {
+            Flow::Up => http.post(&up_url),
+            Flow::Down => http.post(&down_url).bearer_auth(TOKEN),
+        };
+        let answer: Value = request
+            .json(&json!({ "writes": writes }))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        if let Flow::Down = flow {
+            let last = answer["last_seq"].as_u64().context("last_seq")?;
+            ensure!(
+                last == base + upto,
+                "the hub queued up to {last}, expected {}",
+                base + upto
+            );
+        }
+        sent = upto;
+    }
+    done.store(true, Ordering::Relaxed);
+    let (mut ms, poll_ms) = observer.await??;
+    if let Flow::Up = flow {
+        let after = get_json(http, &status_url, false).await?;
+        let last = after["outbox_last_seq"]
+            .as_u64()
+            .context("outbox_last_seq")?;
+        ensure!(
+            last == base + total,
+            "the outbox grew to {last}, expected {} (one entry per write)",
+            base + total
+        );
+    }
+    ensure!(!ms.is_empty(), "no write was measured");
+    ms.sort_by(f64::total_cmp);
+    let samples = Samples { ms, poll_ms };
+    eprintln!(
+        "  {} {rate}/s: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} writes, poll {:.2} ms)",
+        match flow {
+            Flow::Up => "up",
+            Flow::Down => "down",
+        },
+        samples.quantile(0.5),
+        samples.quantile(0.99),
+        samples.quantile(1.0),
+        samples.ms.len(),
+        samples.poll_ms
+    );
+    Ok(samples)
 }
