@@ -14,6 +14,7 @@ use std::future::Future;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use fieldsync_shared::{hlc::DEFAULT_MAX_DRIFT_MS, Origin};
 use tokio::net::TcpListener;
 
@@ -103,6 +104,11 @@ pub async fn serve(
         tracing::warn!("no [hub] section: running local-only, nothing will be synced");
     }
     println!("fieldsync-agent: api listening on http://{addr}");
+    // TCP_NODELAY: a response split over two writes would otherwise wait for
+    // the client's delayed ACK (40-200 ms).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -19,6 +19,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use axum::serve::ListenerExt;
 use fieldsync_shared::hlc::DEFAULT_MAX_DRIFT_MS;
 use fieldsync_shared::tls::{server_config, TlsError};
 use fieldsync_shared::{Hlc, Origin};
@@ -152,8 +153,12 @@ pub async fn serve(
     println!("fieldsync-hub: api listening on http://{api_addr}");
 
     let api_cancel = cancel.clone();
+    // TCP_NODELAY, as on the agent's API (no delayed-ACK stalls).
+    let api_listener = listeners.api.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let served =
-        axum::serve(listeners.api, api::router(api_state)).with_graceful_shutdown(async move {
+        axum::serve(api_listener, api::router(api_state)).with_graceful_shutdown(async move {
             tokio::select! {
                 _ = shutdown => {}
                 _ = api_cancel.cancelled() => {}

@@ -21,6 +21,7 @@ mod fleet;
 mod latency;
 mod mosquitto;
 mod raw;
+mod upstream;
 
 /// Sizes of one run.
 pub(crate) struct Plan {
@@ -38,7 +39,15 @@ pub(crate) type Report = BTreeMap<&'static str, f64>;
 
 /// Scenario names, in the order a run takes them (`--only a,b` picks some).
 const SCENARIOS: &[&str] = &[
-    "footprint", "redb", "local", "catchup", "raw", "mosquitto", "latency", "fleet",
+    "footprint",
+    "redb",
+    "local",
+    "catchup",
+    "upstream",
+    "raw",
+    "mosquitto",
+    "latency",
+    "fleet",
 ];
 
 fn main() -> ExitCode {
@@ -97,6 +106,7 @@ async fn run(plan: &Plan, only: Option<&[String]>) -> anyhow::Result<()> {
             "redb" => redb_baseline(plan, r),
             "local" => local_writes(plan, r).await,
             "catchup" => catch_up(plan, r).await,
+            "upstream" => upstream::run(plan, r).await,
             "raw" => raw::baseline(plan, r).await,
             "mosquitto" => mosquitto::peer(plan, r).await,
             "latency" => latency::run(plan, r).await,
@@ -104,7 +114,10 @@ async fn run(plan: &Plan, only: Option<&[String]>) -> anyhow::Result<()> {
             _ => unreachable!("SCENARIOS lists every arm"),
         }
         .with_context(|| format!("scenario {name}"))?;
-        eprintln!("fieldsync-bench: {name} took {:.1} s", t.elapsed().as_secs_f64());
+        eprintln!(
+            "fieldsync-bench: {name} took {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
     }
     derive_ratios(&mut report);
     report.insert("bench_wall_s", started.elapsed().as_secs_f64());
@@ -115,9 +128,46 @@ async fn run(plan: &Plan, only: Option<&[String]>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Figures computed from others measured in the same run.
+/// Figures computed from others measured in the same run (only where both
+/// sides were measured).
 fn derive_ratios(report: &mut Report) {
-    let _ = report;
+    let get = |r: &Report, k: &str| r.get(k).copied().filter(|v| *v > 0.0);
+    let ratios: [(&'static str, &str, &[&str]); 4] = [
+        // Our changes/s against the same bytes as raw QoS1 publishes: the
+        // 1,000-write batches travel as messages of `raw_publish_changes_per_msg`.
+        (
+            "upstream_ratio_raw_publish",
+            "upstream_changes_per_s",
+            &["raw_publish_msgs_per_s", "raw_publish_changes_per_msg"],
+        ),
+        // Against one raw QoS1 publish per change.
+        (
+            "upstream_ratio_raw_change_publish",
+            "upstream_changes_per_s",
+            &["raw_publish_change_msgs_per_s"],
+        ),
+        // Against batched redb inserts on the same disk.
+        (
+            "upstream_ratio_redb",
+            "upstream_changes_per_s",
+            &["redb_batch_inserts_per_s"],
+        ),
+        // The hub's front door + broker against mosquitto, same workload.
+        (
+            "raw_publish_ratio_mosquitto",
+            "raw_publish_msgs_per_s",
+            &["mosquitto_publish_msgs_per_s"],
+        ),
+    ];
+    for (key, ours, limit) in ratios {
+        let denominator = limit
+            .iter()
+            .map(|k| get(report, k))
+            .try_fold(1.0, |acc, v| v.map(|v| acc * v));
+        if let (Some(ours), Some(limit)) = (get(report, ours), denominator) {
+            report.insert(key, ours / limit);
+        }
+    }
 }
 
 pub(crate) fn mib(bytes: u64) -> f64 {
@@ -230,7 +280,11 @@ async fn local_writes(plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) async fn get_json(http: &reqwest::Client, url: &str, token: bool) -> anyhow::Result<Value> {
+pub(crate) async fn get_json(
+    http: &reqwest::Client,
+    url: &str,
+    token: bool,
+) -> anyhow::Result<Value> {
     let mut r = http.get(url);
     if token {
         r = r.bearer_auth(TOKEN);
@@ -239,7 +293,11 @@ pub(crate) async fn get_json(http: &reqwest::Client, url: &str, token: bool) -> 
 }
 
 /// Polls `check` every 20 ms until it is true; returns the time it took.
-pub(crate) async fn time_until<F, Fut>(what: &str, limit: Duration, mut check: F) -> anyhow::Result<Duration>
+pub(crate) async fn time_until<F, Fut>(
+    what: &str,
+    limit: Duration,
+    mut check: F,
+) -> anyhow::Result<Duration>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<bool>>,
@@ -312,7 +370,7 @@ async fn catch_up(plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
     .await?;
     report.insert("catchup_100k_up_s", took.as_secs_f64());
     report.insert(
-        "upstream_changes_per_s",
+        "upstream_backlog_changes_per_s",
         plan.backlog as f64 / took.as_secs_f64(),
     );
     report.insert(
