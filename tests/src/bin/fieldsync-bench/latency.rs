@@ -171,22 +171,11 @@ async fn offer(
                 let status = get_json(&http, &url, false).await?;
                 let now = Instant::now();
                 polls.push(now - asked);
-                if std::env::var_os("BENCH_TRACE").is_some() && now - asked > Duration::from_millis(20) {
-                    eprintln!("P slow poll {:?} at {:.1}", now - asked, (asked - start).as_secs_f64() * 1e3);
-                }
                 let arrived = cursor(&status, flow)?.saturating_sub(base).min(total);
                 for i in seen..arrived {
                     let d = due(i);
                     if d >= start + WARM_UP {
                         latencies.push(now.saturating_duration_since(d).as_secs_f64() * 1e3);
-                        if std::env::var_os("BENCH_TRACE").is_some() {
-                            eprintln!(
-                                "T {} {:.1} {:.1}",
-                                i,
-                                (d - start).as_secs_f64() * 1e3,
-                                now.saturating_duration_since(d).as_secs_f64() * 1e3
-                            );
-                        }
                     }
                 }
                 seen = seen.max(arrived);

@@ -54,11 +54,14 @@ pub(crate) async fn peer(plan: &Plan, report: &mut Report) -> anyhow::Result<()>
         );
     }
     eprintln!("  {}", figures.describe("mosquitto"));
-    report.insert("mosquitto_publish_msgs_per_s", figures.batch.msgs_per_s);
-    report.insert("mosquitto_publish_mib_per_s", figures.batch_mib_per_s());
+    report.insert("mosquitto_publish_msgs_per_s", figures.change.msgs_per_s);
     report.insert(
-        "mosquitto_publish_change_msgs_per_s",
-        figures.change.msgs_per_s,
+        "mosquitto_publish_batch_msgs_per_s",
+        figures.batch.msgs_per_s,
+    );
+    report.insert(
+        "mosquitto_publish_batch_mib_per_s",
+        figures.batch_mib_per_s(),
     );
     report.insert("mosquitto_publish_rtt_p50_ms", figures.rtt.p50_ms);
     report.insert("mosquitto_publish_rtt_p99_ms", figures.rtt.p99_ms);
