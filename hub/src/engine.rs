@@ -36,6 +36,8 @@ pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 const GROUP_CHANGES: usize = 8192;
 /// Most messages taken from the broker before a group is committed.
 const GROUP_MESSAGES: usize = 256;
+/// Most message bytes held in one group (bounds the engine's memory).
+const GROUP_BYTES: usize = 8 << 20;
 
 /// What the front door and the operator API tell the engine.
 #[derive(Debug)]
@@ -117,7 +119,10 @@ impl<S: HubStore> Engine<S> {
                     while let Some(n) = next.take() {
                         let n = n.map_err(|e| EngineError::Link(e.to_string()))?;
                         self.on_notification(&mut link, &mut sessions, &mut group, n).await?;
-                        if group.changes >= GROUP_CHANGES || group.messages >= GROUP_MESSAGES {
+                        if group.changes >= GROUP_CHANGES
+                            || group.messages >= GROUP_MESSAGES
+                            || group.bytes >= GROUP_BYTES
+                        {
                             break;
                         }
                         while let Ok(e) = events.try_recv() {
@@ -143,6 +148,7 @@ impl<S: HubStore> Engine<S> {
         match notification {
             Some(Notification::Forward(f)) => {
                 group.messages += 1;
+                group.bytes += f.publish.payload.len();
                 let topic = String::from_utf8_lossy(&f.publish.topic).into_owned();
                 self.on_publish(link, sessions, group, &topic, &f.publish.payload)
                     .await
@@ -173,7 +179,10 @@ impl<S: HubStore> Engine<S> {
         for (agent, msg) in group.out.drain(..) {
             send(link, &agent, msg)?;
         }
+        // What bounds memory starts over; `messages` keeps bounding how long
+        // the group runs before the downstream pump gets its turn.
         group.changes = 0;
+        group.bytes = 0;
         Ok(())
     }
 
@@ -462,6 +471,7 @@ struct Group {
     out: Vec<(AgentId, Message)>,
     changes: usize,
     messages: usize,
+    bytes: usize,
 }
 
 impl Group {

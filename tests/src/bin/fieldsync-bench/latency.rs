@@ -46,9 +46,7 @@ struct Samples {
 
 impl Samples {
     fn quantile(&self, q: f64) -> f64 {
-        let n = self.ms.len();
-        let rank = ((q * n as f64).ceil() as usize).clamp(1, n);
-        self.ms[rank - 1]
+        crate::quantile(&self.ms, q)
     }
 }
 

@@ -204,6 +204,12 @@ fn derive_ratios(report: &mut Report) {
     }
 }
 
+/// The nearest-rank quantile `q` (0 < q <= 1) of `sorted` (ascending, not empty).
+pub(crate) fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
 pub(crate) fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }

@@ -78,22 +78,28 @@ fn find_or_install() -> anyhow::Result<PathBuf> {
         return Ok(found);
     }
     let root = current_uid()? == 0;
-    let mut cmd = if root {
-        Command::new("apt-get")
-    } else {
-        let mut sudo = Command::new("sudo");
-        sudo.arg("apt-get");
-        sudo
+    let apt = |args: &[&str]| -> anyhow::Result<bool> {
+        let mut cmd = if root {
+            Command::new("apt-get")
+        } else {
+            let mut sudo = Command::new("sudo");
+            sudo.arg("apt-get");
+            sudo
+        };
+        cmd.args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null());
+        eprintln!("  mosquitto is not installed; running {cmd:?}");
+        let status = cmd
+            .status()
+            .with_context(|| format!("cannot run {cmd:?}"))?;
+        Ok(status.success())
     };
-    cmd.args(["install", "-y", "mosquitto"])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdin(Stdio::null());
-    eprintln!("  mosquitto is not installed; running {cmd:?}");
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed ({status}); install mosquitto and run again");
+    // A fresh machine may have no package lists yet: update once and retry.
+    let installed = apt(&["install", "-y", "mosquitto"])?
+        || (apt(&["update"])? && apt(&["install", "-y", "mosquitto"])?);
+    if !installed {
+        bail!("apt-get could not install mosquitto; install it and run again");
     }
     find().context("apt-get installed mosquitto but no mosquitto executable is found")
 }

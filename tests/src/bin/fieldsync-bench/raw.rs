@@ -420,18 +420,17 @@ pub(crate) struct Rtt {
 
 impl Rtt {
     /// Nearest-rank percentiles of `samples`.
-    fn of(mut samples: Vec<Duration>, connect_time: Duration) -> anyhow::Result<Self> {
+    fn of(samples: Vec<Duration>, connect_time: Duration) -> anyhow::Result<Self> {
         ensure!(
             !samples.is_empty(),
             "no round trip measured within {RTT_CAP:?}"
         );
-        samples.sort();
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        let rank = |p: f64| ms(samples[((p * samples.len() as f64).ceil() as usize).max(1) - 1]);
+        let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+        ms.sort_by(f64::total_cmp);
         Ok(Self {
-            p50_ms: rank(0.50),
-            p99_ms: rank(0.99),
-            max_ms: ms(samples[samples.len() - 1]),
+            p50_ms: crate::quantile(&ms, 0.50),
+            p99_ms: crate::quantile(&ms, 0.99),
+            max_ms: crate::quantile(&ms, 1.0),
             samples: samples.len(),
             connect_time,
         })
