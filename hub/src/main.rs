@@ -118,11 +118,29 @@ fn run(config: &Path) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let config = HubConfig::load(config)?;
+    raise_open_files_limit(config.mqtt.max_connections);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
         .block_on(fieldsync_hub::run(config, shutdown_signal()))?;
     Ok(())
+}
+
+/// Each agent connection holds about three descriptors (its socket and both
+/// ends of the loopback hop to the broker), so a shell's soft limit of 1,024
+/// would cap the hub near 340 agents: take the whole hard limit, and warn if
+/// even that is short of `mqtt.max_connections`.
+fn raise_open_files_limit(max_connections: usize) {
+    let needed = 3 * max_connections as u64 + 512;
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < needed => tracing::warn!(
+            limit,
+            needed,
+            "open-files limit is below what mqtt.max_connections needs; raise the hard limit (ulimit -Hn, LimitNOFILE)"
+        ),
+        Ok(limit) => tracing::debug!(limit, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.
