@@ -420,9 +420,8 @@ impl Store {
 
     /// The hub acknowledged everything up to `upto`: those outbox entries go.
     /// The commit skips the fsync (it becomes durable with the next durable
-    /// commit): a trim lost in a crash only means those entries are sent
-    /// again, and the hub's watermark acknowledges them without applying them
-    /// twice.
+    /// commit): a trim lost in a crash is repaired by the hub's next welcome,
+    /// whose `up_applied` trims those entries again before anything is sent.
     pub fn trim_outbox(&self, upto: Seq) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(redb::Durability::None)?;

@@ -44,8 +44,6 @@ pub enum BrokerError {
     Thread(std::io::Error),
     #[error("the internal broker on {addr} did not accept an authenticated CONNECT: {reason}")]
     NotReady { addr: SocketAddr, reason: String },
-    #[error("cannot turn on TCP_NODELAY for the internal broker's sockets: {0}")]
-    NoDelay(String),
 }
 
 /// A running embedded broker.
@@ -117,7 +115,11 @@ pub async fn start(max_connections: usize) -> Result<(EmbeddedBroker, EngineLink
         .map_err(BrokerError::Thread)?;
     let broker = EmbeddedBroker { addr, secret };
     broker.wait_ready(Duration::from_secs(10)).await?;
-    set_listener_nodelay(addr).map_err(BrokerError::NoDelay)?;
+    // A latency optimisation, not a reason to refuse to start (e.g. where
+    // /proc is not mounted): without it the loopback hop keeps Nagle.
+    if let Err(e) = set_listener_nodelay(addr) {
+        tracing::warn!(error = %e, "cannot set TCP_NODELAY on the internal broker's sockets; expect ~40 ms delays");
+    }
     Ok((broker, EngineLink { tx, rx }))
 }
 
@@ -206,9 +208,11 @@ fn set_listener_nodelay(addr: SocketAddr) -> Result<(), String> {
         if !is_socket {
             continue;
         }
-        // SAFETY: the descriptor is only borrowed for the calls below. Should
-        // it be closed meanwhile, they fail with EBADF; should its number be
-        // reused, the address and listening checks reject the newcomer.
+        // SAFETY: `borrow_raw` wants the descriptor to stay open while
+        // borrowed, which nothing here can promise; but a racing close only
+        // makes the calls below fail (EBADF), and a reused number at worst
+        // gets TCP_NODELAY on another socket of this process: no memory is
+        // touched through it, and rumqttd never closes its listener.
         let fd = unsafe { BorrowedFd::borrow_raw(fd) };
         let socket = socket2::SockRef::from(&fd);
         let bound_here = socket

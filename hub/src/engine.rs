@@ -36,7 +36,8 @@ pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 const GROUP_CHANGES: usize = 8192;
 /// Most messages taken from the broker before a group is committed.
 const GROUP_MESSAGES: usize = 256;
-/// Most message bytes held in one group (bounds the engine's memory).
+/// Most message bytes (as received, CBOR) in one group: bounds the engine's
+/// memory to a small multiple of this once decoded.
 const GROUP_BYTES: usize = 8 << 20;
 
 /// What the front door and the operator API tell the engine.
@@ -110,6 +111,9 @@ impl<S: HubStore> Engine<S> {
                     let Some(e) = e else { return Ok(()) };
                     self.on_event(&mut sessions, e);
                 }
+                // Before the link, so that a steady stream of messages cannot
+                // starve the resend timer.
+                _ = tick.tick() => self.on_tick(&mut sessions),
                 n = link.rx.next() => {
                     // Group commit: take what the broker already holds (pending
                     // connection events first, as above), apply every upstream
@@ -132,7 +136,6 @@ impl<S: HubStore> Engine<S> {
                     }
                     self.flush(&mut link, &mut group).await?;
                 }
-                _ = tick.tick() => self.on_tick(&mut sessions),
             }
             self.pump(&mut link, &mut sessions).await?;
         }
@@ -288,7 +291,9 @@ impl<S: HubStore> Engine<S> {
                 }
                 // The welcome names what the store holds, so this agent's
                 // batches planned in this group must be committed first.
-                self.flush(link, group).await?;
+                if group.upstream.iter().any(|u| u.agent == agent) {
+                    self.flush(link, group).await?;
+                }
                 let a = agent.clone();
                 let row = self.blocking(move |s| s.touch(&a, system_now_ms())).await?;
                 session.up = Some(Receiver::new(row.up_applied));

@@ -157,9 +157,9 @@ pub trait HubStore: Send + Sync + 'static {
         max_bytes: usize,
     ) -> Result<Vec<(Seq, Change)>, StoreError>;
     /// The agent acknowledged everything up to `upto`: drop those entries.
-    /// Need not be durable: an ack lost in a crash only means those entries
-    /// are offered again, and the agent's hello (`down_applied`) acknowledges
-    /// them at once; nothing is applied twice.
+    /// Need not be durable: an ack lost in a crash is repaired by the agent's
+    /// next hello, whose `down_applied` acknowledges those entries again
+    /// before anything is sent; nothing is applied twice.
     fn ack_downstream(&self, agent: &AgentId, upto: Seq) -> Result<(), StoreError>;
     /// The hub's copy of one record.
     fn record(

@@ -95,7 +95,9 @@ fn a_group_applies_several_agents_and_consecutive_batches_in_one_commit() {
     ];
     store.apply_upstream_group(&group, 5_000).unwrap();
     drop(store);
-    // All of it is durable: a reopened store has every batch.
+    // All of it is there after a reopen. (A clean close would also persist a
+    // non-durable commit; crash durability is what the SIGKILL tests in
+    // tests/tests/hub_durability.rs check.)
     let store = RedbHubStore::open(dir.path()).unwrap();
     let row_a = store.agent(&a).unwrap().unwrap();
     assert_eq!((row_a.up_applied, row_a.changes_applied), (Seq(3), 3));
