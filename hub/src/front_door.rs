@@ -196,6 +196,12 @@ impl Connection {
         });
         match result {
             Ok(()) => tracing::info!(%agent, "agent disconnected"),
+            // The network went away (a reset, an end of stream without TLS
+            // close_notify: a power cut looks like this); not misbehaviour.
+            Err(refusal @ Refusal::Io(_)) => {
+                self.count(&refusal);
+                tracing::info!(%agent, reason = %refusal, "agent connection lost");
+            }
             Err(refusal) => {
                 self.count(&refusal);
                 tracing::warn!(%agent, reason = %refusal, "agent connection closed");
