@@ -15,7 +15,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::task::JoinSet;
 
-use crate::fleet::{Pki, TempHub, FLEET_POLICY, TOKEN};
+use crate::fleet::{self, Pki, TempHub, FLEET_POLICY};
 use crate::TempAgent;
 
 /// Longest wait for one HTTP answer.
@@ -71,8 +71,7 @@ impl Fleet {
     /// changes with every restart: take a new one after [`TempHub::restart`]).
     pub fn operator(&self) -> Operator {
         Operator {
-            http: http(),
-            base: self.hub.api_url().to_owned(),
+            api: self.hub.operator(),
         }
     }
 }
@@ -222,27 +221,17 @@ impl AgentApi {
     }
 }
 
-/// A cloneable client of the hub's operator API.
+/// A cloneable client of the hub's operator API, in terms of [`Write`]s.
 #[derive(Clone)]
 pub struct Operator {
-    http: reqwest::Client,
-    base: String,
+    api: fleet::Operator,
 }
 
 impl Operator {
     /// `PUT /v1/agents/{agent}/records/{c}/{k}` with `w.fields`.
     pub async fn put(&self, agent: &str, w: &Write) -> anyhow::Result<(StatusCode, Value)> {
-        let r = self
-            .http
-            .put(format!(
-                "{}/v1/agents/{agent}/records/{}/{}",
-                self.base, w.collection, w.key
-            ))
-            .bearer_auth(TOKEN)
-            .json(&w.fields)
-            .send()
-            .await?;
-        Ok((r.status(), r.json().await?))
+        let path = format!("/v1/agents/{agent}/records/{}/{}", w.collection, w.key);
+        self.api.put(&path, &w.fields).await
     }
 
     /// [`Operator::put`] that must answer 202; returns its `queued_seq` and
@@ -272,37 +261,12 @@ impl Operator {
         collection: &str,
         key: &str,
     ) -> anyhow::Result<Option<Value>> {
-        let r = self
-            .http
-            .get(format!(
-                "{}/v1/agents/{agent}/records/{collection}/{key}",
-                self.base
-            ))
-            .bearer_auth(TOKEN)
-            .send()
-            .await?;
-        match r.status() {
-            StatusCode::OK => Ok(Some(r.json::<Value>().await?["fields"].clone())),
-            StatusCode::NOT_FOUND => Ok(None),
-            other => bail!("GET hub {collection}/{key} answered {other}"),
-        }
+        self.api.record(agent, collection, key).await
     }
 
     /// The `GET /v1/agents` entry for `agent`, if the hub knows it.
     pub async fn row(&self, agent: &str) -> anyhow::Result<Option<Value>> {
-        let r = self
-            .http
-            .get(format!("{}/v1/agents", self.base))
-            .bearer_auth(TOKEN)
-            .send()
-            .await?;
-        if r.status() != StatusCode::OK {
-            bail!("GET /v1/agents answered {}", r.status());
-        }
-        let body: Value = r.json().await?;
-        Ok(body["agents"]
-            .as_array()
-            .and_then(|a| a.iter().find(|row| row["id"] == agent).cloned()))
+        self.api.agent_row(agent).await
     }
 
     /// The `GET /v1/agents` entry for `agent`, which must exist.

@@ -108,7 +108,7 @@ pub struct TempHub {
     child: Option<(Child, std::thread::JoinHandle<()>)>,
     mqtt: SocketAddr,
     api: String,
-    http: reqwest::Client,
+    operator: Operator,
 }
 
 impl TempHub {
@@ -121,7 +121,7 @@ impl TempHub {
             child: None,
             mqtt: "127.0.0.1:0".parse()?,
             api: String::new(),
-            http: reqwest::Client::new(),
+            operator: Operator::new(""),
         };
         std::fs::write(dir.join("hub-policy.toml"), policy)?;
         hub.write_config(pki)?;
@@ -167,6 +167,7 @@ impl TempHub {
             })?;
         self.mqtt = lines[0].parse().context("mqtt address")?;
         self.api = lines[1].clone();
+        self.operator = Operator::new(&self.api);
         self.child = Some((child, drain));
         Ok(())
     }
@@ -224,38 +225,25 @@ impl TempHub {
         self.spawn()
     }
 
+    /// A client of the operator API as it listens now (its port changes with
+    /// every restart: take a new one after [`TempHub::restart`]).
+    pub fn operator(&self) -> Operator {
+        self.operator.clone()
+    }
+
     /// `GET path` on the operator API with the token.
     pub async fn get(&self, path: &str) -> anyhow::Result<(StatusCode, Value)> {
-        let r = self
-            .http
-            .get(format!("{}{path}", self.api))
-            .bearer_auth(TOKEN)
-            .send()
-            .await?;
-        Ok((r.status(), r.json().await?))
+        self.operator.get(path).await
     }
 
     /// `PUT path` with a JSON body on the operator API with the token.
     pub async fn put(&self, path: &str, body: &Value) -> anyhow::Result<(StatusCode, Value)> {
-        let r = self
-            .http
-            .put(format!("{}{path}", self.api))
-            .bearer_auth(TOKEN)
-            .json(body)
-            .send()
-            .await?;
-        Ok((r.status(), r.json().await?))
+        self.operator.put(path, body).await
     }
 
     /// The hub's `GET /v1/agents` entry for `agent`, if it knows the agent.
     pub async fn agent_row(&self, agent: &str) -> anyhow::Result<Option<Value>> {
-        let (status, body) = self.get("/v1/agents").await?;
-        if status != StatusCode::OK {
-            bail!("GET /v1/agents answered {status}: {body}");
-        }
-        Ok(body["agents"]
-            .as_array()
-            .and_then(|a| a.iter().find(|r| r["id"] == agent).cloned()))
+        self.operator.agent_row(agent).await
     }
 
     /// The hub's copy of a record's fields, or `None` (404).
@@ -265,14 +253,7 @@ impl TempHub {
         collection: &str,
         key: &str,
     ) -> anyhow::Result<Option<Value>> {
-        let (status, body) = self
-            .get(&format!("/v1/agents/{agent}/records/{collection}/{key}"))
-            .await?;
-        match status {
-            StatusCode::OK => Ok(Some(body["fields"].clone())),
-            StatusCode::NOT_FOUND => Ok(None),
-            other => bail!("GET record answered {other}: {body}"),
-        }
+        self.operator.record(agent, collection, key).await
     }
 
     /// Starts an agent `id` (its certificate issued now) linked to `url`
@@ -332,4 +313,75 @@ fn spawn_until(
         }
     }
     Ok((child, drain, found.into_iter().flatten().collect()))
+}
+
+/// A cloneable client of a hub's operator API (bearer [`TOKEN`]).
+#[derive(Clone)]
+pub struct Operator {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Operator {
+    /// A client of the API at `base` (`http://ADDR`), with a 30 s timeout.
+    pub fn new(base: &str) -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("cannot build an HTTP client"),
+            base: base.to_owned(),
+        }
+    }
+
+    /// `GET path` with the token.
+    pub async fn get(&self, path: &str) -> anyhow::Result<(StatusCode, Value)> {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(TOKEN)
+            .send()
+            .await?;
+        Ok((r.status(), r.json().await?))
+    }
+
+    /// `PUT path` with a JSON body and the token.
+    pub async fn put(&self, path: &str, body: &Value) -> anyhow::Result<(StatusCode, Value)> {
+        let r = self
+            .http
+            .put(format!("{}{path}", self.base))
+            .bearer_auth(TOKEN)
+            .json(body)
+            .send()
+            .await?;
+        Ok((r.status(), r.json().await?))
+    }
+
+    /// The `GET /v1/agents` entry for `agent`, if the hub knows it.
+    pub async fn agent_row(&self, agent: &str) -> anyhow::Result<Option<Value>> {
+        let (status, body) = self.get("/v1/agents").await?;
+        if status != StatusCode::OK {
+            bail!("GET /v1/agents answered {status}: {body}");
+        }
+        Ok(body["agents"]
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["id"] == agent).cloned()))
+    }
+
+    /// The hub's copy of a record's fields, or `None` (404).
+    pub async fn record(
+        &self,
+        agent: &str,
+        collection: &str,
+        key: &str,
+    ) -> anyhow::Result<Option<Value>> {
+        let (status, body) = self
+            .get(&format!("/v1/agents/{agent}/records/{collection}/{key}"))
+            .await?;
+        match status {
+            StatusCode::OK => Ok(Some(body["fields"].clone())),
+            StatusCode::NOT_FOUND => Ok(None),
+            other => bail!("GET record {collection}/{key} answered {other}: {body}"),
+        }
+    }
 }

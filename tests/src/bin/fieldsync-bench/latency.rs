@@ -18,11 +18,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use fieldsync_e2e::fleet::{Pki, TempHub, FLEET_POLICY, TOKEN};
+use fieldsync_e2e::fleet::{TempHub, TOKEN};
 use fieldsync_e2e::TempAgent;
 use serde_json::{json, Value};
 
-use crate::{get_json, time_until, Plan, Report};
+use crate::{get_json, Plan, Report};
 
 /// Writes offered before measuring starts (connections and caches warm up).
 const WARM_UP: Duration = Duration::from_secs(1);
@@ -51,16 +51,8 @@ impl Samples {
 }
 
 pub(crate) async fn run(plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let pki = Pki::create(&dir.path().join("pki"))?;
-    let hub = TempHub::start(dir.path(), &pki, FLEET_POLICY)?;
-    let agent = hub.agent(&pki, AGENT, None)?;
+    let linked = crate::Linked::start(AGENT).await?;
     let http = reqwest::Client::new();
-    let status_url = agent.url("/v1/status");
-    time_until("the agent to link", Duration::from_secs(60), || async {
-        Ok(get_json(&http, &status_url, false).await?["connected"] == true)
-    })
-    .await?;
 
     let measure = Duration::from_secs(if plan.quick { 3 } else { 10 });
     let runs: [(Flow, u64, [&'static str; 3]); 4] = [
@@ -103,7 +95,7 @@ pub(crate) async fn run(plan: &Plan, report: &mut Report) -> anyhow::Result<()> 
     ];
     let mut poll = Vec::new();
     for (flow, rate, [p50, p99, max]) in runs {
-        let samples = offer(&http, &hub, &agent, flow, rate, measure).await?;
+        let samples = offer(&http, &linked.hub, &linked.agent, flow, rate, measure).await?;
         report.insert(p50, samples.quantile(0.50));
         report.insert(p99, samples.quantile(0.99));
         report.insert(max, samples.quantile(1.0));

@@ -354,20 +354,44 @@ where
     }
 }
 
+/// A hub (its own PKI, [`FLEET_POLICY`]) and one agent linked to it, in a
+/// temp dir.
+pub(crate) struct Linked {
+    // Field order is drop order: the processes die before their dir goes.
+    pub(crate) agent: TempAgent,
+    pub(crate) hub: TempHub,
+    _dir: tempfile::TempDir,
+}
+
+impl Linked {
+    /// Starts both and waits until agent `id` reports the link up.
+    pub(crate) async fn start(id: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let pki = Pki::create(&dir.path().join("pki"))?;
+        let hub = TempHub::start(dir.path(), &pki, FLEET_POLICY)?;
+        let agent = hub.agent(&pki, id, None)?;
+        let http = reqwest::Client::new();
+        let status_url = agent.url("/v1/status");
+        time_until("the agent to link", Duration::from_secs(60), || async {
+            Ok(get_json(&http, &status_url, false).await?["connected"] == true)
+        })
+        .await?;
+        Ok(Self {
+            agent,
+            hub,
+            _dir: dir,
+        })
+    }
+}
+
 /// Catch-up both ways, through the real hub with mTLS and durable commits on
 /// both sides: an agent with a backlog of changes meets a hub that was down;
 /// an agent that was down meets a hub with a queue for it.
 async fn catch_up(plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let pki = Pki::create(&dir.path().join("pki"))?;
-    let mut hub = TempHub::start(dir.path(), &pki, FLEET_POLICY)?;
-    let mut agent = hub.agent(&pki, "gw-bench", None)?;
+    let mut linked = crate::Linked::start("gw-bench").await?;
+    let (hub, agent) = (&mut linked.hub, &mut linked.agent);
     let http = reqwest::Client::new();
     let status_url = agent.url("/v1/status");
-    time_until("the agent to link", Duration::from_secs(60), || async {
-        Ok(get_json(&http, &status_url, false).await?["connected"] == true)
-    })
-    .await?;
 
     // Upstream: the backlog is written while the hub is down.
     hub.kill();
@@ -434,15 +458,12 @@ async fn catch_up(plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
             .error_for_status()?;
     }
     agent.restart()?;
-    let agents_url = format!("{}/v1/agents", hub.api_url());
+    let hub = &linked.hub;
     let took = time_until(
         "the downstream queue to drain",
         Duration::from_secs(600),
         || async {
-            let body = get_json(&http, &agents_url, true).await?;
-            let row = body["agents"]
-                .as_array()
-                .and_then(|a| a.iter().find(|r| r["id"] == "gw-bench").cloned());
+            let row = hub.agent_row("gw-bench").await?;
             Ok(row.is_some_and(|r| r["queue_pending"] == 0))
         },
     )

@@ -10,7 +10,6 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use fieldsync_e2e::fleet::{Pki, TempHub, FLEET_POLICY};
 use serde_json::{json, Value};
 
 use crate::{get_json, time_until, Plan, Report};
@@ -19,16 +18,10 @@ use crate::{get_json, time_until, Plan, Report};
 const WRITERS: u64 = 4;
 
 pub(crate) async fn run(plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let pki = Pki::create(&dir.path().join("pki"))?;
-    let hub = TempHub::start(dir.path(), &pki, FLEET_POLICY)?;
-    let agent = hub.agent(&pki, "gw-upstream", None)?;
+    let linked = crate::Linked::start("gw-upstream").await?;
+    let agent = &linked.agent;
     let http = reqwest::Client::new();
     let status_url = agent.url("/v1/status");
-    time_until("the agent to link", Duration::from_secs(60), || async {
-        Ok(get_json(&http, &status_url, false).await?["connected"] == true)
-    })
-    .await?;
 
     let scale = if plan.quick { 1 } else { 5 };
     let runs: [(u64, u64, &'static str); 3] = [
