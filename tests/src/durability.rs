@@ -67,6 +67,14 @@ impl Fleet {
         self.hub.agent(&self.pki, id, None)
     }
 
+    /// [`Fleet::agent`], then waits until the agent reports the link up.
+    pub async fn linked_agent(&self, id: &str) -> anyhow::Result<(TempAgent, AgentApi)> {
+        let agent = self.agent(id)?;
+        let api = AgentApi::of(&agent);
+        wait_status(&api, "the agent linked", |s| s["connected"] == true).await?;
+        Ok((agent, api))
+    }
+
     /// A client of the hub's operator API as it listens now (the API port
     /// changes with every restart: take a new one after [`TempHub::restart`]).
     pub fn operator(&self) -> Operator {

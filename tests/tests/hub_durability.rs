@@ -202,11 +202,7 @@ async fn offline_upstream_changes_all_arrive_after_hub_restart() {
 async fn offline_downstream(id: &str, kill_hub: bool) {
     let started = Instant::now();
     let mut fleet = Fleet::start().unwrap();
-    let mut agent = fleet.agent(id).unwrap();
-    let api = AgentApi::of(&agent);
-    wait_status(&api, "the agent linked", |s| s["connected"] == true)
-        .await
-        .unwrap();
+    let (mut agent, _) = fleet.linked_agent(id).await.unwrap();
     block_in_place(|| agent.kill());
     let mut op = fleet.operator();
     wait_row(&op, id, "the hub to see the agent gone", |r| {
@@ -358,12 +354,8 @@ async fn hub_sigkill_during_stream_loses_nothing_and_applies_once() {
     let mut rng = StdRng::seed_from_u64(seed);
     let started = Instant::now();
     let mut fleet = Fleet::start().unwrap();
-    let agent = fleet.agent("dur-hubkill").unwrap();
+    let (agent, api) = fleet.linked_agent("dur-hubkill").await.unwrap();
     let id = agent.id().to_owned();
-    let api = AgentApi::of(&agent);
-    wait_status(&api, "the agent linked", |s| s["connected"] == true)
-        .await
-        .unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut writers = JoinSet::new();
@@ -693,12 +685,8 @@ async fn both_directions_converge_after_hub_sigkill() {
     let mut rng = StdRng::seed_from_u64(seed);
     let started = Instant::now();
     let mut fleet = Fleet::start().unwrap();
-    let agent = fleet.agent("dur-both").unwrap();
+    let (agent, api) = fleet.linked_agent("dur-both").await.unwrap();
     let id = agent.id().to_owned();
-    let api = AgentApi::of(&agent);
-    wait_status(&api, "the agent linked", |s| s["connected"] == true)
-        .await
-        .unwrap();
 
     let stop_agent = Arc::new(AtomicBool::new(false));
     let agent_task = tokio::spawn(agent_side(api.clone(), stop_agent.clone()));
