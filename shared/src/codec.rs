@@ -54,8 +54,10 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, CodecError> {
         return Err(CodecError::UnsupportedVersion { found: v });
     }
     let envelope: Envelope = from_bytes(bytes)?;
-    if let Message::Batch(batch) = &envelope.msg {
-        batch.validate()?;
+    match &envelope.msg {
+        Message::Batch(batch) => batch.validate()?,
+        Message::Snapshot(snapshot) => snapshot.validate()?,
+        _ => {}
     }
     Ok(envelope)
 }

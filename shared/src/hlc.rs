@@ -80,6 +80,19 @@ impl Hlc {
         self.last
     }
 
+    /// Lowers the clock to at most `limit_ms` (keeping it if already below):
+    /// after [`crate::clock`] re-stamped every own stamp above that wall time,
+    /// a clock that ran ahead must stop issuing stamps from the future.
+    pub fn lower_to(&mut self, limit_ms: u64) {
+        if self.last.wall_ms > limit_ms {
+            self.last = Stamp::new(limit_ms, u32::MAX);
+        }
+    }
+
+    pub fn max_drift_ms(&self) -> u64 {
+        self.max_drift_ms
+    }
+
     /// A stamp for a local event at wall time `now_ms`.
     pub fn tick(&mut self, now_ms: u64) -> Stamp {
         self.last = if now_ms > self.last.wall_ms {

@@ -2,6 +2,7 @@
 //! clocks, the record model and its merge rule, the egress policy, the wire format
 //! and the sans-IO sync session. No async runtime, no storage, no sockets.
 
+pub mod clock;
 pub mod codec;
 pub mod files;
 pub mod hlc;
@@ -18,4 +19,4 @@ pub use id::{AgentId, CollectionName, FieldName, IdError, Origin, RecordKey};
 pub use merge::Merge;
 pub use policy::{Direction, Flow, Policy, PolicyError};
 pub use record::{Change, FieldState, FieldValue, RecordState, Value, Version};
-pub use session::{Receiver, Sender, Seq};
+pub use session::{Cursor, Incarnation, Mark, Receiver, Sender, Seq, Session};

@@ -187,7 +187,7 @@ impl Merge for RecordState {
                 continue;
             }
             match self.fields.get_mut(name) {
-                Some(ours) if ours.version >= theirs.version => {}
+                Some(ours) if !wins(theirs, ours) => {}
                 Some(ours) => {
                     *ours = theirs.clone();
                     changed = true;
@@ -199,6 +199,22 @@ impl Merge for RecordState {
             }
         }
         changed
+    }
+}
+
+/// Whether `theirs` replaces `ours`: the greater version wins. Two writes by
+/// one replica never share a version, but two stores that share an identity
+/// (a cloned disk image) or a re-stamp can make a tie; the greater encoded
+/// value then wins, so the merge stays a join whatever the order.
+fn wins(theirs: &FieldState, ours: &FieldState) -> bool {
+    match theirs.version.cmp(&ours.version) {
+        std::cmp::Ordering::Greater => true,
+        std::cmp::Ordering::Less => false,
+        std::cmp::Ordering::Equal if theirs.value == ours.value => false,
+        std::cmp::Ordering::Equal => {
+            let bytes = |f: &FieldState| crate::codec::to_bytes(&f.value).unwrap_or_default();
+            bytes(theirs) > bytes(ours)
+        }
     }
 }
 

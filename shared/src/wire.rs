@@ -10,10 +10,10 @@ use crate::policy::Flow;
 use crate::record::{
     value_depth, Change, FieldValue, RecordState, Value, Version, MAX_VALUE_DEPTH,
 };
-use crate::session::Seq;
+use crate::session::{Cursor, Incarnation, Mark, Seq};
 
 /// The envelope version this build writes and reads.
-pub const WIRE_VERSION: u16 = 1;
+pub const WIRE_VERSION: u16 = 2;
 /// Largest encoded envelope accepted or produced, in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 /// Largest encoded change: what is left of a message after the envelope and
@@ -24,6 +24,8 @@ pub const MAX_CHANGE_BYTES: usize = MAX_MESSAGE_BYTES - 16 * 1024;
 /// Most entries one batch may carry.
 pub const MAX_BATCH_ENTRIES: usize = 10_000;
 
+/// The topic layout's own version (`v1`) is not the envelope version: the
+/// layout did not change with envelope version 2.
 const TOPIC_ROOT: &str = "fieldsync/v1/agents";
 
 /// Whether a write of `fields` to `collection`/`key` by `origin` encodes within
@@ -90,16 +92,23 @@ impl Envelope {
 /// The message bodies.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Message {
-    /// Agent to hub, first on every connection: who it is and how far it has
-    /// applied the hub's downstream stream.
+    /// Agent to hub, first on every connection: who it is (id and store
+    /// incarnation), how far it has applied the hub's downstream stream, and
+    /// its wall clock.
     Hello(Hello),
-    /// Hub to agent, the answer to `Hello`: how far the hub has applied the
-    /// agent's upstream stream, so the agent resends only what is missing.
+    /// Hub to agent, the answer to `Hello`: the hub's incarnation, how far it
+    /// has applied the agent's upstream stream, and its wall clock.
     Welcome(Welcome),
-    /// Either way: a run of changes with their sequence numbers.
+    /// Either way: a run of the sender's queue with its sequence numbers.
     Batch(Batch),
     /// Either way: every sequence number up to `upto` is durably applied.
     Ack(Ack),
+    /// Either way: one part of a resync, the sender's permitted state.
+    Snapshot(Snapshot),
+    /// Either way: a snapshot part is durably applied.
+    SnapshotAck(SnapshotAck),
+    /// Hub to agent, on a timer: the hub's wall clock.
+    Time(Time),
     /// Either way: a refusal with a reason.
     Error(ErrorMsg),
 }
@@ -107,22 +116,32 @@ pub enum Message {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
     pub agent: AgentId,
-    /// Highest downstream sequence number the agent has applied.
-    pub down_applied: Seq,
+    /// The agent store's incarnation (its upstream stream's identity).
+    pub incarnation: Incarnation,
+    /// The agent's durable downstream cursor.
+    pub down: Cursor,
+    /// The agent's wall clock when it sent this (ms since the Unix epoch).
+    pub time_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Welcome {
-    /// Highest upstream sequence number the hub has applied for this agent.
-    pub up_applied: Seq,
+    /// The hub store's incarnation (its downstream stream's identity).
+    pub incarnation: Incarnation,
+    /// The hub's durable cursor on this agent's upstream stream.
+    pub up: Cursor,
+    /// The hub's wall clock when it answered.
+    pub time_ms: u64,
 }
 
 /// A run of the sender's queue: every sequence number in `first..=last` is
-/// covered; entries the sender's policy filtered to nothing are simply absent.
+/// covered; entries the sender's policy filtered to nothing are absent.
+/// `check` is the check of the sender's entry at `last`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Batch {
     pub first: Seq,
     pub last: Seq,
+    pub check: u64,
     pub entries: Vec<Entry>,
 }
 
@@ -132,9 +151,33 @@ pub struct Entry {
     pub change: Change,
 }
 
+/// The receiver's new position: `upto` and the check it was sent with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ack {
     pub upto: Seq,
+    pub check: u64,
+}
+
+/// Part `part` (from 1) of resync `resync`: whole record states, permitted
+/// for the direction. The last part carries `end`, the position the
+/// receiver's cursor takes once every part is applied.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub resync: u64,
+    pub part: u64,
+    pub changes: Vec<Change>,
+    pub end: Option<Mark>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotAck {
+    pub resync: u64,
+    pub part: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Time {
+    pub time_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +185,8 @@ pub struct ErrorMsg {
     pub code: ErrorCode,
     /// Human-readable detail. Never carries field values.
     pub message: String,
+    /// The sequence number the error is about, if any.
+    pub at: Option<Seq>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,12 +194,20 @@ pub enum ErrorCode {
     Malformed,
     UnsupportedVersion,
     TooLarge,
+    /// A batch started after the receiver's next expected sequence number
+    /// (`at`): the sender resends from the receiver's position.
     SequenceGap,
     PolicyDenied,
     Internal,
-    /// A batch or ack arrived on a connection the receiver has no hello for:
-    /// say hello again.
+    /// A batch, ack or snapshot arrived on a link the receiver holds no hello
+    /// for, or for a stream it does not follow yet: say hello again.
     HelloFirst,
+    /// An entry (`at`) is stamped further ahead of the receiver's clock than
+    /// its drift bound: nothing was applied; the entries stay queued.
+    ClockAhead,
+    /// The hub refused this agent's store identity: another store uses the
+    /// same certificate, or a store that was replaced came back.
+    IdentityConflict,
 }
 
 /// Why a decoded message is not acceptable.
@@ -171,14 +224,17 @@ pub enum InvalidMessage {
     TooDeep { seq: Seq },
     #[error("entry {seq} is an empty change")]
     EmptyChange { seq: Seq },
+    #[error("snapshot part {part} is invalid: {reason}")]
+    BadSnapshot { part: u64, reason: &'static str },
 }
 
 impl Batch {
     /// The longest run of `entries` (in order, the first being `first`) that
     /// encodes within [`MAX_MESSAGE_BYTES`], as a batch ending at its last entry.
     /// A single entry is always taken, so a sender never stalls; the encoder
-    /// refuses it if it is too large on its own.
-    pub fn fit(first: Seq, entries: Vec<(Seq, Change)>) -> Batch {
+    /// refuses it if it is too large on its own. Also returns the batch's
+    /// encoded size. `check` is left 0 for the session to set.
+    pub fn fit(first: Seq, entries: Vec<(Seq, Change)>) -> (Batch, usize) {
         /// Room for the envelope around the batch.
         const ENVELOPE_OVERHEAD: usize = 64;
         let mut entries: Vec<Entry> = entries
@@ -190,11 +246,12 @@ impl Batch {
             let batch = Batch {
                 first,
                 last,
+                check: 0,
                 entries,
             };
             let size = crate::codec::to_bytes(&batch).map_or(usize::MAX, |b| b.len());
             if batch.entries.len() <= 1 || size + ENVELOPE_OVERHEAD <= MAX_MESSAGE_BYTES {
-                return batch;
+                return (batch, size.saturating_add(ENVELOPE_OVERHEAD));
             }
             entries = batch.entries;
             entries.truncate(entries.len() / 2);
@@ -225,13 +282,42 @@ impl Batch {
             if e.change.state.is_empty() {
                 return Err(InvalidMessage::EmptyChange { seq: e.seq });
             }
-            let too_deep = e.change.state.fields.values().any(|f| match &f.value {
-                FieldValue::Set(v) => value_depth(v) > MAX_VALUE_DEPTH,
-                FieldValue::Deleted => false,
-            });
-            if too_deep {
+            if too_deep(&e.change) {
                 return Err(InvalidMessage::TooDeep { seq: e.seq });
             }
+        }
+        Ok(())
+    }
+}
+
+fn too_deep(change: &Change) -> bool {
+    change.state.fields.values().any(|f| match &f.value {
+        FieldValue::Set(v) => value_depth(v) > MAX_VALUE_DEPTH,
+        FieldValue::Deleted => false,
+    })
+}
+
+impl Snapshot {
+    /// Checks what decoding alone cannot: a part number from 1, bounded size,
+    /// no empty or too deeply nested record.
+    pub fn validate(&self) -> Result<(), InvalidMessage> {
+        let bad = |reason| {
+            Err(InvalidMessage::BadSnapshot {
+                part: self.part,
+                reason,
+            })
+        };
+        if self.part == 0 {
+            return bad("parts count from 1");
+        }
+        if self.changes.len() > MAX_BATCH_ENTRIES {
+            return bad("too many records");
+        }
+        if self.changes.iter().any(|c| c.state.is_empty()) {
+            return bad("an empty record");
+        }
+        if self.changes.iter().any(too_deep) {
+            return bad("a value nested too deeply");
         }
         Ok(())
     }
@@ -265,7 +351,7 @@ mod tests {
             key: k,
             state,
         };
-        let batch = Batch::fit(Seq(1), vec![(Seq(1), change)]);
+        let (batch, _) = Batch::fit(Seq(1), vec![(Seq(1), change)]);
         assert!(crate::codec::encode(&Envelope::new(Message::Batch(batch))).is_ok());
     }
 
