@@ -3,7 +3,7 @@
 //! `{"error": {"code": "...", "message": "..."}}` with a fitting status, and a
 //! rejected request changes nothing.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -15,12 +15,15 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use fieldsync_shared::record::{parse_patch, PatchError};
 use fieldsync_shared::wire::{write_fits, MAX_CHANGE_BYTES};
-use fieldsync_shared::{AgentId, CollectionName, FieldName, Origin, RecordKey, Seq, Value};
+use fieldsync_shared::{
+    AgentId, CollectionName, FieldName, Incarnation, Origin, RecordKey, Seq, Value,
+};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::link::LinkStatus;
 use crate::store::{RecordView, Store, WriteOp, WriteOutcome};
-use crate::writer::{WriteError, Writer};
+use crate::writer::{CorrectedClock, WriteError, Writer};
 
 /// Most writes one batch request may carry.
 pub const MAX_BATCH_WRITES: usize = 1000;
@@ -32,7 +35,9 @@ pub struct ApiState {
     pub store: Store,
     pub writer: Writer,
     /// Whether the hub link is up (always false until the link exists).
-    pub connected: Arc<AtomicBool>,
+    pub incarnation: Incarnation,
+    pub link: Arc<LinkStatus>,
+    pub clock: CorrectedClock,
     pub hub_configured: bool,
 }
 
@@ -340,15 +345,18 @@ const STATUS_PREVIEW: usize = 10;
 /// `GET /v1/status`: identity, link state, and what waits in the outbox (the
 /// first few entries by collection, key and field names).
 async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
-    let (pending, first, bounds, down_applied) = read(&state.store, |s| {
+    let (pending, first, bounds, down, resyncs_received) = read(&state.store, |s| {
         Ok((
             s.outbox_len()?,
             s.outbox_entries(Seq(0), STATUS_PREVIEW)?,
             s.outbox_bounds()?,
-            s.down_applied()?,
+            s.down_cursor()?,
+            s.resyncs()?,
         ))
     })
     .await?;
+    let link = &state.link;
+    let resyncs_sent = link.resyncs_sent.load(Ordering::Relaxed);
     let preview: Vec<Value> = first
         .iter()
         .map(|(seq, change)| {
@@ -363,13 +371,22 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
         .collect();
     Ok(Json(json!({
         "agent_id": state.agent_id,
-        "connected": state.connected.load(Ordering::Relaxed),
+        "connected": link.connected.load(Ordering::Relaxed),
         "hub_configured": state.hub_configured,
+        "incarnation": state.incarnation.to_string(),
         "outbox_pending": pending,
         "outbox_preview": preview,
         "outbox_last_seq": bounds.last,
-        "outbox_acked_seq": bounds.acked,
-        "down_applied_seq": down_applied,
+        "outbox_acked_seq": bounds.acked.seq,
+        "down_applied_seq": down.at.seq,
+        "hub_incarnation": down.source.map(|i| i.to_string()),
+        "clock_offset_ms": state.clock.offset_ms(),
+        "resyncs": resyncs_sent + resyncs_received,
+        "resyncs_sent": resyncs_sent,
+        "resyncs_received": resyncs_received,
+        "resync_running": link.resyncing.load(Ordering::Relaxed),
+        "clock_refused": link.clock_refused.load(Ordering::Relaxed),
+        "identity_conflict": link.identity_refused.load(Ordering::Relaxed),
     })))
 }
 

@@ -11,19 +11,19 @@ pub mod store;
 pub mod writer;
 
 use std::future::Future;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use axum::serve::ListenerExt;
-use fieldsync_shared::{hlc::DEFAULT_MAX_DRIFT_MS, Origin};
+use fieldsync_shared::session::SessionConfig;
+use fieldsync_shared::Origin;
 use tokio::net::TcpListener;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
-use crate::link::LinkSetup;
+use crate::link::{LinkSetup, LinkStatus};
 use crate::store::{Store, StoreError};
-use crate::writer::{Writer, WriterSetup};
+use crate::writer::{CorrectedClock, Writer, WriterSetup};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -66,14 +66,16 @@ pub async fn serve(
     let tls = config.hub.as_ref().map(link::load_tls).transpose()?;
     let store = Store::open(&config.data_dir, &config.id)?;
     let policy = Arc::new(config.policy.clone());
+    let session = SessionConfig::default();
+    let clock = CorrectedClock::new(writer::system_clock(), store.clock_offset()?);
     let (writer, committer) = Writer::start(WriterSetup {
         store: store.clone(),
         policy: policy.clone(),
         origin: Origin::agent(&config.id),
-        clock: writer::system_clock(),
-        max_drift_ms: DEFAULT_MAX_DRIFT_MS,
+        clock: clock.clone(),
+        max_drift_ms: session.max_drift_ms,
     })?;
-    let connected = Arc::new(AtomicBool::new(false));
+    let status = Arc::new(LinkStatus::default());
     let cancel = CancellationToken::new();
     let link_task = match (&config.hub, tls) {
         (Some(hub), Some(tls)) => {
@@ -83,7 +85,9 @@ pub async fn serve(
                 store: store.clone(),
                 writer: writer.clone(),
                 policy: policy.clone(),
-                connected: connected.clone(),
+                clock: clock.clone(),
+                status: status.clone(),
+                session,
             };
             tracing::info!(host = %hub.host, port = hub.port, "syncing with the hub");
             Some(tokio::spawn(link::supervise(setup, tls, cancel.clone())))
@@ -92,9 +96,11 @@ pub async fn serve(
     };
     let state = api::ApiState {
         agent_id: config.id.clone(),
+        incarnation: store.incarnation()?,
         store,
         writer,
-        connected,
+        link: status,
+        clock,
         hub_configured: config.hub.is_some(),
     };
     let app = api::router(state, config.api.max_body_bytes);

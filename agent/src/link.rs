@@ -1,25 +1,25 @@
 //! The agent's link to the hub: rumqttc over mutual TLS (rustls, ring), with
-//! reconnects under exponential backoff and jitter. On every connection it says
-//! hello (with its downstream cursor), learns the hub's upstream watermark from
-//! the welcome, then streams the outbox in batches and applies downstream
-//! batches — driven by the shared sans-IO [`Sender`] and [`Receiver`].
+//! reconnects under exponential backoff and jitter. It is a thin driver of the
+//! shared sans-IO [`Session`]: it feeds it MQTT events, messages and ticks,
+//! and executes what it asks — publish, load outbox entries or a snapshot
+//! chunk, commit downstream changes through the writer, trim the outbox,
+//! correct the clock. Every protocol rule is in `fieldsync_shared::session`.
 //!
 //! **Architecture invariant:** outbox entries are deleted only after the hub
 //! acknowledged them (the hub acknowledges after its commit); downstream
 //! changes are merged and the cursor advanced in one transaction before the
 //! agent acknowledges.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fieldsync_shared::clock::OFFSET_NOISE_MS;
 use fieldsync_shared::codec;
-use fieldsync_shared::session::{Plan, Receiver, Sender};
+use fieldsync_shared::session::{Action, Now, Report, Session, SessionConfig};
 use fieldsync_shared::tls::{client_config, TlsError};
-use fieldsync_shared::wire::{
-    down_topic, up_topic, Ack, Batch, Envelope, ErrorCode, Hello, Message, MAX_MESSAGE_BYTES,
-};
-use fieldsync_shared::{AgentId, Change, Flow, Policy, Seq};
+use fieldsync_shared::wire::{down_topic, up_topic, Envelope, Message, MAX_MESSAGE_BYTES};
+use fieldsync_shared::{AgentId, Change, Flow, Policy};
 use rand::Rng;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, Event, MqttOptions, NetworkOptions, Packet, QoS,
@@ -31,19 +31,19 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::HubConfig;
 use crate::store::{Store, StoreError};
-use crate::writer::{WriteError, Writer};
+use crate::writer::{CorrectedClock, WriteError, Writer};
 
-/// Most entries in one upstream batch (fewer if the bytes would not fit).
-pub const UP_BATCH: u64 = 512;
-/// Most sequence numbers in flight to the hub.
-pub const UP_WINDOW: u64 = 4096;
-/// Without an acknowledgement (or a welcome) for this long, send again.
-pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reconnect backoff: first and largest delay.
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Largest MQTT packet: one envelope plus topic and headers.
 const MAX_PACKET_BYTES: usize = MAX_MESSAGE_BYTES + 1024;
+/// How often the session's timers are checked.
+const TICK: Duration = Duration::from_millis(250);
+/// Most records in one snapshot part (fewer if the bytes would not fit).
+const SNAPSHOT_RECORDS: usize = 512;
+/// Longest peer-supplied text put in a log line.
+const MAX_LOGGED_CHARS: usize = 200;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -58,6 +58,21 @@ pub enum LinkError {
     Write(#[from] WriteError),
 }
 
+/// What the link shows in `GET /v1/status`.
+#[derive(Debug, Default)]
+pub struct LinkStatus {
+    /// The hub welcomed this agent on a live connection.
+    pub connected: AtomicBool,
+    /// A resync by snapshot is running (either way).
+    pub resyncing: AtomicBool,
+    /// Resyncs this agent sent to the hub (snapshots of its upstream state).
+    pub resyncs_sent: AtomicU64,
+    /// Batches the hub refused because their stamps were ahead of its clock.
+    pub clock_refused: AtomicU64,
+    /// The hub refused this store's identity (cloned certificate).
+    pub identity_refused: AtomicBool,
+}
+
 /// What the link needs.
 #[derive(Clone)]
 pub struct LinkSetup {
@@ -66,8 +81,9 @@ pub struct LinkSetup {
     pub store: Store,
     pub writer: Writer,
     pub policy: Arc<Policy>,
-    /// Set while the hub has welcomed this agent on a live connection.
-    pub connected: Arc<AtomicBool>,
+    pub clock: CorrectedClock,
+    pub status: Arc<LinkStatus>,
+    pub session: SessionConfig,
 }
 
 /// Prepared link: TLS loaded and checked, ready to run.
@@ -106,8 +122,10 @@ impl Link {
         eventloop.set_network_options(network);
 
         // The event loop runs in its own task so that publishing from the
-        // session can never wait on itself.
-        let (events_tx, mut events) = mpsc::channel::<Result<Event, String>>(256);
+        // session can never wait on itself. The session bounds what is in
+        // flight (entries and bytes), so neither channel can fill while the
+        // driver is busy.
+        let (events_tx, mut events) = mpsc::channel::<Result<Event, String>>(1024);
         let poll_shutdown = shutdown.clone();
         let poller = tokio::spawn(async move {
             let mut failures = 0u32;
@@ -142,40 +160,49 @@ impl Link {
 
         let s = &self.setup;
         let bounds = s.store.outbox_bounds()?;
-        let mut session = Session {
+        let session = Session::agent(
+            s.agent.clone(),
+            s.store.incarnation()?,
+            bounds.acked,
+            bounds.last,
+            s.store.down_cursor()?,
+            s.session,
+        );
+        let mut driver = Driver {
             setup: &self.setup,
             client: &client,
-            up: Sender::new(bounds.acked, bounds.last, UP_WINDOW),
-            down: Receiver::new(s.store.down_applied()?),
+            session,
             up_topic: up_topic(&s.agent),
             down_topic: down_topic(&s.agent),
+            started: Instant::now(),
             mqtt_up: false,
-            welcomed: false,
-            last_progress: Instant::now(),
             reported_failure: false,
         };
         let mut outbox = s.writer.outbox_last();
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
-            let step = tokio::select! {
+            tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
                 e = events.recv() => match e {
-                    Some(event) => session.on_event(event).await,
+                    Some(event) => driver.on_event(event).await,
                     None => break Ok(()),
                 },
                 changed = outbox.changed() => {
                     if changed.is_ok() {
-                        session.up.appended(*outbox.borrow_and_update());
+                        driver.session.appended(*outbox.borrow_and_update());
                     }
-                    Ok(())
                 }
-                _ = tick.tick() => session.on_tick().await,
+                _ = tick.tick() => {
+                    let now = driver.now();
+                    driver.session.on_tick(now);
+                }
             };
-            if let Err(e) = step.and(session.pump().await) {
+            if let Err(e) = driver.drive().await {
                 break Err(e);
             }
         };
-        self.setup.connected.store(false, Ordering::Relaxed);
+        self.setup.status.connected.store(false, Ordering::Relaxed);
         let _ = client.try_disconnect();
         poller.abort();
         result
@@ -217,28 +244,40 @@ fn backoff(failures: u32) -> Duration {
     Duration::from_millis(rand::rng().random_range(millis / 2..=millis))
 }
 
-struct Session<'a> {
+/// At most `MAX_LOGGED_CHARS` of a peer's text.
+fn truncated(text: &str) -> &str {
+    match text.char_indices().nth(MAX_LOGGED_CHARS) {
+        Some((i, _)) => &text[..i],
+        None => text,
+    }
+}
+
+struct Driver<'a> {
     setup: &'a LinkSetup,
     client: &'a AsyncClient,
-    up: Sender,
-    down: Receiver,
+    session: Session,
     up_topic: String,
     down_topic: String,
+    started: Instant,
     /// The MQTT connection is up (CONNACK received).
     mqtt_up: bool,
-    /// The hub answered this connection's hello.
-    welcomed: bool,
-    last_progress: Instant,
     reported_failure: bool,
 }
 
-impl Session<'_> {
-    async fn on_event(&mut self, event: Result<Event, String>) -> Result<(), LinkError> {
+impl Driver<'_> {
+    fn now(&self) -> Now {
+        Now {
+            mono_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            wall_ms: self.setup.clock.now_ms(),
+        }
+    }
+
+    async fn on_event(&mut self, event: Result<Event, String>) {
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 if ack.code != ConnectReturnCode::Success {
                     tracing::error!(code = ?ack.code, "hub refused the connection");
-                    return Ok(());
+                    return;
                 }
                 self.mqtt_up = true;
                 self.reported_failure = false;
@@ -246,11 +285,15 @@ impl Session<'_> {
                     .client
                     .subscribe(self.down_topic.clone(), QoS::AtLeastOnce)
                     .await;
-                self.hello().await;
+                let now = self.now();
+                self.session.connected(now);
             }
             Ok(Event::Incoming(Packet::Publish(p))) if p.topic == self.down_topic => {
                 match codec::decode(&p.payload) {
-                    Ok(envelope) => self.on_message(envelope.msg).await?,
+                    Ok(envelope) => {
+                        let now = self.now();
+                        self.session.on_message(envelope.msg, now);
+                    }
                     Err(e) => tracing::warn!(error = %e, "undecodable message from the hub"),
                 }
             }
@@ -261,162 +304,195 @@ impl Session<'_> {
                     self.reported_failure = true;
                 }
                 self.mqtt_up = false;
-                self.welcomed = false;
-                self.setup.connected.store(false, Ordering::Relaxed);
-                self.up.disconnected();
+                self.session.disconnected();
             }
+        }
+    }
+
+    /// Executes what the session asks, in order, until it asks nothing more.
+    /// The session's window bounds this loop.
+    async fn drive(&mut self) -> Result<(), LinkError> {
+        let was_linked = self.setup.status.connected.load(Ordering::Relaxed);
+        while let Some(action) = self.session.poll() {
+            self.execute(action).await?;
+        }
+        let status = &self.setup.status;
+        let linked = self.session.is_linked();
+        status.connected.store(linked, Ordering::Relaxed);
+        status
+            .resyncing
+            .store(self.session.sender.resyncing(), Ordering::Relaxed);
+        status
+            .identity_refused
+            .store(self.session.is_refused(), Ordering::Relaxed);
+        if linked && !was_linked {
+            tracing::info!(
+                pending = self.session.sender.pending(),
+                clock_offset_ms = self.setup.clock.offset_ms(),
+                "linked to the hub"
+            );
         }
         Ok(())
     }
 
-    async fn hello(&mut self) {
-        let hello = Message::Hello(Hello {
-            agent: self.setup.agent.clone(),
-            down_applied: self.down.applied(),
-        });
-        self.publish(hello).await;
-        self.last_progress = Instant::now();
-    }
-
-    async fn on_message(&mut self, msg: Message) -> Result<(), LinkError> {
-        match msg {
-            Message::Welcome(w) => match self.up.connected(w.up_applied) {
-                Ok(trim) => {
-                    if let Some(upto) = trim {
-                        self.trim(upto).await?;
-                    }
-                    self.welcomed = true;
-                    self.last_progress = Instant::now();
-                    self.setup.connected.store(true, Ordering::Relaxed);
-                    tracing::info!(up_applied = %w.up_applied, pending = self.up.pending(), "linked to the hub");
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "the hub holds upstream changes this agent never wrote")
-                }
-            },
-            Message::Ack(Ack { upto }) => match self.up.acked(upto) {
-                Ok(Some(upto)) => {
-                    self.last_progress = Instant::now();
-                    self.trim(upto).await?;
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "bad acknowledgement from the hub"),
-            },
-            Message::Batch(batch) => self.on_batch(batch).await?,
-            Message::Error(e) if e.code == ErrorCode::HelloFirst => {
-                tracing::info!(message = %e.message, "the hub asks for a new hello");
-                self.welcomed = false;
-                self.setup.connected.store(false, Ordering::Relaxed);
-                self.up.disconnected();
-                self.hello().await;
-            }
-            Message::Error(e) => {
-                tracing::warn!(code = ?e.code, message = %e.message, "the hub reported an error")
-            }
-            Message::Hello(_) => {}
-        }
-        Ok(())
-    }
-
-    async fn trim(&self, upto: Seq) -> Result<(), LinkError> {
+    async fn execute(&mut self, action: Action) -> Result<(), LinkError> {
         let store = self.setup.store.clone();
-        tokio::task::spawn_blocking(move || store.trim_outbox(upto)).await??;
+        match action {
+            Action::Send(msg) => self.publish(msg).await,
+            Action::LoadBatch { first, last } => {
+                let limit = usize::try_from(last.0 - first.0 + 1).unwrap_or(usize::MAX);
+                let entries = tokio::task::spawn_blocking(move || {
+                    store.outbox_batch(first, limit, MAX_MESSAGE_BYTES)
+                })
+                .await??;
+                let now = self.now();
+                match self.session.batch_loaded(first, entries, now) {
+                    Some(mut batch) => {
+                        // The policy once more on the way out (defence in depth).
+                        let policy = &self.setup.policy;
+                        batch.entries.retain_mut(|e| {
+                            match policy.filter(Flow::Up, &e.change).permitted {
+                                Some(permitted) => {
+                                    e.change = permitted;
+                                    true
+                                }
+                                None => false,
+                            }
+                        });
+                        self.publish(Message::Batch(batch)).await;
+                    }
+                    None if self.session.is_paused() => {
+                        tracing::error!(%first, "outbox is missing entries; not sending")
+                    }
+                    None => {}
+                }
+            }
+            Action::Verify { seq } => {
+                let found = tokio::task::spawn_blocking(move || store.outbox_entry(seq)).await??;
+                self.session.verified(seq, found);
+            }
+            Action::LoadSnapshot { after } => {
+                let (records, next) = tokio::task::spawn_blocking(move || {
+                    store.records_after(after.as_ref(), SNAPSHOT_RECORDS, MAX_MESSAGE_BYTES / 2)
+                })
+                .await??;
+                let policy = &self.setup.policy;
+                let changes: Vec<Change> = records
+                    .iter()
+                    .filter_map(|c| policy.filter(Flow::Up, c).permitted)
+                    .collect();
+                let now = self.now();
+                self.session.snapshot_loaded(changes, next, now);
+            }
+            Action::Commit {
+                changes,
+                cursor,
+                snapshot,
+                then,
+            } => {
+                // This agent's own policy is the authority on what it accepts.
+                let mut accepted: Vec<Change> = Vec::with_capacity(changes.len());
+                for change in &changes {
+                    let filtered = self.setup.policy.filter(Flow::Down, change);
+                    if !filtered.denied.is_empty() || filtered.collection_denied {
+                        let fields: Vec<&str> =
+                            filtered.denied.iter().map(|f| f.as_str()).collect();
+                        tracing::warn!(
+                            collection = %change.collection,
+                            ?fields,
+                            "dropped downstream fields this agent's policy does not accept"
+                        );
+                    }
+                    accepted.extend(filtered.permitted);
+                }
+                self.setup
+                    .writer
+                    .apply_downstream(accepted, cursor, snapshot)
+                    .await?;
+                self.publish(then).await;
+            }
+            Action::Trim { mark, .. } => {
+                tokio::task::spawn_blocking(move || store.trim_outbox(mark)).await??;
+            }
+            Action::ClockOffset { offset_ms } => self.correct_clock(offset_ms).await?,
+            Action::ClockSkew { .. } => {}
+            Action::Report(report) => self.report(report),
+        }
         Ok(())
     }
 
-    /// A downstream batch: this agent's own policy is the authority on what it
-    /// accepts; the rest is merged and the cursor advanced in one transaction,
-    /// then acknowledged.
-    async fn on_batch(&mut self, batch: Batch) -> Result<(), LinkError> {
-        let (entries, watermark) = match self.down.plan(&batch) {
-            Ok(Plan::Apply { entries, watermark }) => (entries, watermark),
-            Ok(Plan::Duplicate { watermark }) => {
-                self.publish(Message::Ack(Ack { upto: watermark })).await;
-                return Ok(());
+    /// The hub's clock differs from ours by `offset_ms` (on top of the
+    /// correction already applied): correct the clock, keep the correction,
+    /// and re-stamp what was written with the clock running ahead.
+    async fn correct_clock(&mut self, offset_ms: i64) -> Result<(), LinkError> {
+        if offset_ms.abs() < OFFSET_NOISE_MS {
+            return Ok(());
+        }
+        let clock = &self.setup.clock;
+        let total = clock.offset_ms().saturating_add(offset_ms);
+        clock.set_offset_ms(total);
+        tracing::warn!(
+            clock_offset_ms = total,
+            "the local clock differs from the hub's; correcting it"
+        );
+        let store = self.setup.store.clone();
+        tokio::task::spawn_blocking(move || store.set_clock_offset(total)).await??;
+        let done = self.setup.writer.restamp().await?;
+        if done.entries > 0 || done.records > 0 {
+            tracing::warn!(
+                entries = done.entries,
+                records = done.records,
+                "re-stamped writes made while the clock ran ahead"
+            );
+        }
+        Ok(())
+    }
+
+    fn report(&self, report: Report) {
+        let status = &self.setup.status;
+        match report {
+            Report::ResyncStarted { reason } => {
+                status.resyncs_sent.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(?reason, "the hub cannot be brought up to date from the outbox; sending a snapshot");
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "downstream gap; the hub will resend");
-                return Ok(());
+            Report::ResyncCompleted => {
+                tracing::info!("resync from the hub complete: the downstream cursor follows the hub again")
             }
-        };
-        let mut changes: Vec<Change> = Vec::with_capacity(entries.len());
-        for entry in entries {
-            let filtered = self.setup.policy.filter(Flow::Down, &entry.change);
-            if !filtered.denied.is_empty() || filtered.collection_denied {
-                let fields: Vec<&str> = filtered.denied.iter().map(|f| f.as_str()).collect();
+            Report::ClockRefusedByPeer { seq } => {
+                status.clock_refused.fetch_add(1, Ordering::Relaxed);
+                let (collection, key) = seq
+                    .and_then(|s| self.setup.store.outbox_entry(s).ok().flatten())
+                    .map(|c| (c.collection.to_string(), c.key.to_string()))
+                    .unwrap_or_default();
                 tracing::warn!(
-                    collection = %entry.change.collection,
-                    ?fields,
-                    "dropped downstream fields this agent's policy does not accept"
+                    seq = seq.map(|s| s.0),
+                    %collection,
+                    %key,
+                    clock_offset_ms = self.setup.clock.offset_ms(),
+                    "the hub refused writes stamped ahead of its clock; they stay queued"
                 );
             }
-            changes.extend(filtered.permitted);
-        }
-        self.setup
-            .writer
-            .apply_downstream(changes, watermark)
-            .await?;
-        self.down.committed(watermark);
-        self.publish(Message::Ack(Ack { upto: watermark })).await;
-        Ok(())
-    }
-
-    async fn on_tick(&mut self) -> Result<(), LinkError> {
-        if !self.mqtt_up || self.last_progress.elapsed() < ACK_TIMEOUT {
-            return Ok(());
-        }
-        if !self.welcomed {
-            self.hello().await;
-        } else if self.up.in_flight() > 0 {
-            tracing::debug!(
-                in_flight = self.up.in_flight(),
-                "no acknowledgement; resending"
-            );
-            self.up.rewind();
-            self.last_progress = Instant::now();
-        }
-        Ok(())
-    }
-
-    /// Sends what the window allows. Entries are filtered by the policy once
-    /// more on the way out (defence in depth).
-    async fn pump(&mut self) -> Result<(), LinkError> {
-        if !self.welcomed {
-            return Ok(());
-        }
-        while let Some((first, last)) = self.up.next_range(UP_BATCH) {
-            let store = self.setup.store.clone();
-            let limit = usize::try_from(last.0 - first.0 + 1).unwrap_or(usize::MAX);
-            let entries = tokio::task::spawn_blocking(move || {
-                store.outbox_batch(first, limit, MAX_MESSAGE_BYTES)
-            })
-            .await??;
-            if entries.first().map(|(seq, _)| *seq) != Some(first) {
-                tracing::error!(%first, "outbox is missing entries; not sending");
-                break;
+            Report::ClockRefused { seq, ahead_ms } => tracing::warn!(
+                seq = seq.map(|s| s.0),
+                ahead_ms,
+                "refused downstream changes stamped ahead of this agent's clock"
+            ),
+            Report::Resend => tracing::debug!("no acknowledgement from the hub; resending"),
+            Report::PeerGap => tracing::debug!("the hub reported a gap; resending"),
+            Report::BadAck { upto } => {
+                tracing::warn!(%upto, "the hub acknowledged entries this agent never queued")
             }
-            let mut batch = Batch::fit(first, entries);
-            let policy = &self.setup.policy;
-            batch
-                .entries
-                .retain_mut(|e| match policy.filter(Flow::Up, &e.change).permitted {
-                    Some(permitted) => {
-                        e.change = permitted;
-                        true
-                    }
-                    None => false,
-                });
-            let sent = batch.last;
-            if self.up.in_flight() == 0 {
-                self.last_progress = Instant::now();
-            }
-            self.publish(Message::Batch(batch)).await;
-            self.up.sent(sent);
+            Report::PeerError { code } => tracing::debug!(?code, "the hub reported an error"),
+            Report::IdentityRefused => tracing::error!(
+                "the hub refused this agent's store: another device uses this agent's certificate, or this store was replaced earlier; nothing is synced until an operator resolves it"
+            ),
         }
-        Ok(())
     }
 
     async fn publish(&self, msg: Message) {
+        if let Message::Error(e) = &msg {
+            tracing::debug!(code = ?e.code, message = %truncated(&e.message), "sending an error to the hub");
+        }
         let bytes = match codec::encode(&Envelope::new(msg)) {
             Ok(b) => b,
             Err(e) => {

@@ -15,16 +15,17 @@ use std::sync::Arc;
 use fieldsync_shared::codec::{self, CodecError};
 use fieldsync_shared::files::create_private_dir;
 use fieldsync_shared::{
-    policy::Flow, AgentId, Change, CollectionName, FieldName, Hlc, Merge, Origin, Policy,
-    RecordKey, RecordState, Seq, Stamp, Value, Version,
+    clock, policy::Flow, AgentId, Change, CollectionName, Cursor, FieldName, Hlc, Incarnation,
+    Mark, Merge, Origin, Policy, RecordKey, RecordState, Seq, Stamp, Value, Version,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::Serialize;
 
-/// The on-disk schema this build writes. Opening a store of another version
-/// fails with [`StoreError::SchemaVersion`] (a migration chain comes with the
-/// first change of format).
-pub const SCHEMA_VERSION: u64 = 1;
+/// The on-disk schema this build writes. A version-1 store is migrated at open
+/// ([`Store::open`]: it gets an incarnation, and its downstream cursor follows
+/// no hub incarnation, so the first link resyncs it); any other version fails
+/// with [`StoreError::SchemaVersion`].
+pub const SCHEMA_VERSION: u64 = 2;
 /// redb's page cache: small, because agents run on gateways with little memory.
 const CACHE_BYTES: usize = 16 << 20;
 /// File name of the store inside `data_dir`.
@@ -45,6 +46,16 @@ const K_HLC_LOGICAL: &str = "hlc_logical";
 const K_OUTBOX_LAST: &str = "outbox_last_seq";
 const K_OUTBOX_ACKED: &str = "outbox_acked_seq";
 const K_DOWN_APPLIED: &str = "down_applied_seq";
+const K_DOWN_CHECK: &str = "down_applied_check";
+/// The hub incarnation the downstream cursor follows (0: none yet).
+const K_DOWN_SOURCE: &str = "down_source";
+const K_OUTBOX_ACKED_CHECK: &str = "outbox_acked_check";
+/// This store's incarnation, drawn at creation.
+const K_INCARNATION: &str = "incarnation";
+/// The last clock correction learned from the hub (i64 as two's complement).
+const K_CLOCK_OFFSET: &str = "clock_offset_ms";
+/// Resyncs received from the hub (snapshots fully applied).
+const K_RESYNCS: &str = "resyncs";
 const K_AGENT: &str = "agent_id";
 
 #[derive(Debug, thiserror::Error)]
@@ -141,11 +152,26 @@ impl RecordView {
     }
 }
 
-/// The outbox's bounds: entries `acked+1..=last` wait to go out.
+/// The outbox's bounds: entries `acked.seq+1..=last` wait to go out; `acked`
+/// is the trim point with the check the hub acknowledged it with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutboxBounds {
-    pub acked: Seq,
+    pub acked: Mark,
     pub last: Seq,
+}
+
+/// What a clock re-stamp changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Restamped {
+    pub entries: u64,
+    pub records: u64,
+}
+
+fn get_u64(
+    meta: &impl ReadableTable<&'static str, u64>,
+    key: &str,
+) -> Result<u64, StoreError> {
+    Ok(meta.get(key)?.map_or(0, |v| v.value()))
 }
 
 /// Handle to the agent's store. Cheap to clone; reads may run concurrently with
@@ -193,9 +219,17 @@ impl Store {
             match found {
                 None => {
                     meta.insert(K_SCHEMA, SCHEMA_VERSION)?;
+                    meta.insert(K_INCARNATION, new_incarnation().0)?;
                     identity.insert(K_AGENT, agent.as_str())?;
                 }
-                Some(SCHEMA_VERSION) => {
+                Some(v @ (1 | SCHEMA_VERSION)) => {
+                    if v == 1 {
+                        // v1 → v2: an incarnation; the downstream cursor
+                        // follows no hub incarnation, so the first link
+                        // resyncs it by snapshot (nothing is lost).
+                        meta.insert(K_SCHEMA, SCHEMA_VERSION)?;
+                        meta.insert(K_INCARNATION, new_incarnation().0)?;
+                    }
                     let owner = identity.get(K_AGENT)?.map(|v| v.value().to_owned());
                     if owner.as_deref() != Some(agent.as_str()) {
                         return Err(StoreError::WrongAgent {
@@ -265,9 +299,147 @@ impl Store {
         let txn = self.db.begin_read()?;
         let meta = txn.open_table(META)?;
         Ok(OutboxBounds {
-            acked: Seq(meta.get(K_OUTBOX_ACKED)?.map_or(0, |v| v.value())),
-            last: Seq(meta.get(K_OUTBOX_LAST)?.map_or(0, |v| v.value())),
+            acked: Mark {
+                seq: Seq(get_u64(&meta, K_OUTBOX_ACKED)?),
+                check: get_u64(&meta, K_OUTBOX_ACKED_CHECK)?,
+            },
+            last: Seq(get_u64(&meta, K_OUTBOX_LAST)?),
         })
+    }
+
+    /// This store's incarnation.
+    pub fn incarnation(&self) -> Result<Incarnation, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(Incarnation(get_u64(&txn.open_table(META)?, K_INCARNATION)?))
+    }
+
+    /// The outbox entry at `seq`, if it is still queued.
+    pub fn outbox_entry(&self, seq: Seq) -> Result<Option<Change>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let outbox = txn.open_table(OUTBOX)?;
+        let found = outbox.get(seq.0)?;
+        Ok(match found {
+            Some(bytes) => Some(codec::from_bytes(bytes.value())?),
+            None => None,
+        })
+    }
+
+    /// Up to `limit` records after `after` (from the first when `None`), and
+    /// the address to continue after if there may be more; stops before the
+    /// stored bytes pass `max_bytes` (one record is always taken).
+    pub fn records_after(
+        &self,
+        after: Option<&(CollectionName, RecordKey)>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<Change>, Option<(CollectionName, RecordKey)>), StoreError> {
+        let txn = self.db.begin_read()?;
+        let records = txn.open_table(RECORDS)?;
+        let range = match after {
+            Some((c, k)) => records.range::<(&str, &str)>((
+                std::ops::Bound::Excluded((c.as_str(), k.as_str())),
+                std::ops::Bound::Unbounded,
+            ))?,
+            None => records.range::<(&str, &str)>(..)?,
+        };
+        let mut out = Vec::new();
+        let mut total = 0usize;
+        let mut more = false;
+        for item in range {
+            let (k, bytes) = item?;
+            total = total.saturating_add(bytes.value().len());
+            if out.len() >= limit || (total > max_bytes && !out.is_empty()) {
+                more = true;
+                break;
+            }
+            let (c, key) = k.value();
+            let corrupt = |e: fieldsync_shared::IdError| CodecError::Malformed(e.to_string());
+            out.push(Change {
+                collection: CollectionName::new(c).map_err(corrupt)?,
+                key: RecordKey::new(key).map_err(corrupt)?,
+                state: codec::from_bytes(bytes.value())?,
+            });
+        }
+        let next = if more {
+            out.last().map(|c| (c.collection.clone(), c.key.clone()))
+        } else {
+            None
+        };
+        Ok((out, next))
+    }
+
+    /// The last clock correction learned from the hub.
+    pub fn clock_offset(&self) -> Result<i64, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(get_u64(&txn.open_table(META)?, K_CLOCK_OFFSET)? as i64)
+    }
+
+    /// Resyncs from the hub this store has completed.
+    pub fn resyncs(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        get_u64(&txn.open_table(META)?, K_RESYNCS)
+    }
+
+    /// Keeps the clock correction for the next start (a lost update only
+    /// means the next welcome measures it again).
+    pub fn set_clock_offset(&self, offset_ms: i64) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(redb::Durability::None)?;
+        txn.open_table(META)?
+            .insert(K_CLOCK_OFFSET, offset_ms as u64)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Re-stamps, in one durable transaction, every version this agent
+    /// (`own`) stamped beyond `limit_ms` in the outbox and in the records
+    /// (see `fieldsync_shared::clock`), and lowers the clock to the limit.
+    pub fn restamp(
+        &self,
+        own: &Origin,
+        limit_ms: u64,
+        now_ms: u64,
+        offset_ms: i64,
+        hlc: &mut Hlc,
+    ) -> Result<Restamped, StoreError> {
+        let txn = self.db.begin_write()?;
+        let mut done = Restamped::default();
+        {
+            let mut outbox = txn.open_table(OUTBOX)?;
+            let mut rewritten = Vec::new();
+            for item in outbox.iter()? {
+                let (seq, bytes) = item?;
+                let mut change: Change = codec::from_bytes(bytes.value())?;
+                if clock::restamp_state(&mut change.state, own, limit_ms, now_ms, offset_ms) {
+                    rewritten.push((seq.value(), codec::to_bytes(&change)?));
+                }
+            }
+            done.entries = rewritten.len() as u64;
+            for (seq, bytes) in rewritten {
+                outbox.insert(seq, bytes.as_slice())?;
+            }
+            let mut records = txn.open_table(RECORDS)?;
+            let mut rewritten = Vec::new();
+            for item in records.iter()? {
+                let (k, bytes) = item?;
+                let mut state: RecordState = codec::from_bytes(bytes.value())?;
+                if clock::restamp_state(&mut state, own, limit_ms, now_ms, offset_ms) {
+                    let (c, key) = k.value();
+                    rewritten.push(((c.to_owned(), key.to_owned()), codec::to_bytes(&state)?));
+                }
+            }
+            done.records = rewritten.len() as u64;
+            for ((c, key), bytes) in rewritten {
+                records.insert((c.as_str(), key.as_str()), bytes.as_slice())?;
+            }
+            hlc.lower_to(limit_ms);
+            let mut meta = txn.open_table(META)?;
+            let last = hlc.last();
+            meta.insert(K_HLC_WALL, last.wall_ms)?;
+            meta.insert(K_HLC_LOGICAL, u64::from(last.logical))?;
+        }
+        txn.commit()?;
+        Ok(done)
     }
 
     /// Up to `limit` outbox entries from `from` on, in sequence order.
@@ -305,9 +477,21 @@ impl Store {
 
     /// The highest downstream sequence number applied from the hub.
     pub fn down_applied(&self) -> Result<Seq, StoreError> {
+        Ok(self.down_cursor()?.at.seq)
+    }
+
+    /// The durable downstream cursor: which hub incarnation, how far.
+    pub fn down_cursor(&self) -> Result<Cursor, StoreError> {
         let txn = self.db.begin_read()?;
         let meta = txn.open_table(META)?;
-        Ok(Seq(meta.get(K_DOWN_APPLIED)?.map_or(0, |v| v.value())))
+        let source = get_u64(&meta, K_DOWN_SOURCE)?;
+        Ok(Cursor {
+            source: (source != 0).then_some(Incarnation(source)),
+            at: Mark {
+                seq: Seq(get_u64(&meta, K_DOWN_APPLIED)?),
+                check: get_u64(&meta, K_DOWN_CHECK)?,
+            },
+        })
     }
 
     /// Applies `requests` (each a list of writes) in **one** durable transaction:
@@ -383,13 +567,15 @@ impl Store {
         Ok((results, outbox_last))
     }
 
-    /// Applies a downstream batch from the hub in **one** transaction: merges
-    /// each change into its record, moves the downstream cursor to `watermark`
+    /// Applies a downstream batch or snapshot part from the hub in **one**
+    /// durable transaction: merges each change into its record, sets the
+    /// downstream cursor (if given; a snapshot's last part counts as a resync)
     /// and persists the clock state. Returns how many changes altered a record.
     pub fn apply_downstream(
         &self,
         changes: &[Change],
-        watermark: Seq,
+        cursor: Option<Cursor>,
+        snapshot: bool,
         hlc: &Hlc,
     ) -> Result<usize, StoreError> {
         let txn = self.db.begin_write()?;
@@ -408,8 +594,15 @@ impl Store {
                     altered += 1;
                 }
             }
-            let applied = meta.get(K_DOWN_APPLIED)?.map_or(0, |v| v.value());
-            meta.insert(K_DOWN_APPLIED, applied.max(watermark.0))?;
+            if let Some(c) = cursor {
+                meta.insert(K_DOWN_SOURCE, c.source.map_or(0, |i| i.0))?;
+                meta.insert(K_DOWN_APPLIED, c.at.seq.0)?;
+                meta.insert(K_DOWN_CHECK, c.at.check)?;
+                if snapshot {
+                    let n = get_u64(&meta, K_RESYNCS)?;
+                    meta.insert(K_RESYNCS, n + 1)?;
+                }
+            }
             let last = hlc.last();
             meta.insert(K_HLC_WALL, last.wall_ms)?;
             meta.insert(K_HLC_LOGICAL, u64::from(last.logical))?;
@@ -418,11 +611,13 @@ impl Store {
         Ok(altered)
     }
 
-    /// The hub acknowledged everything up to `upto`: those outbox entries go.
-    /// The commit skips the fsync (it becomes durable with the next durable
-    /// commit): a trim lost in a crash is repaired by the hub's next welcome,
-    /// whose `up_applied` trims those entries again before anything is sent.
-    pub fn trim_outbox(&self, upto: Seq) -> Result<(), StoreError> {
+    /// The hub holds everything up to `mark`: those outbox entries go and
+    /// `mark` becomes the trim point. The commit skips the fsync (it becomes
+    /// durable with the next durable commit): a trim lost in a crash is
+    /// repaired by the hub's next welcome, whose cursor trims those entries
+    /// again before anything is sent.
+    pub fn trim_outbox(&self, mark: Mark) -> Result<(), StoreError> {
+        let upto = mark.seq;
         let mut txn = self.db.begin_write()?;
         txn.set_durability(redb::Durability::None)?;
         {
@@ -431,12 +626,18 @@ impl Store {
             let acked = meta.get(K_OUTBOX_ACKED)?.map_or(0, |v| v.value());
             let last = meta.get(K_OUTBOX_LAST)?.map_or(0, |v| v.value());
             let upto = upto.0.min(last);
-            if upto > acked {
+            if upto >= acked {
                 outbox.retain_in(..=upto, |_, _| false)?;
                 meta.insert(K_OUTBOX_ACKED, upto)?;
+                meta.insert(K_OUTBOX_ACKED_CHECK, mark.check)?;
             }
         }
         txn.commit()?;
         Ok(())
     }
+}
+
+/// A fresh random incarnation (never 0, which means "none").
+fn new_incarnation() -> Incarnation {
+    Incarnation(rand::random::<u64>().max(1))
 }

@@ -6,14 +6,14 @@
 //!
 //! It also applies downstream batches from the hub, since it owns the clock.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 
-use fieldsync_shared::{hlc, Change, Hlc, Origin, Policy, Seq};
+use fieldsync_shared::{clock, hlc, Change, Cursor, Hlc, Origin, Policy, Seq};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::store::{Store, StoreError, WriteOp, WriteOutcome};
+use crate::store::{Restamped, Store, StoreError, WriteOp, WriteOutcome};
 
 /// Most operations committed in one transaction.
 pub const MAX_OPS_PER_COMMIT: usize = 4096;
@@ -23,9 +23,53 @@ const QUEUE_DEPTH: usize = 4096;
 /// Source of wall-clock time in milliseconds since the Unix epoch.
 pub type WallClock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
-/// The system clock as a [`WallClock`].
+/// Environment variable that shifts the agent's reading of the system clock
+/// by this many milliseconds: a testing aid that makes the agent behave like a
+/// device whose clock is wrong (no RTC battery, bad NTP). Unset in production.
+pub const CLOCK_SKEW_ENV: &str = "FIELDSYNC_TEST_CLOCK_SKEW_MS";
+
+/// The system clock as a [`WallClock`] (shifted by [`CLOCK_SKEW_ENV`] if set).
 pub fn system_clock() -> WallClock {
-    Arc::new(hlc::system_now_ms)
+    match std::env::var(CLOCK_SKEW_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<i64>().ok())
+    {
+        Some(skew) if skew != 0 => {
+            tracing::warn!(skew_ms = skew, "{CLOCK_SKEW_ENV} is set: the wall clock is shifted");
+            Arc::new(move || clock::corrected(hlc::system_now_ms(), skew))
+        }
+        _ => Arc::new(hlc::system_now_ms),
+    }
+}
+
+/// The wall clock the agent stamps with: the device's clock corrected by the
+/// offset learned from the hub (kept across restarts in the store).
+#[derive(Clone)]
+pub struct CorrectedClock {
+    base: WallClock,
+    offset_ms: Arc<AtomicI64>,
+}
+
+impl CorrectedClock {
+    pub fn new(base: WallClock, offset_ms: i64) -> Self {
+        Self {
+            base,
+            offset_ms: Arc::new(AtomicI64::new(offset_ms)),
+        }
+    }
+
+    /// Corrected milliseconds since the Unix epoch.
+    pub fn now_ms(&self) -> u64 {
+        clock::corrected((self.base)(), self.offset_ms())
+    }
+
+    pub fn offset_ms(&self) -> i64 {
+        self.offset_ms.load(Ordering::Relaxed)
+    }
+
+    pub fn set_offset_ms(&self, offset_ms: i64) {
+        self.offset_ms.store(offset_ms, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,12 +89,16 @@ enum Request {
         ops: Vec<WriteOp>,
         reply: Reply<Vec<WriteOutcome>>,
     },
-    /// A downstream batch from the hub, committed on its own.
+    /// A downstream batch or snapshot part from the hub, committed on its own.
     Downstream {
         changes: Vec<Change>,
-        watermark: Seq,
+        cursor: Option<Cursor>,
+        snapshot: bool,
         reply: Reply<usize>,
     },
+    /// The clock was corrected: re-stamp what was written with a clock that
+    /// ran ahead (see `fieldsync_shared::clock`).
+    Restamp { reply: Reply<Restamped> },
 }
 
 /// Handle for submitting writes. Cheap to clone.
@@ -77,7 +125,7 @@ pub struct WriterSetup {
     pub store: Store,
     pub policy: Arc<Policy>,
     pub origin: Origin,
-    pub clock: WallClock,
+    pub clock: CorrectedClock,
     pub max_drift_ms: u64,
 }
 
@@ -131,23 +179,33 @@ impl Writer {
         self.submit(Request::Local { ops, reply }, answer).await
     }
 
-    /// Merges a downstream batch and moves the downstream cursor to `watermark`
-    /// in one durable transaction. Returns how many records changed.
+    /// Merges a downstream batch (or snapshot part) and sets the downstream
+    /// cursor, if given, in one durable transaction. Returns how many records
+    /// changed.
     pub async fn apply_downstream(
         &self,
         changes: Vec<Change>,
-        watermark: Seq,
+        cursor: Option<Cursor>,
+        snapshot: bool,
     ) -> Result<usize, WriteError> {
         let (reply, answer) = oneshot::channel();
         self.submit(
             Request::Downstream {
                 changes,
-                watermark,
+                cursor,
+                snapshot,
                 reply,
             },
             answer,
         )
         .await
+    }
+
+    /// Re-stamps, in one durable transaction, what this agent stamped beyond
+    /// the corrected clock's bound (nothing if its clock never ran ahead).
+    pub async fn restamp(&self) -> Result<Restamped, WriteError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Request::Restamp { reply }, answer).await
     }
 
     async fn submit<T>(
@@ -177,10 +235,15 @@ impl Committer {
             match first {
                 Request::Downstream {
                     changes,
-                    watermark,
+                    cursor,
+                    snapshot,
                     reply,
                 } => {
-                    let result = self.downstream(&changes, watermark);
+                    let result = self.downstream(&changes, cursor, snapshot);
+                    let _ = reply.send(result.map_err(Arc::new));
+                }
+                Request::Restamp { reply } => {
+                    let result = self.restamp();
                     let _ = reply.send(result.map_err(Arc::new));
                 }
                 Request::Local { ops, reply } => {
@@ -210,7 +273,7 @@ impl Committer {
         self.stats
             .in_commit
             .store(replies.len() as u64, Ordering::Relaxed);
-        let now = (self.setup.clock)();
+        let now = self.setup.clock.now_ms();
         let s = &self.setup;
         let result = s
             .store
@@ -242,8 +305,13 @@ impl Committer {
     /// Remote stamps advance the clock unless they are beyond the drift bound;
     /// such a change is still applied (dropping it would lose the write for
     /// good), but it does not drag this replica's clock into the future.
-    fn downstream(&mut self, changes: &[Change], watermark: Seq) -> Result<usize, StoreError> {
-        let now = (self.setup.clock)();
+    fn downstream(
+        &mut self,
+        changes: &[Change],
+        cursor: Option<Cursor>,
+        snapshot: bool,
+    ) -> Result<usize, StoreError> {
+        let now = self.setup.clock.now_ms();
         for change in changes {
             if let Some(v) = change.state.max_version() {
                 if let Err(e) = self.hlc.observe(v.stamp, now) {
@@ -253,6 +321,23 @@ impl Committer {
         }
         self.setup
             .store
-            .apply_downstream(changes, watermark, &self.hlc)
+            .apply_downstream(changes, cursor, snapshot, &self.hlc)
+    }
+
+    fn restamp(&mut self) -> Result<Restamped, StoreError> {
+        let now = self.setup.clock.now_ms();
+        let limit = clock::limit_ms(now, self.setup.max_drift_ms);
+        if !clock::needs_restamp(self.hlc.last(), limit) {
+            return Ok(Restamped::default());
+        }
+        let offset = self.setup.clock.offset_ms();
+        let mut hlc = self.hlc.clone();
+        let done = self
+            .setup
+            .store
+            .restamp(&self.setup.origin, limit, now, offset, &mut hlc)?;
+        // Only a committed re-stamp lowers the clock.
+        self.hlc = hlc;
+        Ok(done)
     }
 }

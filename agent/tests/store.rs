@@ -34,7 +34,7 @@ fn start(dir: &Path, clock: WallClock) -> (Writer, Store, std::thread::JoinHandl
         store: store.clone(),
         policy: Arc::new(Policy::parse(POLICY).unwrap()),
         origin: Origin::agent(&agent()),
-        clock,
+        clock: fieldsync_agent::writer::CorrectedClock::new(clock, 0),
         max_drift_ms: 60_000,
     })
     .unwrap();

@@ -177,6 +177,10 @@ async fn list_agents<S: HubStore>(
                 "queue_pending": row.queue_pending(),
                 "up_applied": row.up_applied,
                 "changes_applied": row.changes_applied,
+                "incarnation": row.identity.current.map(|i| i.to_string()),
+                "clock_skew_ms": row.clock_skew_ms,
+                "resyncs": row.resyncs,
+                "identity_conflicts": row.identity_conflicts,
             })
         })
         .collect();
@@ -295,8 +299,15 @@ fn check_policy(policy: &Policy, write: &DownWrite) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A write that cannot win against the hub's copy.
+struct Lose {
+    collection: CollectionName,
+    key: RecordKey,
+}
+
 /// Stamps `writes` with the hub clock and queues them for `agent` in one
-/// durable transaction; returns the last queued sequence number.
+/// durable transaction; returns the last queued sequence number. Refuses
+/// (409, nothing queued) a batch in which any write could not win.
 async fn enqueue<S: HubStore>(
     state: &ApiState<S>,
     agent: &AgentId,
@@ -313,34 +324,57 @@ async fn enqueue<S: HubStore>(
         let now = system_now_ms();
         // Stamps observed from agents live only in memory until this commit;
         // the hub's copy of each record bounds them, so an operator write
-        // always sorts after what the hub already holds.
+        // sorts after what the hub already holds — unless that copy holds a
+        // stamp beyond the clock's drift bound, which the clock refuses to
+        // follow: such a write could not win, so it is refused (409) rather
+        // than accepted and silently lost.
+        let mut copies = Vec::with_capacity(writes.len());
         for w in &writes {
-            if let Some(v) = store
-                .record(&a, &w.collection, &w.key)?
-                .as_ref()
-                .and_then(RecordState::max_version)
-            {
+            let copy = store.record(&a, &w.collection, &w.key)?;
+            if let Some(v) = copy.as_ref().and_then(RecordState::max_version) {
                 let _ = clock.observe(v.stamp, now);
             }
+            copies.push(copy);
         }
-        let changes: Vec<Change> = writes
-            .into_iter()
-            .map(|w| {
-                let version = Version {
-                    stamp: clock.tick(now),
-                    origin: origin.clone(),
-                };
-                let state = RecordState::default().write(w.fields, &version);
-                Change {
-                    collection: w.collection,
-                    key: w.key,
-                    state,
+        let mut changes = Vec::with_capacity(writes.len());
+        for (w, copy) in writes.into_iter().zip(&copies) {
+            let version = Version {
+                stamp: clock.tick(now),
+                origin: origin.clone(),
+            };
+            if let Some(copy) = copy {
+                let beaten = copy.deleted.iter().any(|d| d >= &version)
+                    || w.fields.iter().any(|(f, _)| {
+                        copy.fields.get(f).is_some_and(|held| held.version >= version)
+                    });
+                if beaten {
+                    return Ok(Err(Lose {
+                        collection: w.collection,
+                        key: w.key,
+                    }));
                 }
-            })
-            .collect();
-        store.enqueue_downstream(&a, &changes, clock.last())
+            }
+            let state = RecordState::default().write(w.fields, &version);
+            changes.push(Change {
+                collection: w.collection,
+                key: w.key,
+                state,
+            });
+        }
+        store.enqueue_downstream(&a, &changes, clock.last()).map(Ok)
     })
-    .await?;
+    .await?
+    .map_err(|lose| {
+        Metrics::inc(&state.metrics.operator_writes_refused);
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "write_would_lose",
+            format!(
+                "record \"{}\" in collection \"{}\" holds a version stamped beyond the hub clock's drift bound (a device clock ahead); this write could not win, so nothing was queued",
+                lose.key, lose.collection
+            ),
+        )
+    })?;
     Metrics::add(&state.metrics.downstream_changes_queued, count);
     let _ = state.events.send(EngineEvent::Enqueued {
         agent: agent.clone(),

@@ -1,7 +1,11 @@
 //! The hub's sync engine: one task that talks to the embedded broker through
-//! its in-process link. It applies agents' upstream batches (policy-checked,
-//! committed with the watermark, then acknowledged) and feeds each connected
-//! agent its durable downstream queue, using the shared sans-IO session types.
+//! its in-process link. It is a thin driver of one shared sans-IO [`Session`]
+//! per linked agent: it feeds each session its agent's messages and the
+//! timers, and executes what the sessions ask — publish, load queue entries
+//! or a snapshot chunk, commit upstream changes (group commit: every batch the
+//! broker already holds, from any agent, in one transaction, then the acks),
+//! trim a downstream queue. Every protocol rule is in
+//! `fieldsync_shared::session`; the hub's own policy and origin checks are here.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -11,12 +15,11 @@ use std::time::Duration;
 
 use fieldsync_shared::codec;
 use fieldsync_shared::hlc::system_now_ms;
-use fieldsync_shared::session::{Plan, Receiver, Sender};
+use fieldsync_shared::session::{error, Action, Now, Report, Session, SessionConfig};
 use fieldsync_shared::wire::{
-    down_topic, parse_topic, Ack, Batch, Entry, Envelope, ErrorCode, ErrorMsg, Message, Welcome,
-    MAX_MESSAGE_BYTES,
+    down_topic, parse_topic, Envelope, ErrorCode, Message, MAX_MESSAGE_BYTES,
 };
-use fieldsync_shared::{AgentId, Change, Flow, Hlc, Origin, Policy, Seq};
+use fieldsync_shared::{AgentId, Change, Flow, Hlc, Incarnation, Origin, Policy, Seq};
 use rumqttd::Notification;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -24,14 +27,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::EngineLink;
 use crate::metrics::Metrics;
-use crate::store::{HubStore, StoreError, Upstream};
+use crate::store::{HelloNote, HubStore, StoreError, Upstream};
 
-/// Most sequence numbers in flight to one agent.
-pub const DOWN_WINDOW: u64 = 4096;
-/// Most entries in one downstream batch (fewer if the bytes would not fit).
-pub const DOWN_BATCH: u64 = 512;
-/// Without an acknowledgement for this long, unacknowledged entries are resent.
-pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most records in one snapshot part (fewer if the bytes would not fit).
+const SNAPSHOT_RECORDS: usize = 512;
 /// Most upstream changes committed in one transaction (group commit).
 const GROUP_CHANGES: usize = 8192;
 /// Most messages taken from the broker before a group is committed.
@@ -39,6 +38,10 @@ const GROUP_MESSAGES: usize = 256;
 /// Most message bytes (as received, CBOR) in one group: bounds the engine's
 /// memory to a small multiple of this once decoded.
 const GROUP_BYTES: usize = 8 << 20;
+/// How often the sessions' timers are checked.
+const TICK: Duration = Duration::from_millis(250);
+/// Longest peer-supplied text put in a log line.
+const MAX_LOGGED_CHARS: usize = 200;
 
 /// What the front door and the operator API tell the engine.
 #[derive(Debug)]
@@ -69,15 +72,11 @@ pub enum EngineError {
     Link(String),
 }
 
-/// One agent's live session.
-struct AgentSession {
+/// One agent's connection and, once it said hello on it, its session.
+struct AgentLink {
     /// The front door's connection number, while connected.
     conn: Option<u64>,
-    /// Set by the agent's hello on the current connection.
-    down: Option<Sender>,
-    /// Loaded from the store at this connection's hello.
-    up: Option<Receiver>,
-    last_progress: Instant,
+    session: Option<Session>,
 }
 
 /// The engine's shared parts.
@@ -86,7 +85,14 @@ pub struct Engine<S: HubStore> {
     pub policy: Arc<Policy>,
     pub hlc: Arc<Mutex<Hlc>>,
     pub metrics: Arc<Metrics>,
+    pub session: SessionConfig,
+    /// The hub store's incarnation.
+    pub incarnation: Incarnation,
+    /// The origin of operator writes (accepted back in an agent's snapshot).
+    pub origin: Origin,
 }
+
+type Links = HashMap<AgentId, AgentLink>;
 
 impl<S: HubStore> Engine<S> {
     /// Runs until `shutdown`.
@@ -99,9 +105,12 @@ impl<S: HubStore> Engine<S> {
         link.tx
             .subscribe("fieldsync/v1/agents/+/up")
             .map_err(|e| EngineError::Link(e.to_string()))?;
-        let mut sessions: HashMap<AgentId, AgentSession> = HashMap::new();
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let started = Instant::now();
+        let mut links: Links = HashMap::new();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let mut group = Group::default();
             // Biased: a connection's Connected event is always handled before
             // the messages that connection sends.
             tokio::select! {
@@ -109,20 +118,24 @@ impl<S: HubStore> Engine<S> {
                 _ = shutdown.cancelled() => return Ok(()),
                 e = events.recv() => {
                     let Some(e) = e else { return Ok(()) };
-                    self.on_event(&mut sessions, e);
+                    self.on_event(&mut links, e);
                 }
                 // Before the link, so that a steady stream of messages cannot
-                // starve the resend timer.
-                _ = tick.tick() => self.on_tick(&mut sessions),
+                // starve the timers.
+                _ = tick.tick() => {
+                    let now = now(started);
+                    for s in links.values_mut().filter_map(|l| l.session.as_mut()) {
+                        s.on_tick(now);
+                    }
+                }
                 n = link.rx.next() => {
                     // Group commit: take what the broker already holds (pending
                     // connection events first, as above), apply every upstream
                     // batch in one transaction, then send what waited for it.
-                    let mut group = Group::default();
                     let mut next = Some(n);
                     while let Some(n) = next.take() {
                         let n = n.map_err(|e| EngineError::Link(e.to_string()))?;
-                        self.on_notification(&mut link, &mut sessions, &mut group, n).await?;
+                        self.on_notification(&mut link, &mut links, &mut group, n, started).await?;
                         if group.changes >= GROUP_CHANGES
                             || group.messages >= GROUP_MESSAGES
                             || group.bytes >= GROUP_BYTES
@@ -130,30 +143,37 @@ impl<S: HubStore> Engine<S> {
                             break;
                         }
                         while let Ok(e) = events.try_recv() {
-                            self.on_event(&mut sessions, e);
+                            self.on_event(&mut links, e);
                         }
                         next = ready_now(link.rx.next());
                     }
-                    self.flush(&mut link, &mut group).await?;
                 }
             }
-            self.pump(&mut link, &mut sessions).await?;
+            // Every session's other work (timers, windows that opened, new
+            // queue entries), then the commit and what waited for it.
+            for (agent, l) in links.iter_mut() {
+                if let Some(session) = l.session.as_mut() {
+                    self.drive(agent, session, &mut group, now(started)).await?;
+                }
+            }
+            self.flush(&mut link, &mut group).await?;
         }
     }
 
     async fn on_notification(
         &self,
         link: &mut EngineLink,
-        sessions: &mut HashMap<AgentId, AgentSession>,
+        links: &mut Links,
         group: &mut Group,
         notification: Option<Notification>,
+        started: Instant,
     ) -> Result<(), EngineError> {
         match notification {
             Some(Notification::Forward(f)) => {
                 group.messages += 1;
                 group.bytes += f.publish.payload.len();
                 let topic = String::from_utf8_lossy(&f.publish.topic).into_owned();
-                self.on_publish(link, sessions, group, &topic, &f.publish.payload)
+                self.on_publish(link, links, group, &topic, &f.publish.payload, started)
                     .await
             }
             Some(Notification::Unschedule) => link
@@ -164,16 +184,20 @@ impl<S: HubStore> Engine<S> {
         }
     }
 
-    /// Commits the group's upstream batches in one durable transaction, then
+    /// Commits the group's upstream changes in one durable transaction, then
     /// sends the messages that waited for it, in the order they were made.
     async fn flush(&self, link: &mut EngineLink, group: &mut Group) -> Result<(), EngineError> {
         if !group.upstream.is_empty() {
             let upstream = std::mem::take(&mut group.upstream);
-            let batches = upstream.len() as u64;
+            let batches = upstream.iter().filter(|u| !u.snapshot).count() as u64;
             let changes = self
                 .blocking(move |s| {
                     s.apply_upstream_group(&upstream, system_now_ms())?;
-                    Ok(upstream.iter().map(|u| u.changes.len() as u64).sum())
+                    Ok(upstream
+                        .iter()
+                        .filter(|u| !u.snapshot)
+                        .map(|u| u.changes.len() as u64)
+                        .sum())
                 })
                 .await?;
             Metrics::add(&self.metrics.upstream_batches_applied, batches);
@@ -183,52 +207,32 @@ impl<S: HubStore> Engine<S> {
             send(link, &agent, msg)?;
         }
         // What bounds memory starts over; `messages` keeps bounding how long
-        // the group runs before the downstream pump gets its turn.
+        // the group runs before the other sessions get their turn.
         group.changes = 0;
         group.bytes = 0;
+        group.messages = 0;
         Ok(())
     }
 
-    fn on_event(&self, sessions: &mut HashMap<AgentId, AgentSession>, event: EngineEvent) {
+    fn on_event(&self, links: &mut Links, event: EngineEvent) {
         match event {
             EngineEvent::Connected { agent, conn } => {
-                let s = sessions.entry(agent).or_insert_with(|| AgentSession {
+                let l = links.entry(agent).or_insert(AgentLink {
                     conn: None,
-                    down: None,
-                    up: None,
-                    last_progress: Instant::now(),
+                    session: None,
                 });
-                s.conn = Some(conn);
+                l.conn = Some(conn);
                 // Nothing flows until this connection's hello.
-                s.down = None;
-                s.up = None;
+                l.session = None;
             }
             EngineEvent::Disconnected { agent, conn } => {
-                if let Some(s) = sessions.get_mut(&agent) {
-                    if s.conn == Some(conn) {
-                        s.conn = None;
-                        s.down = None;
-                        s.up = None;
-                    }
+                if links.get(&agent).is_some_and(|l| l.conn == Some(conn)) {
+                    links.remove(&agent);
                 }
             }
             EngineEvent::Enqueued { agent, last } => {
-                if let Some(sender) = sessions.get_mut(&agent).and_then(|s| s.down.as_mut()) {
-                    sender.appended(last);
-                }
-            }
-        }
-    }
-
-    /// Go-back-N: an agent that acknowledged nothing for [`ACK_TIMEOUT`] while
-    /// entries were in flight gets them again.
-    fn on_tick(&self, sessions: &mut HashMap<AgentId, AgentSession>) {
-        for s in sessions.values_mut() {
-            if let Some(sender) = s.down.as_mut() {
-                if sender.in_flight() > 0 && s.last_progress.elapsed() >= ACK_TIMEOUT {
-                    sender.rewind();
-                    s.last_progress = Instant::now();
-                    Metrics::inc(&self.metrics.downstream_resends);
+                if let Some(s) = links.get_mut(&agent).and_then(|l| l.session.as_mut()) {
+                    s.appended(last);
                 }
             }
         }
@@ -245,10 +249,11 @@ impl<S: HubStore> Engine<S> {
     async fn on_publish(
         &self,
         link: &mut EngineLink,
-        sessions: &mut HashMap<AgentId, AgentSession>,
+        links: &mut Links,
         group: &mut Group,
         topic: &str,
         payload: &[u8],
+        started: Instant,
     ) -> Result<(), EngineError> {
         let Some((agent, Flow::Up)) = parse_topic(topic) else {
             return Ok(());
@@ -263,149 +268,217 @@ impl<S: HubStore> Engine<S> {
                     codec::CodecError::TooLarge { .. } => ErrorCode::TooLarge,
                     _ => ErrorCode::Malformed,
                 };
-                return group.reply(
-                    &agent,
-                    Message::Error(ErrorMsg {
-                        code,
-                        message: e.to_string(),
-                    }),
-                );
+                group.reply(&agent, error(code, &e.to_string(), None));
+                return Ok(());
             }
         };
-        let Some(session) = sessions.get_mut(&agent) else {
-            // The front door announces every connection before its messages;
-            // without that the agent must start over.
-            return group.reply(
-                &agent,
-                error(ErrorCode::HelloFirst, "no session: say hello"),
+        let Some(l) = links.get_mut(&agent).filter(|l| l.conn.is_some()) else {
+            // The front door announces every connection before its messages,
+            // so this one's connection is already gone: nothing to answer.
+            Metrics::inc(&self.metrics.ghost_messages);
+            return Ok(());
+        };
+        let now = now(started);
+        if let Message::Hello(hello) = envelope.msg {
+            if hello.agent != agent {
+                Metrics::inc(&self.metrics.envelopes_rejected);
+                group.reply(&agent, error(ErrorCode::Malformed, "hello names another agent", None));
+                return Ok(());
+            }
+            // The welcome names what the store holds, so this agent's
+            // changes planned in this group must be committed first.
+            if group.upstream.iter().any(|u| u.agent == agent) {
+                self.flush(link, group).await?;
+            }
+            let a = agent.clone();
+            let row = self
+                .blocking(move |s| Ok(s.agent(&a)?.unwrap_or_default()))
+                .await?;
+            let made = Session::hub(
+                &hello,
+                self.incarnation,
+                row.down_acked_mark(),
+                row.down_last,
+                row.up_cursor(),
+                &row.identity,
+                None,
+                now,
+                self.session,
             );
-        };
-        match envelope.msg {
-            Message::Hello(hello) => {
-                if hello.agent != agent {
-                    Metrics::inc(&self.metrics.envelopes_rejected);
-                    return group.reply(
-                        &agent,
-                        error(ErrorCode::Malformed, "hello names another agent"),
+            let mut note = HelloNote::default();
+            match made {
+                Ok((session, identity)) => {
+                    if identity.is_some() {
+                        Metrics::inc(&self.metrics.incarnations_replaced);
+                        tracing::warn!(
+                            %agent,
+                            incarnation = %hello.incarnation,
+                            previous = ?row.identity.current.map(|i| i.to_string()),
+                            "agent store is new to the hub (first contact, or the device was re-imaged); resyncing"
+                        );
+                    }
+                    note.identity = identity;
+                    l.session = Some(session);
+                }
+                Err(refusal) => {
+                    Metrics::inc(&self.metrics.identity_conflicts);
+                    tracing::warn!(
+                        %agent,
+                        incarnation = %hello.incarnation,
+                        current = ?row.identity.current.map(|i| i.to_string()),
+                        "refused a hello: another store holds this agent's identity (cloned certificate, or a replaced store came back)"
                     );
+                    note.conflict = true;
+                    l.session = None;
+                    group.reply(&agent, refusal);
                 }
-                // The welcome names what the store holds, so this agent's
-                // batches planned in this group must be committed first.
-                if group.upstream.iter().any(|u| u.agent == agent) {
-                    self.flush(link, group).await?;
-                }
-                let a = agent.clone();
-                let row = self.blocking(move |s| s.touch(&a, system_now_ms())).await?;
-                session.up = Some(Receiver::new(row.up_applied));
-                let mut sender = Sender::new(row.down_acked, row.down_last, DOWN_WINDOW);
-                match sender.connected(hello.down_applied) {
-                    Ok(Some(upto)) => {
-                        let a = agent.clone();
-                        self.blocking(move |s| s.ack_downstream(&a, upto)).await?;
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::error!(%agent, error = %e, "agent reports downstream entries the hub never queued");
-                        return group.reply(&agent, error(ErrorCode::SequenceGap, &e.to_string()));
-                    }
-                }
-                session.down = Some(sender);
-                session.last_progress = Instant::now();
-                group.reply(
-                    &agent,
-                    Message::Welcome(Welcome {
-                        up_applied: row.up_applied,
-                    }),
-                )
             }
-            Message::Batch(batch) => self.on_batch(group, &agent, session, batch),
-            Message::Ack(Ack { upto }) => {
-                let Some(sender) = session.down.as_mut() else {
-                    return group.reply(&agent, error(ErrorCode::HelloFirst, "ack before hello"));
-                };
-                match sender.acked(upto) {
-                    Ok(Some(upto)) => {
-                        session.last_progress = Instant::now();
-                        let a = agent.clone();
-                        self.blocking(move |s| s.ack_downstream(&a, upto)).await?;
+            if let Some(session) = l.session.as_mut() {
+                note.clock_skew_ms = self.drive(&agent, session, group, now).await?;
+            }
+            let a = agent.clone();
+            self.blocking(move |s| s.hello(&a, now.wall_ms, &note)).await?;
+            return Ok(());
+        }
+        let Some(session) = l.session.as_mut() else {
+            group.reply(&agent, error(ErrorCode::HelloFirst, "no session: say hello", None));
+            return Ok(());
+        };
+        session.on_message(envelope.msg, now);
+        self.drive(&agent, session, group, now).await?;
+        Ok(())
+    }
+
+    /// Executes what `session` asks until it asks nothing more. Messages go
+    /// into the group and leave after its commit. Returns the clock skew the
+    /// session measured, if it did.
+    async fn drive(
+        &self,
+        agent: &AgentId,
+        session: &mut Session,
+        group: &mut Group,
+        now: Now,
+    ) -> Result<Option<i64>, EngineError> {
+        let mut skew = None;
+        while let Some(action) = session.poll() {
+            match action {
+                Action::Send(msg) => group.reply(agent, msg),
+                Action::LoadBatch { first, last } => {
+                    let a = agent.clone();
+                    let limit = usize::try_from(last.0 - first.0 + 1).unwrap_or(usize::MAX);
+                    let entries = self
+                        .blocking(move |s| s.downstream(&a, first, limit, MAX_MESSAGE_BYTES))
+                        .await?;
+                    match session.batch_loaded(first, entries, now) {
+                        Some(batch) => {
+                            Metrics::inc(&self.metrics.downstream_batches_sent);
+                            group.reply(agent, Message::Batch(batch));
+                        }
+                        None if session.is_paused() => {
+                            tracing::error!(%agent, %first, "downstream queue is missing entries; not sending")
+                        }
+                        None => {}
                     }
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(%agent, error = %e, "bad downstream ack"),
                 }
-                Ok(())
+                Action::Verify { seq } => {
+                    let a = agent.clone();
+                    let found = self.blocking(move |s| s.downstream_entry(&a, seq)).await?;
+                    session.verified(seq, found);
+                }
+                Action::LoadSnapshot { after } => {
+                    let a = agent.clone();
+                    let (records, next) = self
+                        .blocking(move |s| {
+                            s.records_after(&a, after.as_ref(), SNAPSHOT_RECORDS, MAX_MESSAGE_BYTES / 2)
+                        })
+                        .await?;
+                    let changes: Vec<Change> = records
+                        .iter()
+                        .filter_map(|c| self.policy.filter(Flow::Down, c).permitted)
+                        .collect();
+                    session.snapshot_loaded(changes, next, now);
+                }
+                Action::Commit {
+                    changes,
+                    cursor,
+                    snapshot,
+                    then,
+                } => {
+                    let changes = self.admit_upstream(agent, changes, snapshot);
+                    group.changes += changes.len();
+                    group.upstream.push(Upstream {
+                        agent: agent.clone(),
+                        changes,
+                        cursor,
+                        snapshot,
+                    });
+                    group.reply(agent, then);
+                }
+                Action::Trim { mark, resync } => {
+                    let a = agent.clone();
+                    self.blocking(move |s| s.ack_downstream(&a, mark, resync))
+                        .await?;
+                }
+                Action::ClockSkew { skew_ms } => skew = Some(skew_ms),
+                Action::ClockOffset { .. } => {}
+                Action::Report(r) => self.report(agent, r),
             }
-            Message::Error(e) => {
-                tracing::warn!(%agent, code = ?e.code, message = %e.message, "agent reported an error");
-                Ok(())
+        }
+        Ok(skew)
+    }
+
+    fn report(&self, agent: &AgentId, report: Report) {
+        match report {
+            Report::ResyncStarted { reason } => {
+                Metrics::inc(&self.metrics.resyncs_sent);
+                tracing::warn!(%agent, ?reason, "the agent cannot be brought up to date from its queue; sending a snapshot");
             }
-            Message::Welcome(_) => group.reply(
-                &agent,
-                error(ErrorCode::Malformed, "welcome is hub-to-agent only"),
-            ),
+            Report::ResyncCompleted => {
+                Metrics::inc(&self.metrics.resyncs_received);
+                tracing::info!(%agent, "resync from the agent complete");
+            }
+            Report::ClockRefused { seq, ahead_ms } => {
+                Metrics::inc(&self.metrics.clock_drift_rejected);
+                tracing::warn!(%agent, seq = seq.map(|s| s.0), ahead_ms, "refused upstream changes stamped ahead of the hub clock; the agent keeps them queued");
+            }
+            Report::ClockRefusedByPeer { seq } => {
+                Metrics::inc(&self.metrics.clock_refused_by_agents);
+                tracing::warn!(%agent, seq = seq.map(|s| s.0), "the agent refused downstream changes stamped ahead of its clock; they stay queued");
+            }
+            Report::Resend => Metrics::inc(&self.metrics.downstream_resends),
+            Report::PeerGap => tracing::debug!(%agent, "the agent reported a downstream gap"),
+            Report::BadAck { upto } => {
+                tracing::warn!(%agent, %upto, "the agent acknowledged downstream entries the hub never queued")
+            }
+            Report::PeerError { code } => tracing::debug!(%agent, ?code, "the agent reported an error"),
+            Report::IdentityRefused => {}
         }
     }
 
-    /// Plans `batch` into the group: it is committed with the group and
-    /// acknowledged after that. The receiver advances at once so that the
-    /// agent's next batch in the same group follows on; a failed commit stops
-    /// the engine, so no acknowledgement can run ahead of the store.
-    fn on_batch(
-        &self,
-        group: &mut Group,
-        agent: &AgentId,
-        session: &mut AgentSession,
-        batch: Batch,
-    ) -> Result<(), EngineError> {
-        // A batch before this connection's hello is not applied; the agent is
-        // told to say hello, and resends after the welcome.
-        let Some(up) = session.up.as_mut() else {
-            return group.reply(agent, error(ErrorCode::HelloFirst, "batch before hello"));
-        };
-        let (entries, watermark) = match up.plan(&batch) {
-            Ok(Plan::Apply { entries, watermark }) => (entries, watermark),
-            Ok(Plan::Duplicate { watermark }) => {
-                Metrics::inc(&self.metrics.upstream_duplicates);
-                return group.reply(agent, Message::Ack(Ack { upto: watermark }));
-            }
-            Err(e) => {
-                tracing::debug!(%agent, error = %e, "upstream gap");
-                return group.reply(agent, error(ErrorCode::SequenceGap, &e.to_string()));
-            }
-        };
-        let changes = self.admit_upstream(agent, entries);
-        up.committed(watermark);
-        group.changes += changes.len();
-        group.upstream.push(Upstream {
-            agent: agent.clone(),
-            changes,
-            watermark,
-        });
-        group.reply(agent, Message::Ack(Ack { upto: watermark }))
-    }
-
-    /// The hub's own policy check (defence in depth): fields it does not permit
-    /// upstream are dropped, counted and logged by name, never by value. Remote
-    /// stamps advance the hub clock unless they are beyond the drift bound.
-    fn admit_upstream(&self, agent: &AgentId, entries: &[Entry]) -> Vec<Change> {
+    /// The hub's own checks on what an agent sends (defence in depth): a
+    /// change claiming another agent's origin is refused whole (a snapshot
+    /// may also carry the hub's own operator writes back); fields the hub
+    /// policy does not permit upstream are dropped, counted and logged by
+    /// name, never by value. Stamps advance the hub clock (the session has
+    /// already refused any beyond the drift bound).
+    fn admit_upstream(&self, agent: &AgentId, changes: Vec<Change>, snapshot: bool) -> Vec<Change> {
         let now = system_now_ms();
         let own = Origin::agent(agent);
-        let mut out = Vec::with_capacity(entries.len());
-        for entry in entries {
-            // An agent sends only its own writes; a change claiming another
-            // origin (another agent, or the hub) is refused whole.
-            let state = &entry.change.state;
+        let mut out = Vec::with_capacity(changes.len());
+        for change in changes {
+            let state = &change.state;
             let forged = state
                 .fields
                 .values()
                 .map(|f| &f.version)
                 .chain(state.deleted.as_ref())
-                .any(|v| v.origin != own);
+                .any(|v| v.origin != own && !(snapshot && v.origin == self.origin));
             if forged {
                 Metrics::inc(&self.metrics.forged_origin_changes);
-                tracing::warn!(%agent, collection = %entry.change.collection, "dropped a change stamped with another origin");
+                tracing::warn!(%agent, collection = %change.collection, "dropped a change stamped with another origin");
                 continue;
             }
-            let filtered = self.policy.filter(Flow::Up, &entry.change);
+            let filtered = self.policy.filter(Flow::Up, &change);
             if !filtered.denied.is_empty() || filtered.collection_denied {
                 Metrics::add(
                     &self.metrics.policy_denied_fields,
@@ -414,7 +487,7 @@ impl<S: HubStore> Engine<S> {
                 let fields: Vec<&str> = filtered.denied.iter().map(|f| f.as_str()).collect();
                 tracing::warn!(
                     %agent,
-                    collection = %entry.change.collection,
+                    collection = %change.collection,
                     ?fields,
                     whole_collection = filtered.collection_denied,
                     "dropped fields the hub policy does not permit upstream"
@@ -422,10 +495,8 @@ impl<S: HubStore> Engine<S> {
             }
             if let Some(change) = filtered.permitted {
                 if let Some(v) = change.state.max_version() {
-                    let observed = self.hlc.lock().map(|mut h| h.observe(v.stamp, now));
-                    if let Ok(Err(e)) = observed {
-                        Metrics::inc(&self.metrics.clock_drift_rejected);
-                        tracing::warn!(%agent, error = %e, "agent clock ahead of the hub");
+                    if let Ok(mut h) = self.hlc.lock() {
+                        let _ = h.observe(v.stamp, now);
                     }
                 }
                 out.push(change);
@@ -433,38 +504,12 @@ impl<S: HubStore> Engine<S> {
         }
         out
     }
+}
 
-    /// Sends whatever each connected agent's window allows.
-    async fn pump(
-        &self,
-        link: &mut EngineLink,
-        sessions: &mut HashMap<AgentId, AgentSession>,
-    ) -> Result<(), EngineError> {
-        for (agent, session) in sessions.iter_mut() {
-            let Some(sender) = session.down.as_mut() else {
-                continue;
-            };
-            while let Some((first, last)) = sender.next_range(DOWN_BATCH) {
-                let a = agent.clone();
-                let limit = (last.0 - first.0 + 1) as usize;
-                let entries = self
-                    .blocking(move |s| s.downstream(&a, first, limit, MAX_MESSAGE_BYTES))
-                    .await?;
-                if entries.first().map(|(seq, _)| *seq) != Some(first) {
-                    tracing::error!(%agent, %first, "downstream queue is missing entries; not sending");
-                    break;
-                }
-                let batch = Batch::fit(first, entries);
-                let sent_upto = batch.last;
-                send(link, agent, Message::Batch(batch))?;
-                if sender.in_flight() == 0 {
-                    session.last_progress = Instant::now();
-                }
-                sender.sent(sent_upto);
-                Metrics::inc(&self.metrics.downstream_batches_sent);
-            }
-        }
-        Ok(())
+fn now(started: Instant) -> Now {
+    Now {
+        mono_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        wall_ms: system_now_ms(),
     }
 }
 
@@ -480,9 +525,8 @@ struct Group {
 }
 
 impl Group {
-    fn reply(&mut self, agent: &AgentId, msg: Message) -> Result<(), EngineError> {
+    fn reply(&mut self, agent: &AgentId, msg: Message) {
         self.out.push((agent.clone(), msg));
-        Ok(())
     }
 }
 
@@ -500,14 +544,11 @@ fn ready_now<F: Future>(future: F) -> Option<F::Output> {
     }
 }
 
-fn error(code: ErrorCode, message: &str) -> Message {
-    Message::Error(ErrorMsg {
-        code,
-        message: message.to_owned(),
-    })
-}
-
 fn send(link: &mut EngineLink, agent: &AgentId, msg: Message) -> Result<(), EngineError> {
+    if let Message::Error(e) = &msg {
+        let text: String = e.message.chars().take(MAX_LOGGED_CHARS).collect();
+        tracing::debug!(%agent, code = ?e.code, message = %text, "sending an error to the agent");
+    }
     let bytes = match codec::encode(&Envelope::new(msg)) {
         Ok(b) => b,
         Err(e) => {

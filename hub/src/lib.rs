@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::serve::ListenerExt;
 use fieldsync_shared::hlc::DEFAULT_MAX_DRIFT_MS;
+use fieldsync_shared::session::SessionConfig;
 use fieldsync_shared::tls::{server_config, TlsError};
 use fieldsync_shared::{Hlc, Origin};
 use tokio::net::TcpListener;
@@ -111,11 +112,15 @@ pub async fn serve(
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
 
+    let origin = Origin::hub(HUB_ORIGIN).expect("a valid constant origin");
     let engine = Engine {
         store: store.clone(),
         policy: policy.clone(),
         hlc: hlc.clone(),
         metrics: metrics.clone(),
+        session: SessionConfig::default(),
+        incarnation: store.incarnation()?,
+        origin: origin.clone(),
     };
     let engine_task = tasks.spawn(engine.run(link, events_rx, cancel.clone()));
 
@@ -141,7 +146,7 @@ pub async fn serve(
         store: store.clone(),
         policy,
         hlc,
-        origin: Origin::hub(HUB_ORIGIN).expect("a valid constant origin"),
+        origin,
         connections,
         events: events_tx,
         metrics,

@@ -59,9 +59,24 @@ counters!(
     policy_denied_fields,
     /// Upstream changes stamped with an origin other than the sending agent (dropped).
     forged_origin_changes,
-    /// Remote clock stamps beyond the drift bound (applied, but not used to
-    /// advance the hub clock).
+    /// Batches or snapshot parts refused because a stamp was beyond the hub
+    /// clock's drift bound (nothing applied; the agent keeps them queued).
     clock_drift_rejected,
+    /// Downstream batches an agent refused because their stamps were ahead of
+    /// its clock (they stay queued).
+    clock_refused_by_agents,
+    /// Resyncs by snapshot the hub sent to agents.
+    resyncs_sent,
+    /// Resyncs by snapshot the hub received from agents (completed).
+    resyncs_received,
+    /// Hellos refused because another store claims the agent's identity.
+    identity_conflicts,
+    /// Hellos from agents whose store is new to the hub (first contact or re-imaged).
+    incarnations_replaced,
+    /// Messages dropped because their connection was already gone.
+    ghost_messages,
+    /// Operator writes refused (409) because they could not win.
+    operator_writes_refused,
     /// Downstream changes queued by operators.
     downstream_changes_queued,
     /// Downstream batches published to agents.

@@ -13,14 +13,18 @@ use std::sync::Arc;
 
 use fieldsync_shared::codec::{self, CodecError};
 use fieldsync_shared::files::create_private_dir;
+use fieldsync_shared::session::Identity;
 use fieldsync_shared::{
-    AgentId, Change, CollectionName, Merge, RecordKey, RecordState, Seq, Stamp,
+    AgentId, Change, CollectionName, Cursor, Incarnation, Mark, Merge, RecordKey, RecordState,
+    Seq, Stamp,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-/// The on-disk schema this build writes.
-pub const SCHEMA_VERSION: u64 = 1;
+/// The on-disk schema this build writes. A version-1 store is migrated at
+/// open: it gets an incarnation, and its agent rows (which follow no agent
+/// incarnation yet) make every agent resync once.
+pub const SCHEMA_VERSION: u64 = 2;
 /// redb's page cache for the hub store.
 const CACHE_BYTES: usize = 256 << 20;
 /// File name of the store inside `[hub] data_dir`.
@@ -37,11 +41,13 @@ const DOWN_QUEUE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("do
 const K_SCHEMA: &str = "schema_version";
 const K_HLC_WALL: &str = "hlc_wall_ms";
 const K_HLC_LOGICAL: &str = "hlc_logical";
+const K_INCARNATION: &str = "incarnation";
 
-/// What the hub keeps per agent besides its records.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// What the hub keeps per agent besides its records. Fields added after
+/// schema 1 default when absent, so version-1 rows still decode.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentRow {
-    /// Highest upstream sequence number applied.
+    /// Highest upstream sequence number applied (of `up_source`'s stream).
     pub up_applied: Seq,
     /// Highest downstream sequence number queued.
     pub down_last: Seq,
@@ -51,6 +57,27 @@ pub struct AgentRow {
     pub last_seen_ms: Option<u64>,
     /// Upstream changes applied in all (each sequence number counts once).
     pub changes_applied: u64,
+    /// The agent store incarnation whose upstream stream `up_applied` counts.
+    #[serde(default)]
+    pub up_source: Option<Incarnation>,
+    /// The check of the upstream position `up_applied`.
+    #[serde(default)]
+    pub up_check: u64,
+    /// The check the agent acknowledged `down_acked` with.
+    #[serde(default)]
+    pub down_acked_check: u64,
+    /// The agent store identities seen (current and replaced).
+    #[serde(default)]
+    pub identity: Identity,
+    /// The agent's clock minus the hub's at its last hello.
+    #[serde(default)]
+    pub clock_skew_ms: Option<i64>,
+    /// Resyncs by snapshot with this agent (either way).
+    #[serde(default)]
+    pub resyncs: u64,
+    /// Hellos refused because another store claimed this identity.
+    #[serde(default)]
+    pub identity_conflicts: u64,
 }
 
 impl AgentRow {
@@ -58,6 +85,33 @@ impl AgentRow {
     pub fn queue_pending(&self) -> u64 {
         self.down_last.0 - self.down_acked.0
     }
+
+    /// The hub's durable cursor on the agent's upstream stream.
+    pub fn up_cursor(&self) -> Cursor {
+        Cursor {
+            source: self.up_source,
+            at: Mark {
+                seq: self.up_applied,
+                check: self.up_check,
+            },
+        }
+    }
+
+    /// The downstream queue's trim point.
+    pub fn down_acked_mark(&self) -> Mark {
+        Mark {
+            seq: self.down_acked,
+            check: self.down_acked_check,
+        }
+    }
+}
+
+/// What an agent's hello changes in its row (none of it needs an fsync).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HelloNote {
+    pub identity: Option<Identity>,
+    pub clock_skew_ms: Option<i64>,
+    pub conflict: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,13 +154,17 @@ from_redb!(
     redb::SetDurabilityError
 );
 
-/// One agent's upstream batch, ready to commit: the changes the hub admitted
-/// and the agent's new watermark.
+/// One agent's upstream batch or snapshot part, ready to commit: the changes
+/// the hub admitted and the agent's new cursor (none for a snapshot part that
+/// is not the last).
 #[derive(Debug, Clone)]
 pub struct Upstream {
     pub agent: AgentId,
     pub changes: Vec<Change>,
-    pub watermark: Seq,
+    pub cursor: Option<Cursor>,
+    /// A snapshot part (its changes do not count as applied entries; a last
+    /// part counts a resync).
+    pub snapshot: bool,
 }
 
 /// The hub's durable state. Every method is one transaction; implementations
@@ -116,29 +174,33 @@ pub trait HubStore: Send + Sync + 'static {
     fn agent(&self, agent: &AgentId) -> Result<Option<AgentRow>, StoreError>;
     /// Every agent the hub has heard of, by id.
     fn agents(&self) -> Result<Vec<(AgentId, AgentRow)>, StoreError>;
+    /// This store's incarnation, drawn at creation.
+    fn incarnation(&self) -> Result<Incarnation, StoreError>;
     /// Applies every batch of `group` (several agents, or several batches of
     /// one agent in order) in one durable transaction: each batch's changes are
-    /// merged into its agent's records and its watermark is set, atomically.
+    /// merged into its agent's records and its cursor is set, atomically.
     fn apply_upstream_group(&self, group: &[Upstream], now_ms: u64) -> Result<(), StoreError>;
     /// [`HubStore::apply_upstream_group`] for one batch.
     fn apply_upstream(
         &self,
         agent: &AgentId,
         changes: &[Change],
-        watermark: Seq,
+        cursor: Cursor,
         now_ms: u64,
     ) -> Result<(), StoreError> {
         let one = Upstream {
             agent: agent.clone(),
             changes: changes.to_vec(),
-            watermark,
+            cursor: Some(cursor),
+            snapshot: false,
         };
         self.apply_upstream_group(std::slice::from_ref(&one), now_ms)
     }
-    /// Records that the agent said hello at `now_ms`. Need not be durable:
-    /// losing it in a crash loses only `last_seen_ms` (a missing row is
-    /// recreated as the default row by the next hello).
-    fn touch(&self, agent: &AgentId, now_ms: u64) -> Result<AgentRow, StoreError>;
+    /// Records an agent's hello at `now_ms` and what it changed. Need not be
+    /// durable: losing it in a crash loses `last_seen_ms`, the skew, a
+    /// conflict count, or an identity change (the next hello decides again;
+    /// a missing row is recreated as the default row).
+    fn hello(&self, agent: &AgentId, now_ms: u64, note: &HelloNote) -> Result<(), StoreError>;
     /// Merges `changes` into the hub's copy of the agent's records and appends
     /// each to the agent's downstream queue, atomically, persisting the hub
     /// clock state `hlc_last`. Returns the last queued sequence number.
@@ -156,11 +218,24 @@ pub trait HubStore: Send + Sync + 'static {
         limit: usize,
         max_bytes: usize,
     ) -> Result<Vec<(Seq, Change)>, StoreError>;
-    /// The agent acknowledged everything up to `upto`: drop those entries.
-    /// Need not be durable: an ack lost in a crash is repaired by the agent's
-    /// next hello, whose `down_applied` acknowledges those entries again
-    /// before anything is sent; nothing is applied twice.
-    fn ack_downstream(&self, agent: &AgentId, upto: Seq) -> Result<(), StoreError>;
+    /// The queued entry at `seq`, if still queued.
+    fn downstream_entry(&self, agent: &AgentId, seq: Seq) -> Result<Option<Change>, StoreError>;
+    /// The agent holds everything up to `mark`: drop those entries and keep
+    /// `mark` as the trim point (`resync`: it got there by snapshot). Need
+    /// not be durable: an ack lost in a crash is repaired by the agent's next
+    /// hello, whose cursor acknowledges those entries again before anything
+    /// is sent; nothing is applied twice.
+    fn ack_downstream(&self, agent: &AgentId, mark: Mark, resync: bool) -> Result<(), StoreError>;
+    /// Up to `limit` of the agent's records after `after` (from the first when
+    /// `None`), and where to continue if there may be more; stops before the
+    /// stored bytes pass `max_bytes` (one record is always taken).
+    fn records_after(
+        &self,
+        agent: &AgentId,
+        after: Option<&(CollectionName, RecordKey)>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<Change>, Option<(CollectionName, RecordKey)>), StoreError>;
     /// The hub's copy of one record.
     fn record(
         &self,
@@ -212,8 +287,10 @@ impl RedbHubStore {
             let mut meta = txn.open_table(META)?;
             let found = meta.get(K_SCHEMA)?.map(|v| v.value());
             match found {
-                None => {
+                // New, or version 1 (migrated: rows decode with defaults).
+                None | Some(1) => {
                     meta.insert(K_SCHEMA, SCHEMA_VERSION)?;
+                    meta.insert(K_INCARNATION, rand::random::<u64>().max(1))?;
                 }
                 Some(SCHEMA_VERSION) => {}
                 Some(found) => return Err(StoreError::SchemaVersion { path, found }),
@@ -275,6 +352,12 @@ impl HubStore for RedbHubStore {
         Ok(out)
     }
 
+    fn incarnation(&self) -> Result<Incarnation, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        Ok(Incarnation(meta.get(K_INCARNATION)?.map_or(0, |v| v.value())))
+    }
+
     fn apply_upstream_group(&self, group: &[Upstream], now_ms: u64) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         {
@@ -283,16 +366,26 @@ impl HubStore for RedbHubStore {
             for Upstream {
                 agent,
                 changes,
-                watermark,
+                cursor,
+                snapshot,
             } in group
             {
                 let mut row = read_row(&agents, agent)?.unwrap_or_default();
                 for change in changes {
                     merge_into(&mut records, agent, change)?;
                 }
-                row.up_applied = row.up_applied.max(*watermark);
+                if let Some(c) = cursor {
+                    row.up_source = c.source;
+                    row.up_applied = c.at.seq;
+                    row.up_check = c.at.check;
+                    if *snapshot {
+                        row.resyncs += 1;
+                    }
+                }
                 row.last_seen_ms = Some(now_ms);
-                row.changes_applied += changes.len() as u64;
+                if !snapshot {
+                    row.changes_applied += changes.len() as u64;
+                }
                 agents.insert(agent.as_str(), codec::to_bytes(&row)?.as_slice())?;
             }
         }
@@ -300,17 +393,25 @@ impl HubStore for RedbHubStore {
         Ok(())
     }
 
-    fn touch(&self, agent: &AgentId, now_ms: u64) -> Result<AgentRow, StoreError> {
+    fn hello(&self, agent: &AgentId, now_ms: u64, note: &HelloNote) -> Result<(), StoreError> {
         let txn = self.lazy_write()?;
-        let row = {
+        {
             let mut agents = txn.open_table(AGENTS)?;
             let mut row = read_row(&agents, agent)?.unwrap_or_default();
             row.last_seen_ms = Some(now_ms);
+            if let Some(identity) = &note.identity {
+                row.identity = identity.clone();
+            }
+            if note.clock_skew_ms.is_some() {
+                row.clock_skew_ms = note.clock_skew_ms;
+            }
+            if note.conflict {
+                row.identity_conflicts += 1;
+            }
             agents.insert(agent.as_str(), codec::to_bytes(&row)?.as_slice())?;
-            row
-        };
+        }
         txn.commit()?;
-        Ok(row)
+        Ok(())
     }
 
     fn enqueue_downstream(
@@ -368,21 +469,79 @@ impl HubStore for RedbHubStore {
         Ok(out)
     }
 
-    fn ack_downstream(&self, agent: &AgentId, upto: Seq) -> Result<(), StoreError> {
+    fn downstream_entry(&self, agent: &AgentId, seq: Seq) -> Result<Option<Change>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let queue = txn.open_table(DOWN_QUEUE)?;
+        let found = queue.get((agent.as_str(), seq.0))?;
+        Ok(match found {
+            Some(bytes) => Some(codec::from_bytes(bytes.value())?),
+            None => None,
+        })
+    }
+
+    fn ack_downstream(&self, agent: &AgentId, mark: Mark, resync: bool) -> Result<(), StoreError> {
         let txn = self.lazy_write()?;
         {
             let mut agents = txn.open_table(AGENTS)?;
             let mut queue = txn.open_table(DOWN_QUEUE)?;
             let mut row = read_row(&agents, agent)?.unwrap_or_default();
-            let upto = upto.min(row.down_last);
-            if upto > row.down_acked {
+            let upto = mark.seq.min(row.down_last);
+            if upto >= row.down_acked {
                 queue.retain_in((agent.as_str(), 0)..=(agent.as_str(), upto.0), |_, _| false)?;
                 row.down_acked = upto;
+                row.down_acked_check = mark.check;
+                if resync {
+                    row.resyncs += 1;
+                }
                 agents.insert(agent.as_str(), codec::to_bytes(&row)?.as_slice())?;
             }
         }
         txn.commit()?;
         Ok(())
+    }
+
+    fn records_after(
+        &self,
+        agent: &AgentId,
+        after: Option<&(CollectionName, RecordKey)>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<Change>, Option<(CollectionName, RecordKey)>), StoreError> {
+        use std::ops::Bound;
+        let txn = self.db.begin_read()?;
+        let records = txn.open_table(RECORDS)?;
+        let a = agent.as_str();
+        let start = match after {
+            Some((c, k)) => Bound::Excluded((a, c.as_str(), k.as_str())),
+            None => Bound::Included((a, "", "")),
+        };
+        let mut out = Vec::new();
+        let mut total = 0usize;
+        let mut more = false;
+        for item in records.range::<(&str, &str, &str)>((start, Bound::Unbounded))? {
+            let (k, bytes) = item?;
+            let (owner, c, key) = k.value();
+            if owner != a {
+                break;
+            }
+            total = total.saturating_add(bytes.value().len());
+            if out.len() >= limit || (total > max_bytes && !out.is_empty()) {
+                more = true;
+                break;
+            }
+            let corrupt = |e: fieldsync_shared::IdError| CodecError::Malformed(e.to_string());
+            out.push(Change {
+                collection: CollectionName::new(c).map_err(corrupt)?,
+                key: RecordKey::new(key).map_err(corrupt)?,
+                state: codec::from_bytes(bytes.value())?,
+            });
+        }
+        let next = if more {
+            out.last().map(|c| (c.collection.clone(), c.key.clone()))
+        } else {
+            None
+        };
+        Ok((out, next))
     }
 
     fn record(

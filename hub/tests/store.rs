@@ -51,7 +51,7 @@ fn upstream_applies_with_its_watermark_and_reapplying_changes_nothing() {
         change("p1", "ward", json!(3), 10, "gw-1"),
         change("p1", "initials", json!("JD"), 11, "gw-1"),
     ];
-    store.apply_upstream(&a, &batch, Seq(2), 1_000).unwrap();
+    store.apply_upstream(&a, &batch, cur(2), 1_000).unwrap();
     let row = store.agent(&a).unwrap().unwrap();
     assert_eq!(row.up_applied, Seq(2));
     assert_eq!(row.last_seen_ms, Some(1_000));
@@ -60,9 +60,10 @@ fn upstream_applies_with_its_watermark_and_reapplying_changes_nothing() {
         before,
         [("initials".into(), json!("JD")), ("ward".into(), json!(3))]
     );
-    // A re-sent batch (older watermark) is harmless: merge is idempotent and
-    // the watermark never moves back.
-    store.apply_upstream(&a, &batch, Seq(1), 2_000).unwrap();
+    // The same batch again is harmless: merge is idempotent. (The session
+    // never plans a batch at or below the cursor; the store sets the cursor
+    // it is given, since a resync may move it back to a restored sender's end.)
+    store.apply_upstream(&a, &batch, cur(2), 2_000).unwrap();
     assert_eq!(visible(&store, &a, "p1"), before);
     assert_eq!(store.agent(&a).unwrap().unwrap().up_applied, Seq(2));
 }
@@ -76,12 +77,14 @@ fn a_group_applies_several_agents_and_consecutive_batches_in_one_commit() {
         Upstream {
             agent: a.clone(),
             changes: vec![change("k", "ward", json!(1), 10, "gw-a")],
-            watermark: Seq(1),
+            cursor: Some(cur(1)),
+            snapshot: false,
         },
         Upstream {
             agent: b.clone(),
             changes: vec![change("k", "ward", json!(7), 10, "gw-b")],
-            watermark: Seq(4),
+            cursor: Some(cur(4)),
+            snapshot: false,
         },
         // The same agent's next batch in the same group builds on the first.
         Upstream {
@@ -90,7 +93,8 @@ fn a_group_applies_several_agents_and_consecutive_batches_in_one_commit() {
                 change("k", "ward", json!(2), 11, "gw-a"),
                 change("j", "initials", json!("AB"), 11, "gw-a"),
             ],
-            watermark: Seq(3),
+            cursor: Some(cur(3)),
+            snapshot: false,
         },
     ];
     store.apply_upstream_group(&group, 5_000).unwrap();
@@ -116,7 +120,7 @@ fn agents_records_are_kept_apart() {
         .apply_upstream(
             &agent("a"),
             &[change("k", "ward", json!(1), 1, "a")],
-            Seq(1),
+            cur(1),
             1,
         )
         .unwrap();
@@ -124,7 +128,7 @@ fn agents_records_are_kept_apart() {
         .apply_upstream(
             &agent("b"),
             &[change("k", "ward", json!(2), 1, "b")],
-            Seq(1),
+            cur(1),
             1,
         )
         .unwrap();
@@ -176,7 +180,7 @@ fn downstream_queues_are_ordered_per_agent_and_trimmed_only_by_ack() {
         );
         // The hub's copy already holds the queued writes.
         assert_eq!(visible(&store, &a, "k4"), [("mode".into(), json!(4))]);
-        store.ack_downstream(&a, Seq(2)).unwrap();
+        store.ack_downstream(&a, mark(2), false).unwrap();
         assert_eq!(store.hlc_last().unwrap(), Stamp::new(200, 0));
     }
     // Everything survives a reopen.
@@ -197,8 +201,8 @@ fn downstream_queues_are_ordered_per_agent_and_trimmed_only_by_ack() {
         1
     );
     // An ack beyond the queue trims only what exists; an old ack changes nothing.
-    store.ack_downstream(&a, Seq(99)).unwrap();
-    store.ack_downstream(&a, Seq(1)).unwrap();
+    store.ack_downstream(&a, mark(99), false).unwrap();
+    store.ack_downstream(&a, mark(1), false).unwrap();
     let row = store.agent(&a).unwrap().unwrap();
     assert_eq!((row.down_acked, row.queue_pending()), (Seq(5), 0));
     assert!(store
@@ -254,4 +258,18 @@ fn reading_the_queue_stops_at_a_byte_budget_but_always_takes_one() {
     assert_eq!(seqs(usize::MAX), [1, 2, 3]);
     assert_eq!(seqs(1 << 20), [1, 2]);
     assert_eq!(seqs(1), [1]);
+}
+
+fn cur(seq: u64) -> fieldsync_shared::Cursor {
+    fieldsync_shared::Cursor {
+        source: Some(fieldsync_shared::Incarnation(1)),
+        at: mark(seq),
+    }
+}
+
+fn mark(seq: u64) -> fieldsync_shared::Mark {
+    fieldsync_shared::Mark {
+        seq: Seq(seq),
+        check: 0,
+    }
 }

@@ -194,9 +194,10 @@ pub enum Action {
         snapshot: bool,
         then: Message,
     },
-    /// The peer holds everything up to this mark: trim the queue to it and
-    /// store the mark as the trim point (a commit that need not be durable).
-    Trim(Mark),
+    /// The peer holds everything up to `mark`: trim the queue to it and store
+    /// the mark as the trim point (a commit that need not be durable).
+    /// `resync`: the peer got there by a snapshot that just completed.
+    Trim { mark: Mark, resync: bool },
     /// Agent only: the hub's clock minus the wall clock the driver passes in,
     /// measured now. Add it to the correction the driver applies to its wall
     /// clock (and re-stamp what was written with a wrong clock) before the
@@ -745,7 +746,10 @@ impl Session {
             Message::Ack(Ack { upto, check }) => match self.sender.on_ack(upto, check) {
                 Ok(Some(mark)) => {
                     self.last_progress_ms = now.mono_ms;
-                    self.push(Action::Trim(mark));
+                    self.push(Action::Trim {
+                        mark,
+                        resync: false,
+                    });
                 }
                 Ok(None) => {}
                 Err(_) => self.push(Action::Report(Report::BadAck { upto })),
@@ -809,7 +813,10 @@ impl Session {
                 if at > self.sender.acked.seq {
                     self.sender.acked = peer.at;
                     self.sender.sent = at;
-                    self.push(Action::Trim(peer.at));
+                    self.push(Action::Trim {
+                        mark: peer.at,
+                        resync: false,
+                    });
                 }
             }
             Err(reason) => {
@@ -919,7 +926,10 @@ impl Session {
             self.sender.acked = end;
             self.sender.state = SendState::Streaming;
             self.sender.reset_flight();
-            self.push(Action::Trim(end));
+            self.push(Action::Trim {
+                mark: end,
+                resync: true,
+            });
         }
     }
 

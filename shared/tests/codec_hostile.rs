@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 
 use fieldsync_shared::codec::{self, CodecError};
 use fieldsync_shared::record::MAX_VALUE_DEPTH;
+use fieldsync_shared::session::{Cursor, Incarnation, Mark};
 use fieldsync_shared::wire::{
-    Ack, Batch, Entry, Envelope, ErrorCode, ErrorMsg, Hello, InvalidMessage, Message, Welcome,
-    MAX_BATCH_ENTRIES, MAX_MESSAGE_BYTES,
+    Ack, Batch, Entry, Envelope, ErrorCode, ErrorMsg, Hello, InvalidMessage, Message, Snapshot,
+    SnapshotAck, Time, Welcome, MAX_BATCH_ENTRIES, MAX_MESSAGE_BYTES, WIRE_VERSION,
 };
 use fieldsync_shared::{AgentId, Change, CollectionName, FieldName, FieldState, FieldValue};
 use fieldsync_shared::{Origin, RecordKey, RecordState, Seq, Stamp, Value, Version};
@@ -47,9 +48,9 @@ fn map(pairs: &[(&str, Vec<u8>)]) -> Vec<u8> {
     out
 }
 
-/// `{"v": 1, "msg": ` — everything that follows is the message body.
+/// `{"v": 2, "msg": ` — everything that follows is the message body.
 fn envelope_prefix() -> Vec<u8> {
-    [head(5, 2), text("v"), uint(1), text("msg")].concat()
+    [head(5, 2), text("v"), uint(WIRE_VERSION.into()), text("msg")].concat()
 }
 
 // ---- valid values ----------------------------------------------------------
@@ -91,7 +92,17 @@ fn batch(first: u64, last: u64, entries: Vec<Entry>) -> Envelope {
     Envelope::new(Message::Batch(Batch {
         first: Seq(first),
         last: Seq(last),
+        check: 0x0bad_cafe,
         entries,
+    }))
+}
+
+fn snapshot(part: u64, changes: Vec<Change>) -> Envelope {
+    Envelope::new(Message::Snapshot(Snapshot {
+        resync: 1,
+        part,
+        changes,
+        end: None,
     }))
 }
 
@@ -103,9 +114,27 @@ fn valid_envelopes() -> Vec<Envelope> {
     vec![
         Envelope::new(Message::Hello(Hello {
             agent: AgentId::new("gw-1").unwrap(),
-            down_applied: Seq(3),
+            incarnation: Incarnation(77),
+            down: Cursor {
+                source: Some(Incarnation(5)),
+                at: Mark {
+                    seq: Seq(3),
+                    check: 0xdead_beef,
+                },
+            },
+            time_ms: 1_733_000_000_000,
         })),
-        Envelope::new(Message::Welcome(Welcome { up_applied: Seq(9) })),
+        Envelope::new(Message::Welcome(Welcome {
+            incarnation: Incarnation(5),
+            up: Cursor {
+                source: Some(Incarnation(77)),
+                at: Mark {
+                    seq: Seq(9),
+                    check: 1,
+                },
+            },
+            time_ms: 1_733_000_000_500,
+        })),
         batch(
             4,
             7,
@@ -116,14 +145,31 @@ fn valid_envelopes() -> Vec<Envelope> {
                 },
                 Entry {
                     seq: Seq(6),
-                    change: deleted,
+                    change: deleted.clone(),
                 },
             ],
         ),
-        Envelope::new(Message::Ack(Ack { upto: Seq(5) })),
+        Envelope::new(Message::Ack(Ack {
+            upto: Seq(5),
+            check: u64::MAX,
+        })),
+        Envelope::new(Message::Snapshot(Snapshot {
+            resync: 3,
+            part: 2,
+            changes: vec![change_with("ward", json!("ICU")), deleted],
+            end: Some(Mark {
+                seq: Seq(12),
+                check: 99,
+            }),
+        })),
+        Envelope::new(Message::SnapshotAck(SnapshotAck { resync: 3, part: 2 })),
+        Envelope::new(Message::Time(Time {
+            time_ms: 1_733_000_060_000,
+        })),
         Envelope::new(Message::Error(ErrorMsg {
             code: ErrorCode::PolicyDenied,
             message: "field not permitted".into(),
+            at: Some(Seq(4)),
         })),
     ]
 }
@@ -312,7 +358,7 @@ fn encode_refuses_an_envelope_over_one_mebibyte() {
 #[test]
 fn other_versions_are_unsupported_even_with_a_body_this_build_cannot_read() {
     for envelope in valid_envelopes() {
-        for v in [0, 2, u16::MAX] {
+        for v in [0, 1, 3, u16::MAX] {
             let bytes = raw(&Envelope {
                 v,
                 msg: envelope.msg.clone(),
@@ -325,38 +371,55 @@ fn other_versions_are_unsupported_even_with_a_body_this_build_cannot_read() {
     }
     // A future message kind this build has never heard of.
     let future = map(&[
-        ("v", uint(2)),
+        ("v", uint(3)),
         ("msg", map(&[("Ping", map(&[("nonce", uint(7))]))])),
     ]);
     assert_eq!(
         codec::decode(&future),
-        Err(CodecError::UnsupportedVersion { found: 2 })
+        Err(CodecError::UnsupportedVersion { found: 3 })
     );
-    // The same body at version 1 is simply malformed.
+    // A version 1 body (the v1 `Ack` had no check) at version 1 is refused
+    // for its version, and at version 2 it is simply malformed.
+    let v1_ack = map(&[("Ack", map(&[("upto", uint(3))]))]);
+    assert_eq!(
+        codec::decode(&map(&[("v", uint(1)), ("msg", v1_ack.clone())])),
+        Err(CodecError::UnsupportedVersion { found: 1 })
+    );
+    assert_malformed(
+        &map(&[("v", uint(2)), ("msg", v1_ack)]),
+        "a v1 ack body at version 2",
+    );
     let unknown = map(&[
-        ("v", uint(1)),
+        ("v", uint(2)),
         ("msg", map(&[("Ping", map(&[("nonce", uint(7))]))])),
     ]);
-    assert_malformed(&unknown, "unknown message kind at version 1");
+    assert_malformed(&unknown, "unknown message kind at version 2");
 }
 
 #[test]
 fn a_missing_or_out_of_range_version_is_malformed() {
-    let ack = map(&[("Ack", map(&[("upto", uint(1))]))]);
+    let ack = map(&[("Ack", map(&[("upto", uint(1)), ("check", uint(1))]))]);
     assert_malformed(&map(&[("msg", ack.clone())]), "no version");
     assert_malformed(
         &map(&[("v", uint(70_000)), ("msg", ack.clone())]),
         "version beyond u16",
     );
-    assert_malformed(&map(&[("v", text("1")), ("msg", ack)]), "version as text");
-    assert_malformed(&map(&[("v", uint(1))]), "no message");
+    assert_malformed(
+        &map(&[("v", text("2")), ("msg", ack.clone())]),
+        "version as text",
+    );
+    assert_malformed(&map(&[("v", uint(2))]), "no message");
+    // The same body with the version right is accepted.
+    assert!(codec::decode(&map(&[("v", uint(2)), ("msg", ack)])).is_ok());
 }
 
 #[test]
 fn invalid_ids_inside_a_message_are_malformed() {
     let hello = raw(&Envelope::new(Message::Hello(Hello {
         agent: AgentId::new("a-b").unwrap(),
-        down_applied: Seq(0),
+        incarnation: Incarnation(1),
+        down: Cursor::default(),
+        time_ms: 0,
     })));
     match codec::decode(&patch(&hello, "a-b", "a/b")) {
         Err(CodecError::Malformed(m)) => assert!(m.contains("agent id"), "{m}"),
@@ -517,11 +580,43 @@ fn a_tombstone_only_change_is_not_too_deep_or_empty() {
     assert_eq!(codec::decode(&raw(&envelope)).unwrap(), envelope);
 }
 
+#[test]
+fn snapshots_that_break_the_part_rules_are_invalid() {
+    let bad = |part: u64, reason: &'static str| InvalidMessage::BadSnapshot { part, reason };
+    assert_eq!(
+        invalid(&raw(&snapshot(0, vec![]))),
+        bad(0, "parts count from 1")
+    );
+    let mut empty = change_with("ward", json!("ICU"));
+    empty.state = RecordState::default();
+    assert_eq!(
+        invalid(&raw(&snapshot(2, vec![change_with("a", json!(1)), empty]))),
+        bad(2, "an empty record")
+    );
+    assert_eq!(
+        invalid(&raw(&snapshot(1, vec![change_with("v", nested(MAX_VALUE_DEPTH + 1))]))),
+        bad(1, "a value nested too deeply")
+    );
+    // The count is checked first, so the smallest (empty) records will do.
+    let tiny = Change {
+        collection: CollectionName::new("c").unwrap(),
+        key: RecordKey::new("k").unwrap(),
+        state: RecordState::default(),
+    };
+    let many = vec![tiny; MAX_BATCH_ENTRIES + 1];
+    assert_eq!(invalid(&raw(&snapshot(1, many))), bad(1, "too many records"));
+    // A part with no records (everything filtered out) is valid.
+    let empty_part = snapshot(1, vec![]);
+    assert_eq!(codec::decode(&raw(&empty_part)).unwrap(), empty_part);
+}
+
 /// Whatever `decode` accepts is valid and survives a round trip.
 fn accepted_is_sound(bytes: &[u8]) -> Result<(), TestCaseError> {
     if let Ok(envelope) = codec::decode(bytes) {
-        if let Message::Batch(b) = &envelope.msg {
-            prop_assert_eq!(b.validate(), Ok(()));
+        match &envelope.msg {
+            Message::Batch(b) => prop_assert_eq!(b.validate(), Ok(())),
+            Message::Snapshot(s) => prop_assert_eq!(s.validate(), Ok(())),
+            _ => {}
         }
         let again = codec::encode(&envelope).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(codec::decode(&again), Ok(envelope));
@@ -537,7 +632,7 @@ proptest! {
         accepted_is_sound(&bytes)?;
     }
 
-    /// Random bytes after a valid `{"v": 1, "msg": ` prefix reach the message
+    /// Random bytes after a valid `{"v": 2, "msg": ` prefix reach the message
     /// decoder rather than failing at the first byte.
     #[test]
     fn random_message_bodies_never_panic(body in prop::collection::vec(any::<u8>(), 0..256)) {
@@ -547,7 +642,7 @@ proptest! {
     /// Valid messages with a few bytes overwritten, inserted or removed.
     #[test]
     fn mutated_messages_never_panic(
-        which in 0usize..5,
+        which in 0usize..8,
         edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..4),
     ) {
         let mut bytes = codec::encode(&valid_envelopes()[which]).unwrap();

@@ -6,14 +6,22 @@
 //! needs a new envelope version, not a new fixture. To add a fixture for a new
 //! value, run once with `FIELDSYNC_BLESS=1`; that writes fixtures that are missing
 //! and never rewrites one that exists.
+//!
+//! The envelopes of wire version 1 (`hello.cbor.hex` and the others without a
+//! version in their name) stay too: this build must answer each of them with
+//! `UnsupportedVersion { found: 1 }`, the documented answer to a v1 peer. The
+//! version 2 envelopes are `NAME.v2.cbor.hex`. `record_state.cbor.hex` is a
+//! stored value without an envelope and still decodes as it did.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::path::PathBuf;
 
 use fieldsync_shared::codec::{self, CodecError};
+use fieldsync_shared::session::{entry_check, Cursor, Incarnation, Mark};
 use fieldsync_shared::wire::{
-    Ack, Batch, Entry, Envelope, ErrorCode, ErrorMsg, Hello, Message, Welcome, WIRE_VERSION,
+    Ack, Batch, Entry, Envelope, ErrorCode, ErrorMsg, Hello, Message, Snapshot, SnapshotAck, Time,
+    Welcome, WIRE_VERSION,
 };
 use fieldsync_shared::{AgentId, Change, CollectionName, FieldName, FieldState, FieldValue};
 use fieldsync_shared::{Origin, RecordKey, RecordState, Seq, Stamp, Version};
@@ -56,9 +64,24 @@ fn fixtures_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-/// Every fixture this file checks. A fixture on disk that is not listed here
-/// fails `no_fixture_is_orphaned`: fixtures are never dropped.
-const FIXTURES: [&str; 6] = ["hello", "welcome", "batch", "ack", "error", "record_state"];
+/// Envelopes of wire version 1, kept forever: each must now be refused as
+/// `UnsupportedVersion { found: 1 }`.
+const V1_FIXTURES: [&str; 5] = ["hello", "welcome", "batch", "ack", "error"];
+
+/// Every fixture this file encodes and decodes. A fixture on disk that is not
+/// listed here or in [`V1_FIXTURES`] fails `no_fixture_is_orphaned`: fixtures
+/// are never dropped.
+const FIXTURES: [&str; 9] = [
+    "hello.v2",
+    "welcome.v2",
+    "batch.v2",
+    "ack.v2",
+    "snapshot.v2",
+    "snapshot_ack.v2",
+    "time.v2",
+    "error.v2",
+    "record_state",
+];
 
 /// Compares `encoded` with the fixture `name` and decodes the fixture back to
 /// `value`. Writes a missing fixture only when `FIELDSYNC_BLESS=1`.
@@ -135,31 +158,42 @@ fn fields<const N: usize>(items: [(&str, FieldState); N]) -> BTreeMap<FieldName,
 #[test]
 fn hello() {
     check_envelope(
-        "hello",
+        "hello.v2",
         Message::Hello(Hello {
             agent: agent(),
-            down_applied: Seq(7),
+            incarnation: Incarnation(0x0123_4567_89ab_cdef),
+            down: Cursor {
+                source: Some(Incarnation(0xfedc_ba98_7654_3210)),
+                at: Mark {
+                    seq: Seq(7),
+                    check: 0x1d2c_3b4a_5968_7786,
+                },
+            },
+            time_ms: 1_733_000_000_000,
         }),
     );
 }
 
 #[test]
 fn welcome() {
+    // A hub that never heard of this agent's store: no source, nothing applied.
     check_envelope(
-        "welcome",
+        "welcome.v2",
         Message::Welcome(Welcome {
-            up_applied: Seq(42),
+            incarnation: Incarnation(0xfedc_ba98_7654_3210),
+            up: Cursor::default(),
+            time_ms: 1_733_000_000_042,
         }),
     );
 }
 
-#[test]
-fn batch() {
+/// The changes of the batch fixture: many kinds of JSON value, a field
+/// delete, a record delete with a newer write on top.
+fn batch_entries() -> Vec<Entry> {
     let w = version(1_733_000_000_000, 0, "gw-01");
     let later = version(1_733_000_000_500, 3, "gw-01");
     let hub = version(1_733_000_001_000, 0, "@hub");
-    let entries = vec![
-        // A write of many kinds of JSON value, plus a field delete.
+    vec![
         Entry {
             seq: Seq(1),
             change: Change {
@@ -191,7 +225,6 @@ fn batch() {
             },
         },
         // Seq 2 was filtered to nothing by the policy, so it is absent.
-        // A record delete by the hub with a newer write on top.
         Entry {
             seq: Seq(3),
             change: Change {
@@ -203,31 +236,109 @@ fn batch() {
                 },
             },
         },
-    ];
+    ]
+}
+
+#[test]
+fn batch() {
+    let entries = batch_entries();
+    // The check is the digest of the sender's entry at `last` (here seq 4,
+    // filtered out on the way; its digest stands in as a fixed number).
     check_envelope(
-        "batch",
+        "batch.v2",
         Message::Batch(Batch {
             first: Seq(1),
             last: Seq(4),
+            check: 0x8a3f_0c11_d2e4_5b67,
             entries,
         }),
     );
 }
 
+/// The entry check is pinned too: it is part of every cursor on disk and on
+/// the wire, so a build that digests differently would resync every link.
+#[test]
+fn entry_checks_are_stable() {
+    let checks: Vec<String> = batch_entries()
+        .iter()
+        .map(|e| format!("{:016x}", entry_check(&e.change)))
+        .collect();
+    assert_eq!(checks, ["bad10b87b2ef6474", "475d921fd7a2ebca"]);
+}
+
 #[test]
 fn ack() {
-    check_envelope("ack", Message::Ack(Ack { upto: Seq(3) }));
+    check_envelope(
+        "ack.v2",
+        Message::Ack(Ack {
+            upto: Seq(3),
+            check: 0x8a3f_0c11_d2e4_5b67,
+        }),
+    );
+}
+
+#[test]
+fn snapshot() {
+    let changes = batch_entries().into_iter().map(|e| e.change).collect();
+    check_envelope(
+        "snapshot.v2",
+        Message::Snapshot(Snapshot {
+            resync: 2,
+            part: 3,
+            changes,
+            end: Some(Mark {
+                seq: Seq(1_000),
+                check: 0x5245_5359_4e43_0001,
+            }),
+        }),
+    );
+}
+
+#[test]
+fn snapshot_ack() {
+    check_envelope(
+        "snapshot_ack.v2",
+        Message::SnapshotAck(SnapshotAck { resync: 2, part: 3 }),
+    );
+}
+
+#[test]
+fn time() {
+    check_envelope(
+        "time.v2",
+        Message::Time(Time {
+            time_ms: 1_733_000_060_000,
+        }),
+    );
 }
 
 #[test]
 fn error() {
     check_envelope(
-        "error",
+        "error.v2",
         Message::Error(ErrorMsg {
-            code: ErrorCode::SequenceGap,
-            message: "expected at most 5, got a batch starting at 9".into(),
+            code: ErrorCode::ClockAhead,
+            message: "entry 5 is stamped 172800000 ms ahead of this replica's clock".into(),
+            at: Some(Seq(5)),
         }),
     );
+}
+
+/// A v1 peer's envelopes, byte for byte as v1 builds wrote them, get the
+/// documented answer: the version is read before the body, so even a body
+/// this build cannot parse is `UnsupportedVersion { found: 1 }`.
+#[test]
+fn v1_envelopes_are_unsupported_version_1() {
+    for name in V1_FIXTURES {
+        let path = fixtures_dir().join(format!("{name}.cbor.hex"));
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("v1 fixture {} is kept forever: {e}", path.display()));
+        assert_eq!(
+            codec::decode(&hex_decode(&text)),
+            Err(CodecError::UnsupportedVersion { found: 1 }),
+            "{name}"
+        );
+    }
 }
 
 #[test]
@@ -262,21 +373,27 @@ fn record_state() {
 #[test]
 fn ack_bytes_are_maps_with_string_keys_and_tagged_enums() {
     let expected = [
-        "a2",          // map, 2 entries
-        "61 76",       //   text(1) "v"
-        "01",          //   unsigned 1
-        "63 6d7367",   //   text(3) "msg"
-        "a1",          //   map, 1 entry (the enum)
-        "63 41636b",   //     text(3) "Ack" (the variant)
-        "a1",          //     map, 1 entry (the Ack struct)
-        "64 7570746f", //       text(4) "upto"
-        "03",          //       unsigned 3
+        "a2",           // map, 2 entries
+        "61 76",        //   text(1) "v"
+        "02",           //   unsigned 2
+        "63 6d7367",    //   text(3) "msg"
+        "a1",           //   map, 1 entry (the enum)
+        "63 41636b",    //     text(3) "Ack" (the variant)
+        "a2",           //     map, 2 entries (the Ack struct)
+        "64 7570746f",  //       text(4) "upto"
+        "03",           //       unsigned 3
+        "65 636865636b", //       text(5) "check"
+        "18 2a",        //       unsigned 42 (one extra byte)
     ]
     .concat()
     .replace(' ', "");
-    let bytes = codec::encode(&Envelope::new(Message::Ack(Ack { upto: Seq(3) }))).unwrap();
+    let ack = Ack {
+        upto: Seq(3),
+        check: 42,
+    };
+    let bytes = codec::encode(&Envelope::new(Message::Ack(ack))).unwrap();
     assert_eq!(hex_encode(&bytes), expected);
-    assert_eq!(WIRE_VERSION, 1);
+    assert_eq!(WIRE_VERSION, 2);
 }
 
 /// Field tombstones are the bare text "Deleted"; set values are {"Set": value};
@@ -303,6 +420,8 @@ fn code_name(code: ErrorCode) -> &'static str {
         ErrorCode::PolicyDenied => "PolicyDenied",
         ErrorCode::Internal => "Internal",
         ErrorCode::HelloFirst => "HelloFirst",
+        ErrorCode::ClockAhead => "ClockAhead",
+        ErrorCode::IdentityConflict => "IdentityConflict",
     }
 }
 
@@ -316,6 +435,8 @@ fn every_error_code_is_its_name_as_text() {
         ErrorCode::PolicyDenied,
         ErrorCode::Internal,
         ErrorCode::HelloFirst,
+        ErrorCode::ClockAhead,
+        ErrorCode::IdentityConflict,
     ] {
         let name = code_name(code);
         let mut expected = vec![0x60 + u8::try_from(name.len()).unwrap()];
@@ -334,9 +455,14 @@ fn no_fixture_is_orphaned() {
         let name = entry.unwrap().file_name().into_string().unwrap();
         let stem = name.strip_suffix(".cbor.hex");
         assert!(
-            stem.is_some_and(|s| FIXTURES.contains(&s)),
+            stem.is_some_and(|s| FIXTURES.contains(&s) || V1_FIXTURES.contains(&s)),
             "fixture {name} is not checked by any test; fixtures are kept forever"
         );
+    }
+    // And every listed fixture is on disk (a v2 one once blessed).
+    for name in FIXTURES.iter().chain(&V1_FIXTURES) {
+        let path = fixtures_dir().join(format!("{name}.cbor.hex"));
+        assert!(path.exists(), "fixture {} is missing", path.display());
     }
 }
 

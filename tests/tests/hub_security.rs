@@ -17,11 +17,12 @@ use fieldsync_e2e::tap::{Tap, TapCerts};
 use fieldsync_e2e::TempAgent;
 use fieldsync_shared::hlc::system_now_ms;
 use fieldsync_shared::wire::{
-    down_topic, up_topic, Ack, Batch, Entry, Envelope, ErrorCode, Hello, Message,
+    down_topic, up_topic, Ack, Batch, Entry, Envelope, ErrorCode, Hello, Message, Snapshot,
+    SnapshotAck,
 };
 use fieldsync_shared::{
-    AgentId, Change, CollectionName, FieldName, FieldState, FieldValue, Origin, RecordKey,
-    RecordState, Seq, Stamp, Version,
+    AgentId, Change, CollectionName, Cursor, FieldName, FieldState, FieldValue, Incarnation, Mark,
+    Origin, RecordKey, RecordState, Seq, Stamp, Version,
 };
 use reqwest::StatusCode;
 use rumqttc::{ConnectReturnCode, LastWill, Packet, Publish, QoS, SubscribeReasonCode};
@@ -186,6 +187,7 @@ fn batch(first: u64, changes: Vec<Change>) -> Message {
     Message::Batch(Batch {
         first: Seq(first),
         last: Seq(last),
+        check: 0,
         entries,
     })
 }
@@ -198,8 +200,11 @@ fn down(agent: &str) -> String {
     down_topic(&name(AgentId::new, agent))
 }
 
-/// The raw client's first steps as an agent: subscribe to its down topic, send
-/// a hello, and get the hub's welcome.
+/// The raw client's first steps as a new agent store (protocol v2): subscribe
+/// to its down topic, send a hello with a fresh incarnation, get the hub's
+/// welcome, take the hub's resync (a new store follows no hub incarnation),
+/// then resync the hub with an empty snapshot (the hub follows no stream of
+/// this incarnation). Returns the upstream position batches continue after.
 async fn hello(client: &mut RawMqtt, agent: &str) -> Seq {
     let ack = client
         .subscribe(&down(agent), ANSWER)
@@ -209,19 +214,62 @@ async fn hello(client: &mut RawMqtt, agent: &str) -> Seq {
         matches!(ack.return_codes[..], [SubscribeReasonCode::Success(_)]),
         "own down topic refused: {ack:?}"
     );
+    let incarnation = Incarnation(system_now_ms() ^ 0x5eed_0000_0000_0000);
     client
         .publish_msg(
             &up(agent),
             Message::Hello(Hello {
                 agent: name(AgentId::new, agent),
-                down_applied: Seq(0),
+                incarnation,
+                down: Cursor::default(),
+                time_ms: system_now_ms(),
             }),
         )
         .await
         .expect("publish hello");
-    match client.next_msg(ANSWER).await.expect("welcome") {
-        Message::Welcome(w) => w.up_applied,
+    let welcome = match client.next_msg(ANSWER).await.expect("welcome") {
+        Message::Welcome(w) => w,
         other => panic!("expected a welcome, got {other:?}"),
+    };
+    loop {
+        match client.next_msg(ANSWER).await.expect("the hub's resync") {
+            Message::Snapshot(s) => {
+                let last = s.end.is_some();
+                client
+                    .publish_msg(
+                        &up(agent),
+                        Message::SnapshotAck(SnapshotAck {
+                            resync: s.resync,
+                            part: s.part,
+                        }),
+                    )
+                    .await
+                    .expect("publish snapshot ack");
+                if last {
+                    break;
+                }
+            }
+            other => panic!("expected the hub's snapshot, got {other:?}"),
+        }
+    }
+    if welcome.up.source == Some(incarnation) {
+        return welcome.up.at.seq;
+    }
+    client
+        .publish_msg(
+            &up(agent),
+            Message::Snapshot(Snapshot {
+                resync: 1,
+                part: 1,
+                changes: vec![],
+                end: Some(Mark::default()),
+            }),
+        )
+        .await
+        .expect("publish snapshot");
+    match client.next_msg(ANSWER).await.expect("snapshot ack") {
+        Message::SnapshotAck(_) => Seq(0),
+        other => panic!("expected a snapshot ack, got {other:?}"),
     }
 }
 
@@ -974,7 +1022,7 @@ async fn the_hub_drops_what_its_policy_does_not_permit_and_survives_garbage() {
         .await
         .unwrap();
     match client.next_msg(ANSWER).await.unwrap() {
-        Message::Ack(Ack { upto }) => assert_eq!(upto, Seq(3)),
+        Message::Ack(Ack { upto, .. }) => assert_eq!(upto, Seq(3)),
         other => panic!("expected an ack, got {other:?}"),
     }
     fleet
@@ -1005,18 +1053,24 @@ async fn the_hub_drops_what_its_policy_does_not_permit_and_survives_garbage() {
     // counted; the connection stays up.
     let wrong_version = fieldsync_shared::codec::to_bytes(&Envelope {
         v: 99,
-        msg: Message::Ack(Ack { upto: Seq(1) }),
+        msg: Message::Ack(Ack {
+            upto: Seq(1),
+            check: 0,
+        }),
     })
     .unwrap();
     let other_agent_hello =
         fieldsync_shared::codec::encode(&Envelope::new(Message::Hello(Hello {
             agent: name(AgentId::new, "gw-y"),
-            down_applied: Seq(0),
+            incarnation: Incarnation(7),
+            down: Cursor::default(),
+            time_ms: system_now_ms(),
         })))
         .unwrap();
     let bad_range = fieldsync_shared::codec::encode(&Envelope::new(Message::Batch(Batch {
         first: Seq(0),
         last: Seq(0),
+        check: 0,
         entries: vec![],
     })))
     .unwrap();
@@ -1050,7 +1104,7 @@ async fn the_hub_drops_what_its_policy_does_not_permit_and_survives_garbage() {
         .await
         .unwrap();
     match client.next_msg(ANSWER).await.unwrap() {
-        Message::Ack(Ack { upto }) => assert_eq!(upto, Seq(4)),
+        Message::Ack(Ack { upto, .. }) => assert_eq!(upto, Seq(4)),
         other => panic!("expected an ack, got {other:?}"),
     }
     fleet
@@ -1238,7 +1292,7 @@ async fn changes_claiming_another_origin_are_dropped_and_batches_before_hello_ar
         .await
         .unwrap();
     match client.next_msg(ANSWER).await.unwrap() {
-        Message::Ack(Ack { upto }) => assert_eq!(upto, Seq(3)),
+        Message::Ack(Ack { upto, .. }) => assert_eq!(upto, Seq(3)),
         other => panic!("expected an ack, got {other:?}"),
     }
     fleet

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{anyhow, bail, ensure, Context};
 use fieldsync_e2e::fleet::{Pki, TempHub, FLEET_POLICY};
 use fieldsync_e2e::raw_mqtt::{connect_packet, RawMqtt};
-use fieldsync_shared::wire::{down_topic, up_topic, Hello, Message};
-use fieldsync_shared::{AgentId, Seq};
+use fieldsync_shared::wire::{down_topic, up_topic, Hello, Message, SnapshotAck};
+use fieldsync_shared::{AgentId, Cursor, Incarnation};
 use rcgen::{
     CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -276,7 +276,9 @@ async fn session(
     );
     let hello = Message::Hello(Hello {
         agent: id.clone(),
-        down_applied: Seq(0),
+        incarnation: Incarnation(fieldsync_shared::hlc::system_now_ms().max(1)),
+        down: Cursor::default(),
+        time_ms: fieldsync_shared::hlc::system_now_ms(),
     });
     mqtt.publish_msg(&up_topic(id), hello)
         .await
@@ -286,13 +288,28 @@ async fn session(
         Message::Welcome(_) => {}
         other => bail!("the hub answered Hello with {other:?}"),
     }
+    let welcome = Instant::now();
+    // A new store: the hub resyncs it (an empty snapshot); acknowledge it so
+    // the hub does not resend it for the rest of the run.
+    match mqtt.next_msg(left()).await.context("waiting for the snapshot")? {
+        Message::Snapshot(s) => {
+            let ack = Message::SnapshotAck(SnapshotAck {
+                resync: s.resync,
+                part: s.part,
+            });
+            mqtt.publish_msg(&up_topic(id), ack)
+                .await
+                .context("PUBLISH SnapshotAck")?;
+        }
+        other => bail!("the hub sent {other:?} after Welcome"),
+    }
     Ok(Session {
         mqtt,
         slot: slot_at,
         tls_done,
         connack,
         hello_sent,
-        welcome: Instant::now(),
+        welcome,
     })
 }
 

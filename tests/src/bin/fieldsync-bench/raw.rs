@@ -37,7 +37,7 @@ use crate::{mib, Plan, Report};
 /// The agent id (certificate CN, MQTT client id, origin) of the publisher.
 pub(crate) const AGENT: &str = "bench-raw";
 /// Entries in the "batch" payload: the agent's upstream batch size.
-pub(crate) const BATCH_ENTRIES: u64 = fieldsync_agent::link::UP_BATCH;
+pub(crate) const BATCH_ENTRIES: u64 = 512;
 /// The agent's MQTT options (agent/src/link.rs): largest packet, in-flight
 /// window, keep-alive.
 const MAX_PACKET_BYTES: usize = MAX_MESSAGE_BYTES + 1024;
@@ -114,7 +114,7 @@ impl Payloads {
     pub(crate) fn new(agent: &AgentId) -> anyhow::Result<Self> {
         let changes = patient_changes(agent, BATCH_ENTRIES)?;
         let single = vec![changes[0].clone()];
-        let batch = Batch::fit(Seq(1), changes);
+        let (batch, _) = Batch::fit(Seq(1), changes);
         let batch_changes = batch.entries.len();
         ensure!(
             batch_changes as u64 == BATCH_ENTRIES,
@@ -123,7 +123,7 @@ impl Payloads {
         Ok(Self {
             batch: envelope(batch)?,
             batch_changes,
-            change: envelope(Batch::fit(Seq(1), single))?,
+            change: envelope(Batch::fit(Seq(1), single).0)?,
         })
     }
 }
