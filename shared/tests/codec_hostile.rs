@@ -50,7 +50,13 @@ fn map(pairs: &[(&str, Vec<u8>)]) -> Vec<u8> {
 
 /// `{"v": 2, "msg": ` — everything that follows is the message body.
 fn envelope_prefix() -> Vec<u8> {
-    [head(5, 2), text("v"), uint(WIRE_VERSION.into()), text("msg")].concat()
+    [
+        head(5, 2),
+        text("v"),
+        uint(WIRE_VERSION.into()),
+        text("msg"),
+    ]
+    .concat()
 }
 
 // ---- valid values ----------------------------------------------------------
@@ -594,7 +600,10 @@ fn snapshots_that_break_the_part_rules_are_invalid() {
         bad(2, "an empty record")
     );
     assert_eq!(
-        invalid(&raw(&snapshot(1, vec![change_with("v", nested(MAX_VALUE_DEPTH + 1))]))),
+        invalid(&raw(&snapshot(
+            1,
+            vec![change_with("v", nested(MAX_VALUE_DEPTH + 1))]
+        ))),
         bad(1, "a value nested too deeply")
     );
     // The count is checked first, so the smallest (empty) records will do.
@@ -604,7 +613,10 @@ fn snapshots_that_break_the_part_rules_are_invalid() {
         state: RecordState::default(),
     };
     let many = vec![tiny; MAX_BATCH_ENTRIES + 1];
-    assert_eq!(invalid(&raw(&snapshot(1, many))), bad(1, "too many records"));
+    assert_eq!(
+        invalid(&raw(&snapshot(1, many))),
+        bad(1, "too many records")
+    );
     // A part with no records (everything filtered out) is valid.
     let empty_part = snapshot(1, vec![]);
     assert_eq!(codec::decode(&raw(&empty_part)).unwrap(), empty_part);

@@ -373,17 +373,17 @@ fn record_state() {
 #[test]
 fn ack_bytes_are_maps_with_string_keys_and_tagged_enums() {
     let expected = [
-        "a2",           // map, 2 entries
-        "61 76",        //   text(1) "v"
-        "02",           //   unsigned 2
-        "63 6d7367",    //   text(3) "msg"
-        "a1",           //   map, 1 entry (the enum)
-        "63 41636b",    //     text(3) "Ack" (the variant)
-        "a2",           //     map, 2 entries (the Ack struct)
-        "64 7570746f",  //       text(4) "upto"
-        "03",           //       unsigned 3
+        "a2",            // map, 2 entries
+        "61 76",         //   text(1) "v"
+        "02",            //   unsigned 2
+        "63 6d7367",     //   text(3) "msg"
+        "a1",            //   map, 1 entry (the enum)
+        "63 41636b",     //     text(3) "Ack" (the variant)
+        "a2",            //     map, 2 entries (the Ack struct)
+        "64 7570746f",   //       text(4) "upto"
+        "03",            //       unsigned 3
         "65 636865636b", //       text(5) "check"
-        "18 2a",        //       unsigned 42 (one extra byte)
+        "18 2a",         //       unsigned 42 (one extra byte)
     ]
     .concat()
     .replace(' ', "");

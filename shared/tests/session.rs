@@ -1,594 +1,1040 @@
-//! Behaviour of the sans-IO sync session: the `Sender`'s batching, window, acks
-//! and resend after reconnect; the `Receiver`'s at-most-once plan; and a
-//! simulation over a channel that drops, duplicates and disconnects, checking
-//! that every entry is applied exactly once, in order, and trimmed only after.
+//! Behaviour of the sans-IO sync session (`Session`, its `Sender` and
+//! `Receiver`), driven the way the agent's and the hub's drivers drive it:
+//! batching within the entry and byte windows, acknowledgements and trims,
+//! go-back-N after the ack timeout, resume after a reconnect, gaps and
+//! duplicates, every reason for a resync by snapshot, snapshot parts sent
+//! stop-and-wait, clock-bound refusals, the hub's clock messages, and the
+//! hub's identity check. The randomised fleet simulation is `tests/sim.rs`.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 
-use fieldsync_shared::session::{Plan, SessionError};
-use fieldsync_shared::wire::{Batch, Entry};
-use fieldsync_shared::{Change, CollectionName, FieldName, Origin, RecordKey, RecordState};
-use fieldsync_shared::{Receiver, Sender, Seq, Stamp, Version};
-use proptest::prelude::*;
+use fieldsync_shared::session::{
+    entry_check, Action, Admission, Cursor, Identity, Incarnation, Mark, Now, RecordAddr, Report,
+    ResyncReason, Session, SessionConfig, RETIRED_KEPT,
+};
+use fieldsync_shared::wire::{Ack, Batch, Entry, ErrorCode, Message, SnapshotAck};
+use fieldsync_shared::{AgentId, Change, CollectionName, FieldName, Origin, RecordKey};
+use fieldsync_shared::{RecordState, Sender, Seq, Stamp, Version};
 use serde_json::json;
 
-fn change(seq: u64) -> Change {
-    let mut state = RecordState::default();
+/// Wall time at mono 0.
+const WALL: u64 = 1_733_000_000_000;
+const DAY_MS: u64 = 86_400_000;
+const AGENT_INC: Incarnation = Incarnation(0xa9e7);
+const HUB_INC: Incarnation = Incarnation(0x40b);
+
+fn at(mono_ms: u64) -> Now {
+    Now {
+        mono_ms,
+        wall_ms: WALL + mono_ms,
+    }
+}
+
+fn cfg() -> SessionConfig {
+    SessionConfig {
+        ack_timeout_ms: 1_000,
+        window_entries: 4,
+        window_bytes: 1 << 20,
+        batch_entries: 3,
+        max_drift_ms: 60_000,
+        clock_interval_ms: 30_000,
+    }
+}
+
+fn gw() -> AgentId {
+    AgentId::new("gw-1").unwrap()
+}
+
+/// Change number `n`: record `k{n}`, field `n`, stamped at `wall_ms`.
+fn change_at(n: u64, wall_ms: u64, origin: &str) -> Change {
     let version = Version {
-        stamp: Stamp::new(seq, 0),
-        origin: Origin::new("gw-1").unwrap(),
+        stamp: Stamp::new(wall_ms, 0),
+        origin: Origin::new(origin).unwrap(),
     };
-    state.write([(FieldName::new("n").unwrap(), Some(json!(seq)))], &version);
+    let state =
+        RecordState::default().write([(FieldName::new("n").unwrap(), Some(json!(n)))], &version);
     Change {
         collection: CollectionName::new("c").unwrap(),
-        key: RecordKey::new("k").unwrap(),
+        key: RecordKey::new(format!("k{n:03}")).unwrap(),
         state,
     }
 }
 
-fn entry(seq: u64) -> Entry {
-    Entry {
+fn change(n: u64) -> Change {
+    change_at(n, WALL + n, "gw-1")
+}
+
+fn mark_of(seq: u64, c: &Change) -> Mark {
+    Mark {
         seq: Seq(seq),
-        change: change(seq),
+        check: entry_check(c),
     }
 }
 
-fn batch(first: u64, last: u64, present: &[u64]) -> Batch {
-    Batch {
-        first: Seq(first),
-        last: Seq(last),
-        entries: present.iter().map(|&s| entry(s)).collect(),
+/// A cursor that follows `source` and has applied up to `mark`.
+fn follows(source: Incarnation, mark: Mark) -> Cursor {
+    Cursor {
+        source: Some(source),
+        at: mark,
     }
 }
 
-fn seqs(entries: &[Entry]) -> Vec<u64> {
-    entries.iter().map(|e| e.seq.0).collect()
+/// One replica's end of the link and the storage its driver holds: a queue
+/// for the sender, committed changes and a cursor for the receiver, and
+/// records a snapshot is read from. `run` executes actions as the drivers do.
+struct Side {
+    s: Session,
+    queue: BTreeMap<Seq, Change>,
+    records: BTreeMap<RecordAddr, Change>,
+    /// Records per snapshot part.
+    chunk: usize,
+    cursor: Cursor,
+    commits: Vec<(Vec<Change>, Option<Cursor>, bool)>,
+    trims: Vec<Mark>,
+    loads: Vec<(Seq, Seq)>,
+    reports: Vec<Report>,
+    offsets: Vec<i64>,
 }
 
-/// A connected sender with `acked+1..=last` queued.
-fn connected(acked: u64, last: u64, window: u64) -> Sender {
-    let mut s = Sender::new(Seq(acked), Seq(last), window);
-    s.connected(Seq(acked)).unwrap();
-    s
+impl Side {
+    fn new(s: Session, queue: BTreeMap<Seq, Change>, cursor: Cursor) -> Self {
+        Self {
+            s,
+            queue,
+            records: BTreeMap::new(),
+            chunk: 3,
+            cursor,
+            commits: Vec::new(),
+            trims: Vec::new(),
+            loads: Vec::new(),
+            reports: Vec::new(),
+            offsets: Vec::new(),
+        }
+    }
+
+    /// An agent whose outbox holds `acked.seq+1..=last` (changes numbered by
+    /// seq) and whose downstream cursor is `down`.
+    fn agent(acked: Mark, last: u64, down: Cursor, cfg: SessionConfig) -> Self {
+        let queue = (acked.seq.0 + 1..=last)
+            .map(|n| (Seq(n), change(n)))
+            .collect();
+        let s = Session::agent(gw(), AGENT_INC, acked, Seq(last), down, cfg);
+        Self::new(s, queue, down)
+    }
+
+    /// The hub's session for `hello`, with a downstream queue `queue` trimmed
+    /// to `acked`, and upstream cursor `up`.
+    fn hub(hello: &Message, acked: Mark, queue: BTreeMap<Seq, Change>, up: Cursor) -> Self {
+        let Message::Hello(hello) = hello else {
+            panic!("expected a hello, got {hello:?}");
+        };
+        let last = queue.keys().last().copied().unwrap_or(acked.seq);
+        let identity = Identity {
+            current: Some(hello.incarnation),
+            retired: Vec::new(),
+        };
+        let (s, changed) = Session::hub(
+            hello,
+            HUB_INC,
+            acked,
+            last,
+            up,
+            &identity,
+            None,
+            at(0),
+            cfg(),
+        )
+        .expect("a known store is admitted");
+        assert_eq!(changed, None);
+        Self::new(s, queue, up)
+    }
+
+    /// Executes every action the session has, answering loads from this
+    /// side's storage; returns the messages it sent, in order.
+    fn run(&mut self, now: Now) -> Vec<Message> {
+        let mut out = Vec::new();
+        while let Some(action) = self.s.poll() {
+            match action {
+                Action::Send(m) => out.push(m),
+                Action::LoadBatch { first, last } => {
+                    self.loads.push((first, last));
+                    let entries: Vec<(Seq, Change)> = self
+                        .queue
+                        .range(first..=last)
+                        .map(|(s, c)| (*s, c.clone()))
+                        .collect();
+                    if let Some(b) = self.s.batch_loaded(first, entries, now) {
+                        out.push(Message::Batch(b));
+                    }
+                }
+                Action::Verify { seq } => {
+                    let found = self.queue.get(&seq).cloned();
+                    self.s.verified(seq, found);
+                }
+                Action::LoadSnapshot { after } => {
+                    let rest: Vec<&Change> = self
+                        .records
+                        .iter()
+                        .filter(|(addr, _)| after.as_ref().is_none_or(|a| *addr > a))
+                        .map(|(_, c)| c)
+                        .collect();
+                    let part: Vec<Change> =
+                        rest.iter().take(self.chunk).map(|c| (*c).clone()).collect();
+                    let next = (rest.len() > self.chunk)
+                        .then(|| part.last().map(|c| (c.collection.clone(), c.key.clone())))
+                        .flatten();
+                    self.s.snapshot_loaded(part, next, now);
+                }
+                Action::Commit {
+                    changes,
+                    cursor,
+                    snapshot,
+                    then,
+                } => {
+                    if let Some(c) = cursor {
+                        self.cursor = c;
+                    }
+                    self.commits.push((changes, cursor, snapshot));
+                    out.push(then);
+                }
+                Action::Trim { mark, .. } => {
+                    self.queue.retain(|s, _| *s > mark.seq);
+                    self.trims.push(mark);
+                }
+                Action::ClockOffset { offset_ms } => self.offsets.push(offset_ms),
+                Action::ClockSkew { .. } => {}
+                Action::Report(r) => self.reports.push(r),
+            }
+        }
+        out
+    }
+
+    /// Delivers `msgs` in order, then runs; returns what this side sent.
+    fn deliver(&mut self, msgs: Vec<Message>, now: Now) -> Vec<Message> {
+        for m in msgs {
+            self.s.on_message(m, now);
+        }
+        self.run(now)
+    }
+
+    fn tick(&mut self, now: Now) -> Vec<Message> {
+        self.s.on_tick(now);
+        self.run(now)
+    }
 }
 
-/// Takes the next range as sent and returns it.
-fn send(s: &mut Sender, max_entries: u64) -> Option<(u64, u64)> {
-    let (first, last) = s.next_range(max_entries)?;
-    s.sent(last);
-    Some((first.0, last.0))
+fn batches(msgs: &[Message]) -> Vec<(u64, u64)> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            Message::Batch(b) => Some((b.first.0, b.last.0)),
+            _ => None,
+        })
+        .collect()
 }
 
-// ---- Sender ----------------------------------------------------------------
+fn only<'a>(msgs: &'a [Message], what: &str) -> &'a Message {
+    assert_eq!(msgs.len(), 1, "expected one {what}, got {msgs:?}");
+    &msgs[0]
+}
+
+fn error_code(m: &Message) -> Option<ErrorCode> {
+    match m {
+        Message::Error(e) => Some(e.code),
+        _ => None,
+    }
+}
+
+/// An agent with `last` entries queued (none acknowledged) and a hub whose
+/// cursor follows the agent at 0, linked: returns both and what the agent
+/// sent once the welcome arrived.
+fn linked(last: u64, cfg: SessionConfig) -> (Side, Side, Vec<Message>) {
+    let mut agent = Side::agent(
+        Mark::default(),
+        last,
+        follows(HUB_INC, Mark::default()),
+        cfg,
+    );
+    agent.s.connected(at(0));
+    let hello = agent.run(at(0));
+    let mut hub = Side::hub(
+        only(&hello, "hello"),
+        Mark::default(),
+        BTreeMap::new(),
+        follows(AGENT_INC, Mark::default()),
+    );
+    let welcome = hub.run(at(0));
+    assert!(matches!(only(&welcome, "welcome"), Message::Welcome(_)));
+    let sent = agent.deliver(welcome, at(10));
+    assert!(agent.s.is_linked());
+    (agent, hub, sent)
+}
+
+// ---- batching, windows, acks -----------------------------------------------
 
 #[test]
-fn batches_respect_max_entries_and_the_window() {
-    let mut s = connected(0, 10, 4);
-    assert_eq!(send(&mut s, 3), Some((1, 3)));
+fn batches_respect_batch_entries_and_the_entry_window() {
+    let (mut agent, mut hub, sent) = linked(10, cfg());
     assert_eq!(
-        send(&mut s, 3),
-        Some((4, 4)),
-        "only one slot left in the window"
+        batches(&sent),
+        [(1, 3), (4, 4)],
+        "one slot left after 3 entries"
     );
-    assert_eq!(s.next_range(3), None, "window full");
-    assert_eq!(s.acked(Seq(2)), Ok(Some(Seq(2))));
-    assert_eq!(send(&mut s, 3), Some((5, 6)), "the ack opened two slots");
-    assert_eq!(s.acked(Seq(6)), Ok(Some(Seq(6))));
+    assert_eq!(agent.s.sender.in_flight(), 4);
+    assert_eq!(agent.run(at(10)), [], "the window is full");
+
+    let acks = hub.deliver(sent[..1].to_vec(), at(20));
     assert_eq!(
-        send(&mut s, 100),
-        Some((7, 10)),
-        "capped by the queue's end"
+        acks,
+        [Message::Ack(Ack {
+            upto: Seq(3),
+            check: entry_check(&change(3)),
+        })]
     );
-    assert_eq!(s.next_range(100), None, "nothing left to send");
-    assert_eq!(s.pending(), 4);
+    assert_eq!(hub.cursor, follows(AGENT_INC, mark_of(3, &change(3))));
+    let sent = agent.deliver(acks, at(30));
+    assert_eq!(agent.trims, [mark_of(3, &change(3))]);
+    assert_eq!(batches(&sent), [(5, 7)], "the ack opened three slots");
+    assert_eq!(agent.s.sender.pending(), 7);
 }
 
 #[test]
-fn zero_limits_still_make_progress_one_entry_at_a_time() {
-    let mut s = connected(0, 3, 0);
-    assert_eq!(send(&mut s, 0), Some((1, 1)));
-    assert_eq!(s.next_range(0), None, "a window of 0 acts as 1");
-    s.acked(Seq(1)).unwrap();
-    assert_eq!(send(&mut s, 0), Some((2, 2)));
+fn the_byte_window_keeps_one_batch_in_flight() {
+    let mut small = cfg();
+    small.window_bytes = 1;
+    let (mut agent, mut hub, sent) = linked(6, small);
+    assert_eq!(
+        batches(&sent),
+        [(1, 3)],
+        "the byte window is full after one batch"
+    );
+    let acks = hub.deliver(sent, at(20));
+    let sent = agent.deliver(acks, at(30));
+    assert_eq!(batches(&sent), [(4, 6)]);
+}
+
+#[test]
+fn zero_batch_entries_still_sends_one_entry_at_a_time() {
+    let mut c = cfg();
+    c.batch_entries = 0;
+    c.window_entries = 2;
+    let (_, _, sent) = linked(5, c);
+    assert_eq!(batches(&sent), [(1, 1), (2, 2)]);
 }
 
 #[test]
 fn appends_extend_the_queue_and_never_shrink_it() {
-    let mut s = connected(0, 0, 8);
-    assert_eq!(s.next_range(8), None, "empty queue");
-    s.appended(Seq(3));
-    assert_eq!(send(&mut s, 8), Some((1, 3)));
-    s.appended(Seq(2));
-    assert_eq!(s.pending(), 3, "a stale append does not shrink the queue");
-    s.appended(Seq(5));
-    assert_eq!(send(&mut s, 8), Some((4, 5)));
-    assert_eq!(s.pending(), 5);
-}
-
-#[test]
-fn nothing_is_sent_while_disconnected() {
-    let mut s = Sender::new(Seq(0), Seq(5), 10);
-    assert!(!s.is_connected());
-    assert_eq!(s.next_range(10), None, "never connected");
-    s.sent(Seq(5)); // ignored: there is no connection to have sent it on
-    s.connected(Seq(0)).unwrap();
-    assert_eq!(send(&mut s, 2), Some((1, 2)));
-    s.disconnected();
-    assert!(!s.is_connected());
-    assert_eq!(s.next_range(10), None, "disconnected");
-    s.appended(Seq(9));
-    assert_eq!(s.next_range(10), None, "still disconnected after an append");
-    assert_eq!(s.pending(), 9);
-}
-
-#[test]
-fn acks_trim_only_forward() {
-    let mut s = connected(0, 10, 10);
-    send(&mut s, 10);
-    assert_eq!(s.acked(Seq(5)), Ok(Some(Seq(5))));
-    assert_eq!(s.acked(Seq(3)), Ok(None), "an older ack trims nothing");
-    assert_eq!(s.acked(Seq(5)), Ok(None), "a repeated ack trims nothing");
-    assert_eq!(s.acked(Seq(0)), Ok(None));
-    assert_eq!(s.acked_upto(), Seq(5));
-    assert_eq!(s.pending(), 5);
-    assert_eq!(s.acked(Seq(10)), Ok(Some(Seq(10))));
-    assert_eq!(s.pending(), 0);
-}
-
-#[test]
-fn an_ack_beyond_the_queue_is_peer_ahead_and_changes_nothing() {
-    let mut s = connected(0, 4, 10);
-    send(&mut s, 10);
-    assert_eq!(
-        s.acked(Seq(5)),
-        Err(SessionError::PeerAhead {
-            peer: Seq(5),
-            last: Seq(4)
-        })
-    );
-    assert_eq!(s.acked_upto(), Seq(0));
-    assert_eq!(s.pending(), 4);
-    assert!(s.is_connected());
-}
-
-#[test]
-fn a_peer_watermark_beyond_the_queue_refuses_the_connection() {
-    let mut s = Sender::new(Seq(2), Seq(4), 10);
-    assert_eq!(
-        s.connected(Seq(9)),
-        Err(SessionError::PeerAhead {
-            peer: Seq(9),
-            last: Seq(4)
-        })
-    );
-    assert!(!s.is_connected());
-    assert_eq!(s.next_range(10), None);
-    assert_eq!(s.acked_upto(), Seq(2));
-}
-
-#[test]
-fn reconnect_resends_from_the_peer_watermark() {
-    let mut s = connected(0, 10, 10);
-    assert_eq!(send(&mut s, 10), Some((1, 10)));
-    s.disconnected();
-    // The receiver committed 1..=4 but its acks were lost with the connection.
-    assert_eq!(s.connected(Seq(4)), Ok(Some(Seq(4))), "the watermark trims");
-    assert_eq!(s.acked_upto(), Seq(4));
-    assert_eq!(
-        send(&mut s, 3),
-        Some((5, 7)),
-        "resend starts after the watermark"
-    );
-    s.disconnected();
-    // Nothing new was committed: everything unacknowledged is resent.
-    assert_eq!(s.connected(Seq(4)), Ok(None));
-    assert_eq!(send(&mut s, 10), Some((5, 10)));
-}
-
-#[test]
-fn a_new_connection_resends_even_without_a_disconnect_event() {
-    // The driver may learn of a dropped connection only when the next one is up.
-    let mut s = connected(0, 8, 8);
-    assert_eq!(send(&mut s, 8), Some((1, 8)));
-    assert_eq!(s.connected(Seq(3)), Ok(Some(Seq(3))));
-    assert_eq!(send(&mut s, 8), Some((4, 8)));
-}
-
-#[test]
-fn a_reconnect_during_a_full_window_reopens_it() {
-    let mut s = connected(0, 6, 2);
-    assert_eq!(send(&mut s, 10), Some((1, 2)));
-    assert_eq!(s.next_range(10), None);
-    s.disconnected();
-    s.connected(Seq(0)).unwrap();
-    assert_eq!(send(&mut s, 10), Some((1, 2)), "the lost flight is resent");
-}
-
-#[test]
-fn an_ack_past_what_was_sent_moves_the_send_position() {
-    // After a reconnect the peer may acknowledge entries sent on an earlier
-    // connection; the sender must not send them again.
-    let mut s = connected(0, 10, 10);
-    assert_eq!(send(&mut s, 2), Some((1, 2)));
-    assert_eq!(s.acked(Seq(6)), Ok(Some(Seq(6))));
-    assert_eq!(send(&mut s, 10), Some((7, 10)));
-}
-
-// ---- Receiver --------------------------------------------------------------
-
-#[test]
-fn the_next_batch_is_applied_whole() {
-    let r = Receiver::new(Seq(3));
-    let b = batch(4, 7, &[4, 6]);
-    assert_eq!(
-        r.plan(&b),
-        Ok(Plan::Apply {
-            entries: &b.entries[..],
-            watermark: Seq(7)
-        })
-    );
-}
-
-#[test]
-fn a_duplicate_batch_is_acknowledged_again_not_applied() {
-    let r = Receiver::new(Seq(7));
-    for b in [
-        batch(4, 7, &[4, 6]),
-        batch(1, 2, &[1, 2]),
-        batch(7, 7, &[7]),
-    ] {
-        assert_eq!(r.plan(&b), Ok(Plan::Duplicate { watermark: Seq(7) }));
+    let (mut agent, _, sent) = linked(0, cfg());
+    assert_eq!(sent, [], "empty outbox");
+    for n in 1..=2 {
+        agent.queue.insert(Seq(n), change(n));
     }
-}
-
-#[test]
-fn an_overlapping_batch_applies_only_the_new_entries() {
-    let r = Receiver::new(Seq(5));
-    let b = batch(3, 9, &[3, 4, 5, 6, 8]);
-    match r.plan(&b) {
-        Ok(Plan::Apply { entries, watermark }) => {
-            assert_eq!(seqs(entries), [6, 8]);
-            assert_eq!(watermark, Seq(9));
-        }
-        other => panic!("{other:?}"),
-    }
-    // The new part may be empty (filtered out) and still move the watermark.
-    let b = batch(2, 8, &[2, 5]);
-    match r.plan(&b) {
-        Ok(Plan::Apply { entries, watermark }) => {
-            assert!(entries.is_empty());
-            assert_eq!(watermark, Seq(8));
-        }
-        other => panic!("{other:?}"),
-    }
-}
-
-#[test]
-fn a_batch_past_the_next_expected_seq_is_a_gap() {
-    let r = Receiver::new(Seq(5));
+    agent.s.appended(Seq(2));
+    assert_eq!(batches(&agent.run(at(20))), [(1, 2)]);
+    agent.s.appended(Seq(1));
     assert_eq!(
-        r.plan(&batch(7, 9, &[7])),
-        Err(SessionError::Gap {
-            expected: Seq(6),
-            first: Seq(7)
+        agent.s.sender.last(),
+        Seq(2),
+        "a stale append does not shrink the queue"
+    );
+    assert_eq!(agent.s.sender.pending(), 2);
+}
+
+#[test]
+fn nothing_is_sent_before_the_welcome_or_after_a_disconnect() {
+    let mut agent = Side::agent(Mark::default(), 5, follows(HUB_INC, Mark::default()), cfg());
+    assert_eq!(agent.run(at(0)), [], "never connected");
+    agent.s.connected(at(0));
+    let hello = agent.run(at(0));
+    assert!(matches!(only(&hello, "hello"), Message::Hello(_)));
+    assert!(!agent.s.is_linked());
+    assert_eq!(agent.tick(at(500)), [], "no batch before the welcome");
+    agent.s.disconnected();
+    agent.s.appended(Seq(5));
+    assert_eq!(agent.run(at(600)), []);
+    assert_eq!(
+        agent.tick(at(10_000)),
+        [],
+        "no hello again without a connection"
+    );
+}
+
+#[test]
+fn acks_trim_only_forward_and_a_bad_ack_changes_nothing() {
+    let (mut agent, _, _) = linked(10, cfg());
+    let ack = |n: u64| {
+        Message::Ack(Ack {
+            upto: Seq(n),
+            check: entry_check(&change(n)),
         })
+    };
+    agent.deliver(vec![ack(2)], at(20));
+    agent.deliver(vec![ack(1), ack(2)], at(30));
+    assert_eq!(
+        agent.trims,
+        [mark_of(2, &change(2))],
+        "older and repeated acks trim nothing"
+    );
+    agent.deliver(vec![ack(11)], at(40));
+    assert!(agent.reports.contains(&Report::BadAck { upto: Seq(11) }));
+    assert_eq!(agent.s.sender.acked(), mark_of(2, &change(2)));
+    assert_eq!(agent.s.sender.pending(), 8);
+    assert!(agent.s.is_linked());
+}
+
+// ---- timeouts, reconnects, gaps, duplicates -----------------------------------
+
+#[test]
+fn go_back_n_after_the_ack_timeout() {
+    let (mut agent, _, sent) = linked(10, cfg());
+    assert_eq!(batches(&sent), [(1, 3), (4, 4)]);
+    // The timer runs from the first batch put in flight (at 10).
+    assert_eq!(agent.tick(at(1_009)), []);
+    let resent = agent.tick(at(1_010));
+    assert!(agent.reports.contains(&Report::Resend));
+    assert_eq!(
+        batches(&resent),
+        [(1, 3), (4, 4)],
+        "everything unacknowledged again"
+    );
+    // A partial ack, then another timeout: from the ack on.
+    agent.deliver(
+        vec![Message::Ack(Ack {
+            upto: Seq(3),
+            check: entry_check(&change(3)),
+        })],
+        at(1_100),
+    );
+    let resent = agent.tick(at(2_100));
+    assert_eq!(batches(&resent)[0], (4, 6));
+}
+
+#[test]
+fn a_reconnect_resumes_from_the_receivers_durable_cursor() {
+    let (mut agent, mut hub, sent) = linked(10, cfg());
+    // The hub commits 1..=3; the ack and the second batch are lost with the link.
+    hub.deliver(sent[..1].to_vec(), at(20));
+    agent.s.disconnected();
+    agent.s.connected(at(100));
+    let hello = agent.run(at(100));
+    let mut hub = Side::hub(
+        only(&hello, "hello"),
+        Mark::default(),
+        BTreeMap::new(),
+        hub.cursor,
+    );
+    let sent = agent.deliver(hub.run(at(100)), at(110));
+    assert_eq!(
+        agent.trims,
+        [mark_of(3, &change(3))],
+        "the welcome's cursor trims"
     );
     assert_eq!(
-        Receiver::new(Seq(0)).plan(&batch(2, 2, &[2])).unwrap_err(),
-        {
-            SessionError::Gap {
-                expected: Seq(1),
-                first: Seq(2),
-            }
+        batches(&sent),
+        [(4, 6), (7, 7)],
+        "resent from after the cursor"
+    );
+    assert!(!agent
+        .reports
+        .iter()
+        .any(|r| matches!(r, Report::ResyncStarted { .. })));
+    // The rest arrives whole and in order.
+    let acks = hub.deliver(sent, at(120));
+    assert_eq!(hub.commits.len(), 2);
+    agent.deliver(acks, at(130));
+    assert_eq!(agent.s.sender.acked(), mark_of(7, &change(7)));
+}
+
+#[test]
+fn a_gap_is_answered_with_the_expected_seq_and_the_sender_goes_back() {
+    let (mut agent, mut hub, sent) = linked(10, cfg());
+    // The first batch is lost; the second arrives.
+    let answer = hub.deliver(sent[1..].to_vec(), at(20));
+    let Message::Error(e) = only(&answer, "error") else {
+        panic!("{answer:?}");
+    };
+    assert_eq!((e.code, e.at), (ErrorCode::SequenceGap, Some(Seq(1))));
+    assert!(hub.commits.is_empty());
+    let resent = agent.deliver(answer, at(30));
+    assert!(agent.reports.contains(&Report::PeerGap));
+    assert_eq!(batches(&resent), [(1, 3), (4, 4)]);
+}
+
+#[test]
+fn duplicates_are_acknowledged_again_and_overlaps_apply_only_what_is_new() {
+    let (_, mut hub, sent) = linked(10, cfg());
+    let first = hub.deliver(sent[..1].to_vec(), at(20));
+    let again = hub.deliver(sent[..1].to_vec(), at(30));
+    assert_eq!(again, first, "the same ack, from the cursor");
+    assert_eq!(hub.commits.len(), 1, "not applied twice");
+    // A batch that overlaps what was applied: only 4 and 5 are committed.
+    let overlap = Batch {
+        first: Seq(2),
+        last: Seq(5),
+        check: entry_check(&change(5)),
+        entries: (2..=5)
+            .map(|n| Entry {
+                seq: Seq(n),
+                change: change(n),
+            })
+            .collect(),
+    };
+    hub.deliver(vec![Message::Batch(overlap)], at(40));
+    let (changes, cursor, snapshot) = hub.commits.last().unwrap();
+    assert_eq!(changes, &[change(4), change(5)]);
+    assert_eq!(*cursor, Some(follows(AGENT_INC, mark_of(5, &change(5)))));
+    assert!(!snapshot);
+    // A batch whose entries were all filtered out still moves the cursor.
+    let empty = Batch {
+        first: Seq(6),
+        last: Seq(7),
+        check: 77,
+        entries: Vec::new(),
+    };
+    hub.deliver(vec![Message::Batch(empty)], at(50));
+    assert_eq!(
+        hub.cursor.at,
+        Mark {
+            seq: Seq(7),
+            check: 77
         }
     );
-}
-
-#[test]
-fn the_watermark_only_moves_forward() {
-    let mut r = Receiver::new(Seq(5));
-    r.committed(Seq(3));
-    assert_eq!(r.applied(), Seq(5));
-    r.committed(Seq(8));
-    assert_eq!(r.applied(), Seq(8));
 }
 
 #[test]
 fn a_watermark_at_the_end_of_the_sequence_space_does_not_panic() {
-    // A (misbehaving) peer can send a valid batch that claims `last = u64::MAX`.
-    let mut r = Receiver::new(Seq(0));
-    let claim = batch(1, u64::MAX, &[]);
-    let Ok(Plan::Apply { watermark, .. }) = r.plan(&claim) else {
-        panic!("the first batch applies");
+    let (_, mut hub, _) = linked(0, cfg());
+    let claim = Batch {
+        first: Seq(1),
+        last: Seq(u64::MAX),
+        check: 1,
+        entries: Vec::new(),
     };
-    r.committed(watermark);
-    assert_eq!(r.applied(), Seq(u64::MAX));
+    hub.deliver(vec![Message::Batch(claim)], at(20));
+    assert_eq!(hub.cursor.at.seq, Seq(u64::MAX));
+    let again = Batch {
+        first: Seq(1),
+        last: Seq(1),
+        check: 1,
+        entries: Vec::new(),
+    };
+    let answer = hub.deliver(vec![Message::Batch(again)], at(30));
     assert_eq!(
-        r.plan(&batch(1, 1, &[1])),
-        Ok(Plan::Duplicate {
-            watermark: Seq(u64::MAX)
-        })
+        answer,
+        [Message::Ack(Ack {
+            upto: Seq(u64::MAX),
+            check: 1
+        })]
     );
     assert_eq!(Seq(u64::MAX).next(), Seq(u64::MAX));
 }
 
-// ---- simulation ------------------------------------------------------------
-
-/// One step of the world around a sender and a receiver.
-#[derive(Clone, Debug)]
-enum Step {
-    /// The local writer commits `n` more entries to the sender's queue.
-    Append(u64),
-    /// The sender's driver sends the next range, if any.
-    Pump,
-    /// The oldest in-flight batch arrives (unless dropped); a duplicate of it may
-    /// arrive again later.
-    DeliverBatch { drop: bool, duplicate: bool },
-    /// The oldest in-flight ack arrives (unless dropped).
-    DeliverAck { drop: bool },
-    /// The connection breaks: whatever is in flight is lost.
-    Disconnect,
-    /// A new connection: the receiver reports its watermark (Hello / Welcome).
-    Reconnect,
+#[test]
+fn a_batch_before_the_hello_is_refused_and_the_agent_says_hello_again() {
+    let mut agent = Side::agent(Mark::default(), 0, follows(HUB_INC, Mark::default()), cfg());
+    agent.s.connected(at(0));
+    agent.run(at(0));
+    // A batch from the hub overtakes its welcome.
+    let early = Batch {
+        first: Seq(1),
+        last: Seq(1),
+        check: entry_check(&change(1)),
+        entries: vec![Entry {
+            seq: Seq(1),
+            change: change(1),
+        }],
+    };
+    let answer = agent.deliver(vec![Message::Batch(early)], at(10));
+    assert_eq!(
+        error_code(only(&answer, "error")),
+        Some(ErrorCode::HelloFirst)
+    );
+    assert!(agent.commits.is_empty());
+    // Told to say hello first, the agent does.
+    let err = fieldsync_shared::session::error(ErrorCode::HelloFirst, "no session", None);
+    let hello = agent.deliver(vec![err], at(20));
+    assert!(matches!(only(&hello, "hello"), Message::Hello(_)));
 }
 
-fn step() -> impl Strategy<Value = Step> {
-    prop_oneof![
-        2 => (1u64..5).prop_map(Step::Append),
-        4 => Just(Step::Pump),
-        4 => (prop::bool::weighted(0.15), prop::bool::weighted(0.15))
-            .prop_map(|(drop, duplicate)| Step::DeliverBatch { drop, duplicate }),
-        3 => prop::bool::weighted(0.2).prop_map(|drop| Step::DeliverAck { drop }),
-        1 => Just(Step::Disconnect),
-        1 => Just(Step::Reconnect),
-    ]
-}
+// ---- resync --------------------------------------------------------------------
 
-/// The sender's side, the channel, and the receiver's side, with the checks.
-struct World {
-    sender: Sender,
-    /// The sender's durable queue: seq to change, `None` where the policy
-    /// filtered the change to nothing (the seq is covered but carries no entry).
-    queue: BTreeMap<u64, Option<Change>>,
-    last: u64,
-    receiver: Receiver,
-    /// Everything the receiver applied, in order.
-    applied: Vec<u64>,
-    batches: VecDeque<Batch>,
-    acks: VecDeque<Seq>,
-    max_entries: u64,
-    window: u64,
-}
-
-impl World {
-    fn new(max_entries: u64, window: u64) -> Self {
-        Self {
-            sender: Sender::new(Seq(0), Seq(0), window),
-            queue: BTreeMap::new(),
-            last: 0,
-            receiver: Receiver::new(Seq(0)),
-            applied: Vec::new(),
-            batches: VecDeque::new(),
-            acks: VecDeque::new(),
-            max_entries,
-            window,
-        }
-    }
-
-    fn append(&mut self, n: u64) {
-        for _ in 0..n {
-            self.last += 1;
-            let filtered = self.last % 5 == 0;
-            let change = (!filtered).then(|| change(self.last));
-            self.queue.insert(self.last, change);
-        }
-        self.sender.appended(Seq(self.last));
-    }
-
-    fn pump(&mut self) -> Result<bool, TestCaseError> {
-        let before = self.sender.acked_upto();
-        let Some((first, last)) = self.sender.next_range(self.max_entries) else {
-            return Ok(false);
+#[test]
+fn resume_plan_names_every_reason_to_resync() {
+    let c5 = change(5);
+    let sender = Sender::new(AGENT_INC, mark_of(3, &change(3)), Seq(6), cfg());
+    let plan = |peer: Cursor, found: Option<&Change>| sender.resume_plan(&peer, found);
+    // On this sender's history: resume from the peer.
+    assert_eq!(
+        plan(follows(AGENT_INC, mark_of(5, &c5)), Some(&c5)),
+        Ok(Seq(5))
+    );
+    assert_eq!(
+        plan(follows(AGENT_INC, mark_of(3, &change(3))), None),
+        Ok(Seq(3))
+    );
+    // A receiver that follows another incarnation, or none.
+    for source in [None, Some(Incarnation(0xbeef))] {
+        let peer = Cursor {
+            source,
+            at: mark_of(5, &c5),
         };
-        prop_assert!(
-            self.sender.is_connected(),
-            "a range offered while disconnected"
-        );
-        prop_assert!(first > before && first <= last && last.0 <= self.last);
-        prop_assert!(
-            last.0 - first.0 < self.max_entries,
-            "range over max_entries"
-        );
-        prop_assert!(last.0 - before.0 <= self.window, "range beyond the window");
-        let entries: Vec<Entry> = self
-            .queue
-            .range(first.0..=last.0)
-            .filter_map(|(&seq, c)| {
-                c.clone().map(|change| Entry {
-                    seq: Seq(seq),
-                    change,
-                })
-            })
-            .collect();
-        let b = Batch {
-            first,
-            last,
-            entries,
-        };
-        prop_assert_eq!(b.validate(), Ok(()));
-        self.batches.push_back(b);
-        self.sender.sent(last);
-        Ok(true)
+        assert_eq!(plan(peer, Some(&c5)), Err(ResyncReason::NewReceiver));
     }
-
-    fn receive(&mut self, b: &Batch) -> Result<(), TestCaseError> {
-        match self.receiver.plan(b) {
-            Ok(Plan::Apply { entries, watermark }) => {
-                // "Commit" the entries and the watermark together, then ack.
-                self.applied.extend(entries.iter().map(|e| e.seq.0));
-                for e in entries {
-                    let sent = self.queue.get(&e.seq.0);
-                    prop_assert!(
-                        sent.is_some_and(|c| c.as_ref() == Some(&e.change)),
-                        "applied seq {} that is not (or no longer) queued with this change",
-                        e.seq
-                    );
-                }
-                self.receiver.committed(watermark);
-                self.acks.push_back(watermark);
-            }
-            Ok(Plan::Duplicate { watermark }) => self.acks.push_back(watermark),
-            // The driver would answer with an Error; the stream resumes after the
-            // next reconnect.
-            Err(SessionError::Gap { .. }) => {}
-            Err(e) => return Err(TestCaseError::fail(format!("receiver: {e}"))),
-        }
-        Ok(())
-    }
-
-    fn ack(&mut self, upto: Seq) -> Result<(), TestCaseError> {
-        let before = self.sender.acked_upto();
-        match self.sender.acked(upto) {
-            Ok(Some(trim)) => {
-                prop_assert!(trim > before, "trim moved backwards");
-                self.trim(trim)?;
-            }
-            Ok(None) => prop_assert!(upto <= before),
-            Err(e) => return Err(TestCaseError::fail(format!("sender: {e}"))),
-        }
-        Ok(())
-    }
-
-    /// Removes `..=upto` from the durable queue, checking it was all applied.
-    fn trim(&mut self, upto: Seq) -> Result<(), TestCaseError> {
-        prop_assert!(
-            upto <= self.receiver.applied(),
-            "trimmed up to {} but the receiver applied only {}",
-            upto,
-            self.receiver.applied()
-        );
-        let keep = self.queue.split_off(&(upto.0 + 1));
-        let trimmed = std::mem::replace(&mut self.queue, keep);
-        for (seq, change) in trimmed {
-            if change.is_some() {
-                prop_assert!(self.applied.contains(&seq), "trimmed unapplied seq {seq}");
-            }
-        }
-        Ok(())
-    }
-
-    fn disconnect(&mut self) {
-        self.sender.disconnected();
-        self.batches.clear();
-        self.acks.clear();
-    }
-
-    fn reconnect(&mut self) -> Result<(), TestCaseError> {
-        self.disconnect();
-        let before = self.sender.acked_upto();
-        match self.sender.connected(self.receiver.applied()) {
-            Ok(Some(trim)) => {
-                prop_assert!(trim > before);
-                self.trim(trim)?;
-            }
-            Ok(None) => {}
-            Err(e) => return Err(TestCaseError::fail(format!("connect: {e}"))),
-        }
-        prop_assert_eq!(self.sender.acked_upto(), self.receiver.applied());
-        Ok(())
-    }
-
-    fn run(&mut self, s: &Step) -> Result<(), TestCaseError> {
-        match *s {
-            Step::Append(n) => self.append(n),
-            Step::Pump => {
-                self.pump()?;
-            }
-            Step::DeliverBatch { drop, duplicate } => {
-                if let Some(b) = self.batches.pop_front() {
-                    if duplicate {
-                        self.batches.push_back(b.clone());
-                    }
-                    if !drop {
-                        self.receive(&b)?;
-                    }
-                }
-            }
-            Step::DeliverAck { drop } => {
-                if let Some(upto) = self.acks.pop_front() {
-                    if !drop {
-                        self.ack(upto)?;
-                    }
-                }
-            }
-            Step::Disconnect => self.disconnect(),
-            Step::Reconnect => self.reconnect()?,
-        }
-        self.check_invariants()
-    }
-
-    fn check_invariants(&self) -> Result<(), TestCaseError> {
-        prop_assert!(
-            self.applied.windows(2).all(|w| w[0] < w[1]),
-            "applied out of order or twice: {:?}",
-            self.applied
-        );
-        prop_assert!(self.sender.acked_upto() <= self.receiver.applied());
-        prop_assert_eq!(
-            self.sender.pending(),
-            self.last - self.sender.acked_upto().0
-        );
-        if !self.sender.is_connected() {
-            prop_assert_eq!(self.sender.next_range(self.max_entries), None);
-        }
-        Ok(())
-    }
-
-    /// The network heals: a clean connection, no loss, until nothing moves.
-    fn settle(&mut self) -> Result<(), TestCaseError> {
-        self.reconnect()?;
-        for _ in 0..10_000 {
-            let sent = self.pump()?;
-            let batch = self.batches.pop_front();
-            if let Some(b) = &batch {
-                self.receive(b)?;
-            }
-            let ack = self.acks.pop_front();
-            if let Some(upto) = ack {
-                self.ack(upto)?;
-            }
-            self.check_invariants()?;
-            if !sent && batch.is_none() && ack.is_none() {
-                return Ok(());
-            }
-        }
-        Err(TestCaseError::fail("the session did not settle"))
-    }
+    // Behind the trim point: the receiver was restored from an older copy.
+    assert_eq!(
+        plan(follows(AGENT_INC, mark_of(2, &change(2))), None),
+        Err(ResyncReason::ReceiverBehind)
+    );
+    // Past the last entry: this sender was restored.
+    assert_eq!(
+        plan(follows(AGENT_INC, mark_of(9, &change(9))), None),
+        Err(ResyncReason::SenderBehind)
+    );
+    // Same position, other content: at a queued entry, and at the trim point.
+    assert_eq!(
+        plan(follows(AGENT_INC, mark_of(5, &change(50))), Some(&c5)),
+        Err(ResyncReason::Diverged)
+    );
+    assert_eq!(
+        plan(follows(AGENT_INC, mark_of(3, &change(30))), None),
+        Err(ResyncReason::Diverged)
+    );
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+fn resync_reason(side: &Side) -> Option<ResyncReason> {
+    side.reports.iter().find_map(|r| match r {
+        Report::ResyncStarted { reason } => Some(*reason),
+        _ => None,
+    })
+}
 
-    #[test]
-    fn every_entry_is_applied_exactly_once_in_order_and_trimmed_only_after(
-        max_entries in 1u64..6,
-        window in 1u64..10,
-        connect_first in any::<bool>(),
-        steps in prop::collection::vec(step(), 0..150),
-    ) {
-        let mut w = World::new(max_entries, window);
-        if connect_first {
-            w.reconnect()?;
-        }
-        for s in &steps {
-            w.run(s)?;
-        }
-        w.settle()?;
-        let expected: Vec<u64> = (1..=w.last).filter(|s| s % 5 != 0).collect();
-        prop_assert_eq!(&w.applied, &expected);
-        prop_assert_eq!(w.receiver.applied(), Seq(w.last));
-        prop_assert_eq!(w.sender.acked_upto(), Seq(w.last));
-        prop_assert_eq!(w.sender.pending(), 0);
-        prop_assert!(w.queue.is_empty(), "left in the queue: {:?}", w.queue.keys());
+/// The agent with `acked`..`last` queued says hello to a hub whose upstream
+/// cursor is `up`; returns the agent after the welcome.
+fn agent_welcomed(acked: Mark, last: u64, up: Cursor) -> (Side, Vec<Message>) {
+    let mut agent = Side::agent(acked, last, follows(HUB_INC, Mark::default()), cfg());
+    agent.s.connected(at(0));
+    let hello = agent.run(at(0));
+    let mut hub = Side::hub(only(&hello, "hello"), Mark::default(), BTreeMap::new(), up);
+    let sent = agent.deliver(hub.run(at(0)), at(10));
+    (agent, sent)
+}
+
+#[test]
+fn a_hub_that_never_saw_this_store_is_resynced_by_snapshot() {
+    let (agent, sent) = agent_welcomed(Mark::default(), 2, Cursor::default());
+    assert_eq!(resync_reason(&agent), Some(ResyncReason::NewReceiver));
+    assert!(agent.s.sender.resyncing());
+    assert!(matches!(only(&sent, "snapshot"), Message::Snapshot(_)));
+}
+
+#[test]
+fn a_restored_hub_behind_the_trim_point_is_resynced() {
+    let up = follows(AGENT_INC, mark_of(2, &change(2)));
+    let (agent, _) = agent_welcomed(mark_of(5, &change(5)), 8, up);
+    assert_eq!(resync_reason(&agent), Some(ResyncReason::ReceiverBehind));
+}
+
+#[test]
+fn a_receiver_ahead_of_a_restored_sender_is_resynced() {
+    // The agent applied the hub's stream up to 9; the hub's restored queue
+    // ends at 4.
+    let queue: BTreeMap<Seq, Change> = (1..=4)
+        .map(|n| (Seq(n), change_at(n, WALL, "@hub")))
+        .collect();
+    let mut agent = Side::agent(
+        Mark::default(),
+        0,
+        follows(
+            HUB_INC,
+            Mark {
+                seq: Seq(9),
+                check: 9,
+            },
+        ),
+        cfg(),
+    );
+    agent.s.connected(at(0));
+    let hello = agent.run(at(0));
+    let mut hub = Side::hub(
+        only(&hello, "hello"),
+        Mark::default(),
+        queue,
+        follows(AGENT_INC, Mark::default()),
+    );
+    hub.run(at(0));
+    assert_eq!(resync_reason(&hub), Some(ResyncReason::SenderBehind));
+}
+
+#[test]
+fn same_seq_other_content_is_detected_by_the_check() {
+    // The hub reused seq 3 for another change after a restore.
+    let queue: BTreeMap<Seq, Change> = (1..=4)
+        .map(|n| (Seq(n), change_at(n, WALL, "@hub")))
+        .collect();
+    let applied = change_at(33, WALL, "@hub");
+    let mut agent = Side::agent(
+        Mark::default(),
+        0,
+        follows(HUB_INC, mark_of(3, &applied)),
+        cfg(),
+    );
+    agent.s.connected(at(0));
+    let hello = agent.run(at(0));
+    let mut hub = Side::hub(
+        only(&hello, "hello"),
+        Mark::default(),
+        queue.clone(),
+        follows(AGENT_INC, Mark::default()),
+    );
+    hub.run(at(0));
+    assert_eq!(resync_reason(&hub), Some(ResyncReason::Diverged));
+
+    // With the content the agent applied, the hub streams from there instead.
+    let mut agent = Side::agent(
+        Mark::default(),
+        0,
+        follows(HUB_INC, mark_of(3, &queue[&Seq(3)])),
+        cfg(),
+    );
+    agent.s.connected(at(0));
+    let hello = agent.run(at(0));
+    let mut hub = Side::hub(
+        only(&hello, "hello"),
+        Mark::default(),
+        queue,
+        follows(AGENT_INC, Mark::default()),
+    );
+    let sent = hub.run(at(0));
+    assert_eq!(resync_reason(&hub), None);
+    assert_eq!(batches(&sent), [(4, 4)]);
+    assert_eq!(hub.trims, [mark_of(3, &change_at(3, WALL, "@hub"))]);
+}
+
+#[test]
+fn snapshot_parts_go_stop_and_wait_and_the_last_sets_the_cursor() {
+    // The hub resyncs a new agent store: 7 records in parts of 3, and a queue
+    // of 4 entries the snapshot covers.
+    let queue: BTreeMap<Seq, Change> = (1..=4)
+        .map(|n| (Seq(n), change_at(n, WALL, "@hub")))
+        .collect();
+    let mut agent = Side::agent(Mark::default(), 0, Cursor::default(), cfg());
+    agent.s.connected(at(0));
+    let hello = agent.run(at(0));
+    let mut hub = Side::hub(
+        only(&hello, "hello"),
+        Mark::default(),
+        queue,
+        follows(AGENT_INC, Mark::default()),
+    );
+    for n in 1..=7 {
+        let c = change_at(n, WALL, "@hub");
+        hub.records.insert((c.collection.clone(), c.key.clone()), c);
     }
+    let sent = hub.run(at(0));
+    assert_eq!(resync_reason(&hub), Some(ResyncReason::NewReceiver));
+    assert!(matches!(&sent[0], Message::Welcome(_)));
+    let part = |m: &Message| match m {
+        Message::Snapshot(s) => s.clone(),
+        other => panic!("expected a snapshot part, got {other:?}"),
+    };
+    let p1 = part(only(&sent[1..], "snapshot part"));
+    assert_eq!((p1.part, p1.changes.len(), p1.end), (1, 3, None));
+    assert_eq!(hub.run(at(100)), [], "stop-and-wait: one part in flight");
+
+    // Lost: after the ack timeout the same part goes again.
+    assert_eq!(hub.tick(at(999)), []);
+    let again = hub.tick(at(1_000));
+    assert_eq!(part(only(&again, "resent part")), p1);
+    assert!(hub.reports.contains(&Report::Resend));
+
+    // The agent welcomes, then commits part 1 without a cursor.
+    agent.deliver(vec![sent[0].clone()], at(1_010));
+    let ack1 = agent.deliver(again.clone(), at(1_020));
+    assert_eq!(
+        ack1,
+        [Message::SnapshotAck(SnapshotAck {
+            resync: p1.resync,
+            part: 1
+        })]
+    );
+    assert_eq!(agent.commits.len(), 1);
+    let (changes, cursor, snapshot) = &agent.commits[0];
+    assert_eq!((changes.len(), *cursor, *snapshot), (3, None, true));
+    // A duplicate part is acknowledged again, not committed again.
+    assert_eq!(agent.deliver(again, at(1_030)), ack1);
+    assert_eq!(agent.commits.len(), 1);
+    // An ack for another part or resync moves nothing.
+    let stray = Message::SnapshotAck(SnapshotAck {
+        resync: p1.resync + 1,
+        part: 1,
+    });
+    assert_eq!(hub.deliver(vec![stray], at(1_040)), []);
+
+    let p2 = part(only(&hub.deliver(ack1, at(1_050)), "part 2"));
+    assert_eq!((p2.part, p2.changes.len(), p2.end), (2, 3, None));
+    let ack2 = agent.deliver(vec![Message::Snapshot(p2)], at(1_060));
+    let p3 = part(only(&hub.deliver(ack2, at(1_070)), "part 3"));
+    let end = p3.end.expect("the last part carries the end mark");
+    assert_eq!((p3.part, p3.changes.len(), end.seq), (3, 1, Seq(4)));
+
+    // The last part sets the agent's cursor to the end mark, in the same commit.
+    let ack3 = agent.deliver(vec![Message::Snapshot(p3)], at(1_080));
+    let (_, cursor, snapshot) = agent.commits.last().unwrap();
+    assert_eq!((*cursor, *snapshot), (Some(follows(HUB_INC, end)), true));
+    assert_eq!(agent.cursor, follows(HUB_INC, end));
+    assert!(agent.reports.contains(&Report::ResyncCompleted));
+
+    // Its ack trims the hub's queue to the end mark; streaming follows.
+    hub.queue.insert(Seq(5), change_at(5, WALL + 5, "@hub"));
+    hub.s.appended(Seq(5));
+    let sent = hub.deliver(ack3, at(1_090));
+    assert_eq!(hub.trims, [end]);
+    assert_eq!(hub.s.sender.acked(), end);
+    assert!(!hub.s.sender.resyncing());
+    assert_eq!(batches(&sent), [(5, 5)]);
+    let ack = agent.deliver(sent, at(1_100));
+    assert_eq!(agent.cursor.at.seq, Seq(5));
+    hub.deliver(ack, at(1_110));
+    assert_eq!(hub.s.sender.pending(), 0);
+}
+
+// ---- clocks --------------------------------------------------------------------
+
+#[test]
+fn a_stamp_beyond_the_drift_bound_is_refused_and_the_agent_pauses_then_says_hello() {
+    let mut agent = Side::agent(Mark::default(), 0, follows(HUB_INC, Mark::default()), cfg());
+    // Written with a clock two days ahead.
+    agent
+        .queue
+        .insert(Seq(1), change_at(1, WALL + 2 * DAY_MS, "gw-1"));
+    agent.s.appended(Seq(1));
+    agent.s.connected(at(0));
+    let hello = agent.run(at(0));
+    let mut hub = Side::hub(
+        only(&hello, "hello"),
+        Mark::default(),
+        BTreeMap::new(),
+        follows(AGENT_INC, Mark::default()),
+    );
+    let sent = agent.deliver(hub.run(at(0)), at(10));
+    assert_eq!(batches(&sent), [(1, 1)]);
+
+    let answer = hub.deliver(sent, at(20));
+    let Message::Error(e) = only(&answer, "refusal") else {
+        panic!("{answer:?}");
+    };
+    assert_eq!((e.code, e.at), (ErrorCode::ClockAhead, Some(Seq(1))));
+    assert!(hub.commits.is_empty(), "nothing committed");
+    assert_eq!(hub.cursor.at.seq, Seq(0));
+    assert!(hub.reports.iter().any(|r| matches!(
+        r,
+        Report::ClockRefused { seq: Some(Seq(1)), ahead_ms } if *ahead_ms > DAY_MS
+    )));
+
+    assert_eq!(agent.deliver(answer, at(30)), []);
+    assert!(agent
+        .reports
+        .contains(&Report::ClockRefusedByPeer { seq: Some(Seq(1)) }));
+    assert!(agent.s.is_paused());
+    assert_eq!(agent.s.sender.pending(), 1, "the entry stays queued");
+    assert_eq!(agent.tick(at(500)), [], "paused: nothing is sent");
+    let again = agent.tick(at(1_030));
+    assert!(
+        matches!(only(&again, "hello"), Message::Hello(_)),
+        "hello again after the timeout"
+    );
+}
+
+#[test]
+fn a_snapshot_stamped_beyond_the_bound_is_refused_whole() {
+    let mut agent = Side::agent(Mark::default(), 0, Cursor::default(), cfg());
+    agent.s.connected(at(0));
+    let hello = agent.run(at(0));
+    let mut hub = Side::hub(
+        only(&hello, "hello"),
+        Mark::default(),
+        BTreeMap::new(),
+        follows(AGENT_INC, Mark::default()),
+    );
+    for (n, wall) in [(1, WALL), (2, WALL + DAY_MS)] {
+        let c = change_at(n, wall, "@hub");
+        hub.records.insert((c.collection.clone(), c.key.clone()), c);
+    }
+    let sent = hub.run(at(0));
+    let answer = agent.deliver(sent, at(10));
+    assert_eq!(
+        error_code(only(&answer, "refusal")),
+        Some(ErrorCode::ClockAhead)
+    );
+    assert!(agent.commits.is_empty());
+    hub.deliver(answer, at(20));
+    assert!(hub.s.is_paused());
+}
+
+#[test]
+fn the_welcome_and_the_hubs_time_messages_give_the_agent_its_offset() {
+    // The hub's clock is 10 s ahead of the agent's.
+    let mut agent = Side::agent(Mark::default(), 0, follows(HUB_INC, Mark::default()), cfg());
+    agent.s.connected(at(0));
+    let hello = agent.run(at(0));
+    let Message::Hello(h) = only(&hello, "hello") else {
+        unreachable!()
+    };
+    let hub_now = |ms: u64| Now {
+        mono_ms: ms,
+        wall_ms: WALL + ms + 10_000,
+    };
+    let identity = Identity::default();
+    let (s, changed) = Session::hub(
+        h,
+        HUB_INC,
+        Mark::default(),
+        Seq(0),
+        follows(AGENT_INC, Mark::default()),
+        &identity,
+        None,
+        hub_now(100),
+        cfg(),
+    )
+    .unwrap();
+    assert_eq!(
+        changed.map(|i| i.current),
+        Some(Some(AGENT_INC)),
+        "first contact"
+    );
+    let mut hub = Side::new(s, BTreeMap::new(), Cursor::default());
+    // The welcome is read 200 ms after the hello: the hub's clock is taken at
+    // the midpoint.
+    agent.deliver(hub.run(hub_now(100)), at(200));
+    assert_eq!(agent.offsets, [10_000]);
+    assert_eq!(hub.tick(hub_now(29_000)), []);
+    let time = hub.tick(hub_now(30_100));
+    assert!(matches!(only(&time, "time"), Message::Time(_)));
+    agent.deliver(time, at(30_300));
+    assert_eq!(
+        agent.offsets,
+        [10_000, 9_800],
+        "a time message is read as of now"
+    );
+}
+
+// ---- identity ------------------------------------------------------------------
+
+#[test]
+fn identity_admits_the_known_store_and_records_a_replacement() {
+    let (a, b) = (Incarnation(1), Incarnation(2));
+    let first = Identity::default().admit(a, None);
+    assert_eq!(
+        first,
+        Admission::Replaced(Identity {
+            current: Some(a),
+            retired: vec![]
+        }),
+        "first contact"
+    );
+    let known = Identity {
+        current: Some(a),
+        retired: vec![],
+    };
+    assert_eq!(known.admit(a, None), Admission::Known);
+    assert_eq!(
+        known.admit(a, Some(a)),
+        Admission::Known,
+        "its own other link"
+    );
+    assert_eq!(
+        known.admit(b, None),
+        Admission::Replaced(Identity {
+            current: Some(b),
+            retired: vec![a]
+        }),
+        "a re-imaged device: the old store is retired"
+    );
+}
+
+#[test]
+fn identity_refuses_a_retired_store_and_a_second_live_store() {
+    let (a, b) = (Incarnation(1), Incarnation(2));
+    let replaced = Identity {
+        current: Some(b),
+        retired: vec![a],
+    };
+    assert_eq!(
+        replaced.admit(a, None),
+        Admission::Conflict,
+        "a replaced store came back"
+    );
+    let known = Identity {
+        current: Some(a),
+        retired: vec![],
+    };
+    assert_eq!(
+        known.admit(b, Some(a)),
+        Admission::Conflict,
+        "two devices share one certificate"
+    );
+    assert_eq!(known.admit(a, Some(b)), Admission::Conflict);
+}
+
+#[test]
+fn identity_keeps_a_bounded_list_of_retired_stores() {
+    let mut id = Identity::default();
+    let n = RETIRED_KEPT as u64 + 5;
+    for i in 1..=n {
+        match id.admit(Incarnation(i), None) {
+            Admission::Replaced(next) => id = next,
+            other => panic!("{i}: {other:?}"),
+        }
+    }
+    assert_eq!(id.current, Some(Incarnation(n)));
+    assert_eq!(id.retired.len(), RETIRED_KEPT);
+    let expected: Vec<Incarnation> = (n - RETIRED_KEPT as u64..n).map(Incarnation).collect();
+    assert_eq!(
+        id.retired, expected,
+        "the oldest are forgotten, the newest last"
+    );
+    assert_eq!(id.admit(Incarnation(n - 1), None), Admission::Conflict);
+}
+
+#[test]
+fn a_refused_agent_stops_and_asks_again_much_later() {
+    let mut agent = Side::agent(Mark::default(), 3, follows(HUB_INC, Mark::default()), cfg());
+    agent.s.connected(at(0));
+    let hello = agent.run(at(0));
+    let Message::Hello(h) = only(&hello, "hello") else {
+        unreachable!()
+    };
+    let identity = Identity {
+        current: Some(Incarnation(0x0717)),
+        retired: vec![],
+    };
+    let refusal = Session::hub(
+        h,
+        HUB_INC,
+        Mark::default(),
+        Seq(0),
+        Cursor::default(),
+        &identity,
+        Some(Incarnation(0x0717)),
+        at(0),
+        cfg(),
+    )
+    .expect_err("another store is linked with this identity");
+    assert_eq!(error_code(&refusal), Some(ErrorCode::IdentityConflict));
+    assert_eq!(agent.deliver(vec![refusal], at(10)), []);
+    assert!(agent.s.is_refused());
+    assert!(agent.reports.contains(&Report::IdentityRefused));
+    assert_eq!(agent.tick(at(10_000)), [], "no hello at the ack timeout");
+    let again = agent.tick(at(12_010));
+    assert!(matches!(only(&again, "hello"), Message::Hello(_)));
+}
+
+#[test]
+fn messages_the_wrong_way_are_malformed() {
+    let (_, mut hub, _) = linked(0, cfg());
+    let time = Message::Time(fieldsync_shared::wire::Time { time_ms: 1 });
+    let answer = hub.deliver(vec![time], at(20));
+    assert_eq!(
+        error_code(only(&answer, "error")),
+        Some(ErrorCode::Malformed)
+    );
 }

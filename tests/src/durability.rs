@@ -67,11 +67,15 @@ impl Fleet {
         self.hub.agent(&self.pki, id, None)
     }
 
-    /// [`Fleet::agent`], then waits until the agent reports the link up.
+    /// [`Fleet::agent`], then waits until the agent reports the link up and
+    /// the first contact's resync done.
     pub async fn linked_agent(&self, id: &str) -> anyhow::Result<(TempAgent, AgentApi)> {
         let agent = self.agent(id)?;
         let api = AgentApi::of(&agent);
-        wait_status(&api, "the agent linked", |s| s["connected"] == true).await?;
+        wait_status(&api, "the agent linked", |s| {
+            s["connected"] == true && s["resync_running"] == false
+        })
+        .await?;
         Ok((agent, api))
     }
 

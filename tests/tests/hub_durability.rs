@@ -91,7 +91,13 @@ async fn offline_upstream_changes_all_arrive_after_hub_restart() {
     let id = agent.id().to_owned();
     let api = AgentApi::of(&agent);
 
-    // Linked, and one write made it through: the hub knows the agent.
+    // Linked (the first contact's resync done), and one write made it
+    // through as a batch: the hub knows the agent.
+    wait_status(&api, "the agent linked and resynced", |s| {
+        s["connected"] == true && s["resync_running"] == false
+    })
+    .await
+    .unwrap();
     let warmup = Write::patient("warmup", 999);
     api.put(&warmup).await.unwrap();
     wait_status(&api, "the first write acknowledged by the hub", |s| {
