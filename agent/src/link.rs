@@ -56,7 +56,16 @@ pub enum LinkError {
     Join(#[from] tokio::task::JoinError),
     #[error(transparent)]
     Write(#[from] WriteError),
+    /// The hub refused this store's identity: another device uses this
+    /// agent's certificate (or this store was replaced and came back).
+    #[error("the hub refused this agent's store identity (identity conflict)")]
+    IdentityRefused,
 }
+
+/// How long the link stays down after the hub refused this store's identity:
+/// reconnecting sooner would only take the connection over from the device
+/// the hub accepts, again and again.
+const REFUSED_RETRY: Duration = Duration::from_secs(300);
 
 /// What the link shows in `GET /v1/status`.
 #[derive(Debug, Default)]
@@ -201,6 +210,9 @@ impl Link {
             if let Err(e) = driver.drive().await {
                 break Err(e);
             }
+            if driver.session.is_refused() {
+                break Err(LinkError::IdentityRefused);
+            }
         };
         self.setup.status.connected.store(false, Ordering::Relaxed);
         let _ = client.try_disconnect();
@@ -222,6 +234,14 @@ pub async fn supervise(
         let link = Link::new(setup.clone(), tls.clone());
         match link.run(shutdown.clone()).await {
             Ok(()) => return,
+            Err(LinkError::IdentityRefused) => {
+                tracing::error!(retry_in = ?REFUSED_RETRY, "hub link stopped: the hub refused this store's identity");
+                setup.status.identity_refused.store(true, Ordering::Relaxed);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(REFUSED_RETRY) => {}
+                }
+            }
             Err(e) => {
                 let delay = backoff(failures);
                 failures = failures.saturating_add(1);
@@ -286,7 +306,8 @@ impl Driver<'_> {
                     .subscribe(self.down_topic.clone(), QoS::AtLeastOnce)
                     .await;
                 let now = self.now();
-                self.session.connected(now);
+                self.session
+                    .connected_with(now, self.setup.clock.offset_ms());
             }
             Ok(Event::Incoming(Packet::Publish(p))) if p.topic == self.down_topic => {
                 match codec::decode(&p.payload) {

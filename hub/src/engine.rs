@@ -77,6 +77,10 @@ struct AgentLink {
     /// The front door's connection number, while connected.
     conn: Option<u64>,
     session: Option<Session>,
+    /// The store incarnation of a linked connection this one took over (the
+    /// broker drops the older of two connections with one client id): if the
+    /// new connection's store differs, two devices share one certificate.
+    displaced: Option<Incarnation>,
 }
 
 /// The engine's shared parts.
@@ -220,7 +224,12 @@ impl<S: HubStore> Engine<S> {
                 let l = links.entry(agent).or_insert(AgentLink {
                     conn: None,
                     session: None,
+                    displaced: None,
                 });
+                l.displaced = l
+                    .conn
+                    .and(l.session.as_ref())
+                    .and_then(Session::peer_incarnation);
                 l.conn = Some(conn);
                 // Nothing flows until this connection's hello.
                 l.session = None;
@@ -301,7 +310,7 @@ impl<S: HubStore> Engine<S> {
                 row.down_last,
                 row.up_cursor(),
                 &row.identity,
-                None,
+                l.displaced.take(),
                 now,
                 self.session,
             );

@@ -575,6 +575,8 @@ pub struct Session {
     last_progress_ms: u64,
     /// Monotonic time the hub last sent its clock.
     last_clock_ms: u64,
+    /// Agent: the correction its driver applies to the device clock.
+    correction_ms: i64,
     out: VecDeque<Action>,
 }
 
@@ -608,6 +610,7 @@ impl Session {
             link: LinkState::Down,
             last_progress_ms: 0,
             last_clock_ms: 0,
+            correction_ms: 0,
             out: VecDeque::new(),
         }
     }
@@ -650,11 +653,13 @@ impl Session {
             link: LinkState::Linked,
             last_progress_ms: now.mono_ms,
             last_clock_ms: now.mono_ms,
+            correction_ms: 0,
             out: VecDeque::new(),
         };
         s.receiver.peer = Some(hello.incarnation);
+        // The device clock's skew: what the agent corrects plus what remains.
         s.push(Action::ClockSkew {
-            skew_ms: signed_diff(hello.time_ms, now.wall_ms),
+            skew_ms: signed_diff(hello.time_ms, now.wall_ms).saturating_sub(hello.correction_ms),
         });
         s.push(Action::Send(Message::Welcome(Welcome {
             incarnation: own,
@@ -683,6 +688,11 @@ impl Session {
         self.link == LinkState::Refused
     }
 
+    /// The peer's store incarnation on this link, once known.
+    pub fn peer_incarnation(&self) -> Option<Incarnation> {
+        self.receiver.peer
+    }
+
     /// Whether the sender stopped because the peer refused its stamps.
     pub fn is_paused(&self) -> bool {
         self.sender.state == SendState::Paused
@@ -701,6 +711,14 @@ impl Session {
     }
 
     /// Agent: the transport is up (or the hub asked for it): say hello.
+    /// `now.wall_ms` is the corrected clock; `correction_ms` the correction
+    /// applied to the device clock to get it (0 if none).
+    pub fn connected_with(&mut self, now: Now, correction_ms: i64) {
+        self.correction_ms = correction_ms;
+        self.connected(now);
+    }
+
+    /// Agent: the transport is up (or the hub asked for it): say hello.
     pub fn connected(&mut self, now: Now) {
         self.sender.stop();
         self.receiver.peer = None;
@@ -714,6 +732,7 @@ impl Session {
             incarnation: self.sender.own,
             down: self.receiver.cursor,
             time_ms: now.wall_ms,
+            correction_ms: self.correction_ms,
         })));
     }
 

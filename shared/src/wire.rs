@@ -120,8 +120,13 @@ pub struct Hello {
     pub incarnation: Incarnation,
     /// The agent's durable downstream cursor.
     pub down: Cursor,
-    /// The agent's wall clock when it sent this (ms since the Unix epoch).
+    /// The agent's (corrected) wall clock when it sent this (ms since the
+    /// Unix epoch).
     pub time_ms: u64,
+    /// The correction the agent applies to its device clock (learned from
+    /// earlier welcomes): the device clock's skew is `-correction_ms` plus
+    /// what remains between `time_ms` and the hub's clock.
+    pub correction_ms: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

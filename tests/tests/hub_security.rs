@@ -223,6 +223,7 @@ async fn hello(client: &mut RawMqtt, agent: &str) -> Seq {
                 incarnation,
                 down: Cursor::default(),
                 time_ms: system_now_ms(),
+                correction_ms: 0,
             }),
         )
         .await
@@ -1065,6 +1066,7 @@ async fn the_hub_drops_what_its_policy_does_not_permit_and_survives_garbage() {
             incarnation: Incarnation(7),
             down: Cursor::default(),
             time_ms: system_now_ms(),
+            correction_ms: 0,
         })))
         .unwrap();
     let bad_range = fieldsync_shared::codec::encode(&Envelope::new(Message::Batch(Batch {

@@ -279,6 +279,7 @@ async fn session(
         incarnation: Incarnation(fieldsync_shared::hlc::system_now_ms().max(1)),
         down: Cursor::default(),
         time_ms: fieldsync_shared::hlc::system_now_ms(),
+        correction_ms: 0,
     });
     mqtt.publish_msg(&up_topic(id), hello)
         .await
