@@ -404,13 +404,24 @@ impl Store {
     ) -> Result<Restamped, StoreError> {
         let txn = self.db.begin_write()?;
         let mut done = Restamped::default();
+        // The greatest stamp the store holds once re-stamped: the clock
+        // continues from there.
+        let mut floor = Stamp::default();
+        let mut hold = |state: &RecordState| {
+            if let Some(v) = state.max_version() {
+                floor = floor.max(v.stamp);
+            }
+        };
         {
             let mut outbox = txn.open_table(OUTBOX)?;
             let mut rewritten = Vec::new();
             for item in outbox.iter()? {
                 let (seq, bytes) = item?;
                 let mut change: Change = codec::from_bytes(bytes.value())?;
-                if clock::restamp_state(&mut change.state, own, limit_ms, now_ms, offset_ms) {
+                let changed =
+                    clock::restamp_state(&mut change.state, own, limit_ms, now_ms, offset_ms);
+                hold(&change.state);
+                if changed {
                     rewritten.push((seq.value(), codec::to_bytes(&change)?));
                 }
             }
@@ -423,7 +434,9 @@ impl Store {
             for item in records.iter()? {
                 let (k, bytes) = item?;
                 let mut state: RecordState = codec::from_bytes(bytes.value())?;
-                if clock::restamp_state(&mut state, own, limit_ms, now_ms, offset_ms) {
+                let changed = clock::restamp_state(&mut state, own, limit_ms, now_ms, offset_ms);
+                hold(&state);
+                if changed {
                     let (c, key) = k.value();
                     rewritten.push(((c.to_owned(), key.to_owned()), codec::to_bytes(&state)?));
                 }
@@ -432,7 +445,7 @@ impl Store {
             for ((c, key), bytes) in rewritten {
                 records.insert((c.as_str(), key.as_str()), bytes.as_slice())?;
             }
-            hlc.lower_to(limit_ms);
+            hlc.lower_to(floor);
             let mut meta = txn.open_table(META)?;
             let last = hlc.last();
             meta.insert(K_HLC_WALL, last.wall_ms)?;

@@ -11,8 +11,9 @@
 //! past the corrected now) and keeps its logical part, so re-stamped writes
 //! keep their order. Only entries never acknowledged are re-stamped: the hub
 //! refuses stamps beyond its bound, so whatever it acknowledged is within it.
-//! The clock itself is then lowered to the limit ([`crate::Hlc::lower_to`]);
-//! no remaining own stamp is above it, so stamps stay unique.
+//! The clock itself is then lowered to the greatest stamp the store still
+//! holds ([`crate::Hlc::lower_to`]), so later stamps stay unique and sort
+//! after everything the replica has seen, and are issued from real time.
 
 use crate::hlc::Stamp;
 use crate::id::Origin;
@@ -26,7 +27,8 @@ pub fn corrected(system_ms: u64, offset_ms: i64) -> u64 {
 /// Offsets smaller than this are measurement noise and are not applied.
 pub const OFFSET_NOISE_MS: i64 = 250;
 
-/// The highest wall time an own stamp may carry at corrected time `now_ms`.
+/// The highest wall time an own stamp may keep at corrected time `now_ms`:
+/// the drift bound ahead, beyond which every receiver refuses it.
 pub fn limit_ms(now_ms: u64, max_drift_ms: u64) -> u64 {
     now_ms.saturating_add(max_drift_ms)
 }

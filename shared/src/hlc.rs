@@ -80,12 +80,14 @@ impl Hlc {
         self.last
     }
 
-    /// Lowers the clock to at most `limit_ms` (keeping it if already below):
-    /// after [`crate::clock`] re-stamped every own stamp above that wall time,
-    /// a clock that ran ahead must stop issuing stamps from the future.
-    pub fn lower_to(&mut self, limit_ms: u64) {
-        if self.last.wall_ms > limit_ms {
-            self.last = Stamp::new(limit_ms, u32::MAX);
+    /// Lowers the clock to `floor` (keeping it if already below): after
+    /// [`crate::clock`] re-stamped the stamps a clock that ran ahead had
+    /// issued, the clock continues from the greatest stamp still held
+    /// (`floor`), so it stops issuing stamps from the future and every later
+    /// stamp still exceeds everything stored.
+    pub fn lower_to(&mut self, floor: Stamp) {
+        if self.last > floor {
+            self.last = floor;
         }
     }
 
