@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fieldsync_shared::codec::{self, CodecError};
+use fieldsync_shared::session::SnapshotChunk;
 use fieldsync_shared::files::create_private_dir;
 use fieldsync_shared::{
     clock, policy::Flow, AgentId, Change, CollectionName, Cursor, FieldName, Hlc, Incarnation,
@@ -332,7 +333,7 @@ impl Store {
         after: Option<&(CollectionName, RecordKey)>,
         limit: usize,
         max_bytes: usize,
-    ) -> Result<(Vec<Change>, Option<(CollectionName, RecordKey)>), StoreError> {
+    ) -> Result<SnapshotChunk, StoreError> {
         let txn = self.db.begin_read()?;
         let records = txn.open_table(RECORDS)?;
         let range = match after {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use fieldsync_shared::codec::{self, CodecError};
 use fieldsync_shared::files::create_private_dir;
-use fieldsync_shared::session::Identity;
+use fieldsync_shared::session::{Identity, SnapshotChunk};
 use fieldsync_shared::{
     AgentId, Change, CollectionName, Cursor, Incarnation, Mark, Merge, RecordKey, RecordState,
     Seq, Stamp,
@@ -235,7 +235,7 @@ pub trait HubStore: Send + Sync + 'static {
         after: Option<&(CollectionName, RecordKey)>,
         limit: usize,
         max_bytes: usize,
-    ) -> Result<(Vec<Change>, Option<(CollectionName, RecordKey)>), StoreError>;
+    ) -> Result<SnapshotChunk, StoreError>;
     /// The hub's copy of one record.
     fn record(
         &self,
@@ -506,7 +506,7 @@ impl HubStore for RedbHubStore {
         after: Option<&(CollectionName, RecordKey)>,
         limit: usize,
         max_bytes: usize,
-    ) -> Result<(Vec<Change>, Option<(CollectionName, RecordKey)>), StoreError> {
+    ) -> Result<SnapshotChunk, StoreError> {
         use std::ops::Bound;
         let txn = self.db.begin_read()?;
         let records = txn.open_table(RECORDS)?;

@@ -113,6 +113,10 @@ pub struct Now {
 /// A record's address, the cursor of a snapshot being read.
 pub type RecordAddr = (CollectionName, RecordKey);
 
+/// Records read for a snapshot part, and where the next part starts (`None`:
+/// the last part).
+pub type SnapshotChunk = (Vec<Change>, Option<RecordAddr>);
+
 /// Timeouts and bounds of a session. Both sides use the same defaults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SessionConfig {
@@ -427,6 +431,8 @@ pub struct Receiver {
     peer: Option<Incarnation>,
     /// The resync being received: its id and the last part applied.
     resync: Option<(u64, u64)>,
+    /// The cursor when this link said (or answered) hello.
+    start: Cursor,
 }
 
 /// What to do with an incoming batch.
@@ -454,6 +460,7 @@ impl Receiver {
             cursor,
             peer: None,
             resync: None,
+            start: cursor,
         }
     }
 
@@ -584,7 +591,7 @@ pub struct Session {
 enum LinkState {
     Down,
     /// Agent: hello sent at this wall time, no welcome yet.
-    Hello { sent_wall_ms: u64 },
+    Hello { sent_mono_ms: u64 },
     Linked,
     /// Agent: the hub refused this store's identity; ask again much later.
     Refused,
@@ -657,6 +664,16 @@ impl Session {
             out: VecDeque::new(),
         };
         s.receiver.peer = Some(hello.incarnation);
+        // Resync ids grow from one session to the next on a link (a hello
+        // sent again, or delivered twice, makes another session): by
+        // monotonic time, then by queue length (sessions of one millisecond
+        // with the same queue resync to the same end). An ack or a part of an
+        // earlier session's resync still in flight must not pass for one of
+        // this session's, and the receiver drops parts of older resyncs.
+        s.sender.resyncs = now
+            .mono_ms
+            .saturating_mul(1 << 24)
+            .saturating_add(last.0 & 0xff_ffff);
         // The device clock's skew: what the agent corrects plus what remains.
         s.push(Action::ClockSkew {
             skew_ms: signed_diff(hello.time_ms, now.wall_ms).saturating_sub(hello.correction_ms),
@@ -723,8 +740,9 @@ impl Session {
         self.sender.stop();
         self.receiver.peer = None;
         self.receiver.resync = None;
+        self.receiver.start = self.receiver.cursor;
         self.link = LinkState::Hello {
-            sent_wall_ms: now.wall_ms,
+            sent_mono_ms: now.mono_ms,
         };
         self.last_progress_ms = now.mono_ms;
         self.push(Action::Send(Message::Hello(Hello {
@@ -789,14 +807,17 @@ impl Session {
     }
 
     fn on_welcome(&mut self, w: Welcome, now: Now) {
-        let LinkState::Hello { sent_wall_ms } = self.link else {
+        let LinkState::Hello { sent_mono_ms } = self.link else {
             return;
         };
         self.link = LinkState::Linked;
         self.last_progress_ms = now.mono_ms;
         self.receiver.peer = Some(w.incarnation);
-        // The hub read its clock about half-way between our hello and now.
-        let midpoint = sent_wall_ms / 2 + now.wall_ms / 2;
+        // The hub read its clock about half-way between our hello and now:
+        // half the round trip (on the monotonic clock, so that a wall clock
+        // set right meanwhile does not skew the estimate) before now.
+        let round_trip = now.mono_ms.saturating_sub(sent_mono_ms);
+        let midpoint = now.wall_ms.saturating_sub(round_trip / 2);
         self.push(Action::ClockOffset {
             offset_ms: signed_diff(w.time_ms, midpoint),
         });
@@ -992,7 +1013,20 @@ impl Session {
                     &format!("entry {seq} is stamped {ahead_ms} ms ahead of this replica's clock"),
                     Some(seq),
                 )));
+                self.refused_peer_clock(now);
             }
+        }
+    }
+
+    /// Agent: it refused the hub's stamps, so its own clock is behind (a
+    /// stale correction). The hub's sender pauses until the next hello, and
+    /// only the agent says hello: pause too, so that after the ack timeout it
+    /// says hello again and the welcome corrects its clock.
+    fn refused_peer_clock(&mut self, now: Now) {
+        if self.role == Role::Agent {
+            self.sender.reset_flight();
+            self.sender.state = SendState::Paused;
+            self.last_progress_ms = now.mono_ms;
         }
     }
 
@@ -1009,10 +1043,13 @@ impl Session {
             resync: s.resync,
             part: s.part,
         });
+        // A part applied before, or of an older resync than one this link
+        // already carries (a stale part of a session the peer replaced):
+        // acknowledged again, not applied.
         if self
             .receiver
             .resync
-            .is_some_and(|(id, part)| id == s.resync && s.part <= part)
+            .is_some_and(|(id, part)| s.resync < id || (id == s.resync && s.part <= part))
         {
             self.push(Action::Send(ack));
             return;
@@ -1031,13 +1068,27 @@ impl Session {
                 &format!("a snapshot record is stamped {ahead_ms} ms ahead of this replica's clock"),
                 None,
             )));
+            self.refused_peer_clock(now);
             return;
         }
         self.receiver.resync = Some((s.resync, s.part));
-        let cursor = s.end.map(|at| Cursor {
-            source: self.receiver.peer,
-            at,
-        });
+        // Only the first resync after hello may move the cursor back (the
+        // sender was restored). Once the cursor moved on this link, a last
+        // part behind it is a copy of an earlier resync's, still in flight
+        // when the peer made a new session: its records merge, the cursor
+        // stays (the sender trims no further than the cursor).
+        let current = self.receiver.cursor;
+        let cursor = s
+            .end
+            .map(|at| Cursor {
+                source: self.receiver.peer,
+                at,
+            })
+            .filter(|c| {
+                current == self.receiver.start
+                    || c.source != current.source
+                    || c.at.seq >= current.at.seq
+            });
         if let Some(c) = cursor {
             self.receiver.cursor = c;
             self.push(Action::Report(Report::ResyncCompleted));

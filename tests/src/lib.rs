@@ -279,6 +279,9 @@ pub struct AgentSetup {
     pub id: Option<String>,
     /// The policy file's text; [`PATIENTS_POLICY`] if unset.
     pub policy: Option<String>,
+    /// Extra environment variables for `fieldsync-agent run`, set after the
+    /// clean environment (so `FIELDSYNC*` test aids and overrides apply).
+    pub env: Vec<(String, String)>,
 }
 
 /// A `[hub]` section: where the hub is and the agent's TLS files.
@@ -352,6 +355,7 @@ pub struct TempAgent {
     dir: tempfile::TempDir,
     id: String,
     config: PathBuf,
+    env: Vec<(String, String)>,
     running: Option<Running>,
     base_url: String,
     starts: u32,
@@ -378,6 +382,7 @@ impl TempAgent {
             dir,
             id: setup.id.clone().unwrap_or_else(|| AGENT_ID.to_owned()),
             config,
+            env: setup.env.clone(),
             running: None,
             base_url: String::new(),
             starts: 0,
@@ -395,6 +400,7 @@ impl TempAgent {
             .open(&log_path)
             .with_context(|| format!("cannot open {}", log_path.display()))?;
         let mut child = agent_command()
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .arg("run")
             .arg("--config")
             .arg(&self.config)
