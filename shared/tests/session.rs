@@ -12,7 +12,7 @@ use fieldsync_shared::session::{
     entry_check, Action, Admission, Cursor, Identity, Incarnation, Mark, Now, RecordAddr, Report,
     ResyncReason, Session, SessionConfig, RETIRED_KEPT,
 };
-use fieldsync_shared::wire::{Ack, Batch, Entry, ErrorCode, Message, SnapshotAck};
+use fieldsync_shared::wire::{Ack, Batch, Entry, ErrorCode, Message, Snapshot, SnapshotAck};
 use fieldsync_shared::{AgentId, Change, CollectionName, FieldName, Origin, RecordKey};
 use fieldsync_shared::{RecordState, Sender, Seq, Stamp, Version};
 use serde_json::json;
@@ -125,6 +125,17 @@ impl Side {
     /// The hub's session for `hello`, with a downstream queue `queue` trimmed
     /// to `acked`, and upstream cursor `up`.
     fn hub(hello: &Message, acked: Mark, queue: BTreeMap<Seq, Change>, up: Cursor) -> Self {
+        Self::hub_at(hello, acked, queue, up, at(0))
+    }
+
+    /// [`Side::hub`], made at `now`.
+    fn hub_at(
+        hello: &Message,
+        acked: Mark,
+        queue: BTreeMap<Seq, Change>,
+        up: Cursor,
+        now: Now,
+    ) -> Self {
         let Message::Hello(hello) = hello else {
             panic!("expected a hello, got {hello:?}");
         };
@@ -133,18 +144,9 @@ impl Side {
             current: Some(hello.incarnation),
             retired: Vec::new(),
         };
-        let (s, changed) = Session::hub(
-            hello,
-            HUB_INC,
-            acked,
-            last,
-            up,
-            &identity,
-            None,
-            at(0),
-            cfg(),
-        )
-        .expect("a known store is admitted");
+        let (s, changed) =
+            Session::hub(hello, HUB_INC, acked, last, up, &identity, None, now, cfg())
+                .expect("a known store is admitted");
         assert_eq!(changed, None);
         Self::new(s, queue, up)
     }
@@ -797,6 +799,147 @@ fn snapshot_parts_go_stop_and_wait_and_the_last_sets_the_cursor() {
     assert_eq!(hub.s.sender.pending(), 0);
 }
 
+// ---- several sessions on one link ----------------------------------------------
+
+fn snapshot_of(msgs: &[Message]) -> Snapshot {
+    msgs.iter()
+        .find_map(|m| match m {
+            Message::Snapshot(s) => Some(s.clone()),
+            _ => None,
+        })
+        .expect("a snapshot part")
+}
+
+#[test]
+fn a_second_hub_session_on_one_link_does_not_take_the_first_ones_acks() {
+    // The agent's hello goes twice (sent again, or delivered twice); an
+    // operator write lands between the two hub sessions it makes.
+    let mut agent = Side::agent(Mark::default(), 0, Cursor::default(), cfg());
+    agent.s.connected(at(0));
+    let hello = agent.run(at(0));
+    let one: BTreeMap<Seq, Change> = [(Seq(1), change_at(1, WALL, "@hub"))].into();
+    let mut first = Side::hub_at(
+        &hello[0],
+        Mark::default(),
+        one.clone(),
+        follows(AGENT_INC, Mark::default()),
+        at(100),
+    );
+    let c1 = change_at(1, WALL, "@hub");
+    first
+        .records
+        .insert((c1.collection.clone(), c1.key.clone()), c1);
+    let sent_a = first.run(at(100));
+    let a = snapshot_of(&sent_a);
+    let mut two = one;
+    two.insert(Seq(2), change_at(2, WALL, "@hub"));
+    let mut second = Side::hub_at(
+        &hello[0],
+        Mark::default(),
+        two,
+        follows(AGENT_INC, Mark::default()),
+        at(700),
+    );
+    let b = snapshot_of(&second.run(at(700)));
+    assert!(
+        b.resync > a.resync,
+        "resync ids grow from session to session"
+    );
+    assert_eq!((a.end.unwrap().seq, b.end.unwrap().seq), (Seq(1), Seq(2)));
+
+    // The agent takes the first welcome and applies the first session's
+    // part; its ack reaches the second session.
+    agent.deliver(vec![sent_a[0].clone()], at(800));
+    let ack_a = agent.deliver(vec![Message::Snapshot(a.clone())], at(810));
+    assert_eq!(second.deliver(ack_a, at(820)), []);
+    assert!(
+        second.trims.is_empty(),
+        "not completed by another session's ack"
+    );
+    assert!(second.s.sender.resyncing());
+
+    // Its own part completes it; the first session's part, late, changes nothing.
+    let ack_b = agent.deliver(vec![Message::Snapshot(b.clone())], at(830));
+    second.deliver(ack_b, at(840));
+    assert_eq!(second.trims, [b.end.unwrap()]);
+    let commits = agent.commits.len();
+    let again = agent.deliver(vec![Message::Snapshot(a)], at(850));
+    assert!(matches!(only(&again, "ack"), Message::SnapshotAck(_)));
+    assert_eq!(
+        agent.commits.len(),
+        commits,
+        "a part of an older resync is not applied"
+    );
+    assert_eq!(agent.cursor.at, b.end.unwrap());
+}
+
+#[test]
+fn a_stale_last_part_does_not_move_a_cursor_back_but_a_restored_sender_may() {
+    // A new hub session follows the agent at 5 (where a resync ended).
+    let end = Mark {
+        seq: Seq(5),
+        check: 55,
+    };
+    let mut agent = Side::agent(Mark::default(), 0, follows(HUB_INC, Mark::default()), cfg());
+    agent.s.connected(at(0));
+    let hello = agent.run(at(0));
+    let mut hub = Side::hub(
+        &hello[0],
+        Mark::default(),
+        BTreeMap::new(),
+        follows(AGENT_INC, end),
+    );
+    hub.run(at(0));
+    // Batches move the cursor on this link...
+    let b = Batch {
+        first: Seq(6),
+        last: Seq(7),
+        check: entry_check(&change(7)),
+        entries: vec![
+            Entry {
+                seq: Seq(6),
+                change: change(6),
+            },
+            Entry {
+                seq: Seq(7),
+                change: change(7),
+            },
+        ],
+    };
+    hub.deliver(vec![Message::Batch(b)], at(10));
+    assert_eq!(hub.cursor.at.seq, Seq(7));
+    // ...then a copy of the resync's last part, re-sent before its ack
+    // arrived, reaches this session: its records merge, the cursor stays.
+    let stale = Snapshot {
+        resync: 1,
+        part: 1,
+        changes: vec![change(3)],
+        end: Some(end),
+    };
+    let ack = hub.deliver(vec![Message::Snapshot(stale.clone())], at(20));
+    assert!(matches!(only(&ack, "ack"), Message::SnapshotAck(_)));
+    let (changes, cursor, snapshot) = hub.commits.last().unwrap();
+    assert_eq!((changes.len(), *cursor, *snapshot), (1, None, true));
+    assert_eq!(hub.cursor.at.seq, Seq(7));
+
+    // The first resync after hello may move it back: the agent was restored.
+    let mut hub = Side::hub(
+        &hello[0],
+        Mark::default(),
+        BTreeMap::new(),
+        follows(
+            AGENT_INC,
+            Mark {
+                seq: Seq(9),
+                check: 9,
+            },
+        ),
+    );
+    hub.run(at(0));
+    hub.deliver(vec![Message::Snapshot(stale)], at(10));
+    assert_eq!(hub.cursor, follows(AGENT_INC, end));
+}
+
 // ---- clocks --------------------------------------------------------------------
 
 #[test]
@@ -868,6 +1011,54 @@ fn a_snapshot_stamped_beyond_the_bound_is_refused_whole() {
     assert!(agent.commits.is_empty());
     hub.deliver(answer, at(20));
     assert!(hub.s.is_paused());
+}
+
+#[test]
+fn an_agent_that_refuses_the_hubs_stamps_says_hello_again() {
+    // The agent's correction is stale: its corrected clock is two days
+    // behind the hub's, so the hub's fresh write looks two days ahead.
+    let (mut agent, _, _) = linked(0, cfg());
+    let ahead = Batch {
+        first: Seq(1),
+        last: Seq(1),
+        check: entry_check(&change_at(1, WALL + 2 * DAY_MS, "@hub")),
+        entries: vec![Entry {
+            seq: Seq(1),
+            change: change_at(1, WALL + 2 * DAY_MS, "@hub"),
+        }],
+    };
+    let answer = agent.deliver(vec![Message::Batch(ahead)], at(100));
+    assert_eq!(
+        error_code(only(&answer, "refusal")),
+        Some(ErrorCode::ClockAhead)
+    );
+    assert!(agent.commits.is_empty());
+    // The hub's sender now waits for a hello: the agent pauses too, and says
+    // hello after the ack timeout (the welcome corrects its clock).
+    assert!(agent.s.is_paused());
+    assert_eq!(agent.tick(at(1_099)), []);
+    let hello = agent.tick(at(1_100));
+    assert!(matches!(only(&hello, "hello"), Message::Hello(_)));
+}
+
+#[test]
+fn a_wall_clock_set_right_between_hello_and_welcome_does_not_skew_the_offset() {
+    // The device clock is 10 hours ahead at the hello and set right (by NTP)
+    // before the welcome arrives 200 ms later; the hub's clock is right.
+    let mut agent = Side::agent(Mark::default(), 0, follows(HUB_INC, Mark::default()), cfg());
+    agent.s.connected(Now {
+        mono_ms: 0,
+        wall_ms: WALL + 10 * 3_600_000,
+    });
+    agent.run(at(0));
+    let welcome = Message::Welcome(fieldsync_shared::wire::Welcome {
+        incarnation: HUB_INC,
+        up: follows(AGENT_INC, Mark::default()),
+        time_ms: WALL + 100,
+    });
+    agent.deliver(vec![welcome], at(200));
+    // The hub read its clock half the round trip before now: no offset left.
+    assert_eq!(agent.offsets, [0]);
 }
 
 #[test]
