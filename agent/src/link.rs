@@ -60,6 +60,9 @@ pub enum LinkError {
     /// agent's certificate (or this store was replaced and came back).
     #[error("the hub refused this agent's store identity (identity conflict)")]
     IdentityRefused,
+    /// The session starts over from the store (after a clock re-stamp).
+    #[error("the link starts over from the store")]
+    Restart,
 }
 
 /// How long the link stays down after the hub refused this store's identity:
@@ -186,6 +189,7 @@ impl Link {
             started: Instant::now(),
             mqtt_up: false,
             reported_failure: false,
+            restart: false,
         };
         let mut outbox = s.writer.outbox_last();
         let mut tick = tokio::time::interval(TICK);
@@ -213,6 +217,9 @@ impl Link {
             if driver.session.is_refused() {
                 break Err(LinkError::IdentityRefused);
             }
+            if driver.restart {
+                break Err(LinkError::Restart);
+            }
         };
         self.setup.status.connected.store(false, Ordering::Relaxed);
         let _ = client.try_disconnect();
@@ -234,6 +241,9 @@ pub async fn supervise(
         let link = Link::new(setup.clone(), tls.clone());
         match link.run(shutdown.clone()).await {
             Ok(()) => return,
+            Err(LinkError::Restart) => {
+                tracing::info!("hub link starts over after a clock re-stamp");
+            }
             Err(LinkError::IdentityRefused) => {
                 tracing::error!(retry_in = ?REFUSED_RETRY, "hub link stopped: the hub refused this store's identity");
                 setup.status.identity_refused.store(true, Ordering::Relaxed);
@@ -282,6 +292,8 @@ struct Driver<'a> {
     /// The MQTT connection is up (CONNACK received).
     mqtt_up: bool,
     reported_failure: bool,
+    /// The session must start over from the store (after a re-stamp).
+    restart: bool,
 }
 
 impl Driver<'_> {
@@ -336,6 +348,9 @@ impl Driver<'_> {
         let was_linked = self.setup.status.connected.load(Ordering::Relaxed);
         while let Some(action) = self.session.poll() {
             self.execute(action).await?;
+            if self.restart {
+                return Ok(());
+            }
         }
         let status = &self.setup.status;
         let linked = self.session.is_linked();
@@ -444,27 +459,38 @@ impl Driver<'_> {
 
     /// The hub's clock differs from ours by `offset_ms` (on top of the
     /// correction already applied): correct the clock, keep the correction,
-    /// and re-stamp what was written with the clock running ahead.
+    /// and re-stamp what was written with the clock running ahead — also when
+    /// the difference is noise (the device clock may have been set right
+    /// meanwhile, leaving stamps from the future). A re-stamp that changed
+    /// records made the store's downstream cursor follow no hub (see
+    /// `Store::restamp`): the link starts over so the hub resyncs it.
     async fn correct_clock(&mut self, offset_ms: i64) -> Result<(), LinkError> {
-        if offset_ms.abs() < OFFSET_NOISE_MS {
-            return Ok(());
+        let offset_ms = if offset_ms.abs() < OFFSET_NOISE_MS {
+            0
+        } else {
+            offset_ms
+        };
+        if offset_ms != 0 {
+            let clock = &self.setup.clock;
+            let total = clock.offset_ms().saturating_add(offset_ms);
+            clock.set_offset_ms(total);
+            tracing::warn!(
+                clock_offset_ms = total,
+                "the local clock differs from the hub's; correcting it"
+            );
+            let store = self.setup.store.clone();
+            tokio::task::spawn_blocking(move || store.set_clock_offset(total)).await??;
         }
-        let clock = &self.setup.clock;
-        let total = clock.offset_ms().saturating_add(offset_ms);
-        clock.set_offset_ms(total);
-        tracing::warn!(
-            clock_offset_ms = total,
-            "the local clock differs from the hub's; correcting it"
-        );
-        let store = self.setup.store.clone();
-        tokio::task::spawn_blocking(move || store.set_clock_offset(total)).await??;
-        let done = self.setup.writer.restamp().await?;
+        let done = self.setup.writer.restamp(offset_ms).await?;
         if done.entries > 0 || done.records > 0 {
             tracing::warn!(
                 entries = done.entries,
                 records = done.records,
                 "re-stamped writes made while the clock ran ahead"
             );
+        }
+        if done.records > 0 {
+            self.restart = true;
         }
         Ok(())
     }

@@ -393,8 +393,13 @@ impl Store {
     }
 
     /// Re-stamps, in one durable transaction, every version this agent
-    /// (`own`) stamped beyond `limit_ms` in the outbox and in the records
-    /// (see `fieldsync_shared::clock`), and lowers the clock to the limit.
+    /// (`own`) stamped beyond `limit_ms`, in the outbox and in the records, by
+    /// one shift (`fieldsync_shared::clock`: the correction `offset_ms` just
+    /// learned, or more so that none lands past `now_ms`), continues the
+    /// clock from the greatest stamp still held, and — if a record changed —
+    /// lets the downstream cursor follow no hub incarnation, so the next link
+    /// resyncs what the hub holds (a hub write that lost to a stamp from the
+    /// future is gone from the records).
     pub fn restamp(
         &self,
         own: &Origin,
@@ -405,22 +410,36 @@ impl Store {
     ) -> Result<Restamped, StoreError> {
         let txn = self.db.begin_write()?;
         let mut done = Restamped::default();
-        // The greatest stamp the store holds once re-stamped: the clock
-        // continues from there.
-        let mut floor = Stamp::default();
-        let mut hold = |state: &RecordState| {
-            if let Some(v) = state.max_version() {
-                floor = floor.max(v.stamp);
-            }
-        };
         {
             let mut outbox = txn.open_table(OUTBOX)?;
+            let mut records = txn.open_table(RECORDS)?;
+            // First the newest stamp to move, for one shift that keeps order.
+            let mut newest: Option<u64> = None;
+            for item in outbox.iter()? {
+                let change: Change = codec::from_bytes(item?.1.value())?;
+                newest = newest.max(clock::newest_beyond(&change.state, own, limit_ms));
+            }
+            for item in records.iter()? {
+                let state: RecordState = codec::from_bytes(item?.1.value())?;
+                newest = newest.max(clock::newest_beyond(&state, own, limit_ms));
+            }
+            let Some(newest) = newest else {
+                return Ok(done);
+            };
+            let shift = clock::restamp_shift(offset_ms, now_ms, newest);
+            // The greatest stamp the store holds once re-stamped: the clock
+            // continues from there.
+            let mut floor = Stamp::default();
+            let mut hold = |state: &RecordState| {
+                if let Some(v) = state.max_version() {
+                    floor = floor.max(v.stamp);
+                }
+            };
             let mut rewritten = Vec::new();
             for item in outbox.iter()? {
                 let (seq, bytes) = item?;
                 let mut change: Change = codec::from_bytes(bytes.value())?;
-                let changed =
-                    clock::restamp_state(&mut change.state, own, limit_ms, now_ms, offset_ms);
+                let changed = clock::restamp_state(&mut change.state, own, limit_ms, shift);
                 hold(&change.state);
                 if changed {
                     rewritten.push((seq.value(), codec::to_bytes(&change)?));
@@ -430,12 +449,11 @@ impl Store {
             for (seq, bytes) in rewritten {
                 outbox.insert(seq, bytes.as_slice())?;
             }
-            let mut records = txn.open_table(RECORDS)?;
             let mut rewritten = Vec::new();
             for item in records.iter()? {
                 let (k, bytes) = item?;
                 let mut state: RecordState = codec::from_bytes(bytes.value())?;
-                let changed = clock::restamp_state(&mut state, own, limit_ms, now_ms, offset_ms);
+                let changed = clock::restamp_state(&mut state, own, limit_ms, shift);
                 hold(&state);
                 if changed {
                     let (c, key) = k.value();
@@ -451,6 +469,9 @@ impl Store {
             let last = hlc.last();
             meta.insert(K_HLC_WALL, last.wall_ms)?;
             meta.insert(K_HLC_LOGICAL, u64::from(last.logical))?;
+            if done.records > 0 {
+                meta.insert(K_DOWN_SOURCE, 0)?;
+            }
         }
         txn.commit()?;
         Ok(done)

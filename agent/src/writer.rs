@@ -98,7 +98,10 @@ enum Request {
     },
     /// The clock was corrected: re-stamp what was written with a clock that
     /// ran ahead (see `fieldsync_shared::clock`).
-    Restamp { reply: Reply<Restamped> },
+    Restamp {
+        offset_ms: i64,
+        reply: Reply<Restamped>,
+    },
 }
 
 /// Handle for submitting writes. Cheap to clone.
@@ -202,10 +205,12 @@ impl Writer {
     }
 
     /// Re-stamps, in one durable transaction, what this agent stamped beyond
-    /// the corrected clock's bound (nothing if its clock never ran ahead).
-    pub async fn restamp(&self) -> Result<Restamped, WriteError> {
+    /// the corrected clock's bound (nothing if its clock never ran ahead);
+    /// `offset_ms` is the correction just learned (0 if none).
+    pub async fn restamp(&self, offset_ms: i64) -> Result<Restamped, WriteError> {
         let (reply, answer) = oneshot::channel();
-        self.submit(Request::Restamp { reply }, answer).await
+        self.submit(Request::Restamp { offset_ms, reply }, answer)
+            .await
     }
 
     async fn submit<T>(
@@ -242,8 +247,8 @@ impl Committer {
                     let result = self.downstream(&changes, cursor, snapshot);
                     let _ = reply.send(result.map_err(Arc::new));
                 }
-                Request::Restamp { reply } => {
-                    let result = self.restamp();
+                Request::Restamp { offset_ms, reply } => {
+                    let result = self.restamp(offset_ms);
                     let _ = reply.send(result.map_err(Arc::new));
                 }
                 Request::Local { ops, reply } => {
@@ -324,13 +329,12 @@ impl Committer {
             .apply_downstream(changes, cursor, snapshot, &self.hlc)
     }
 
-    fn restamp(&mut self) -> Result<Restamped, StoreError> {
+    fn restamp(&mut self, offset: i64) -> Result<Restamped, StoreError> {
         let now = self.setup.clock.now_ms();
         let limit = clock::limit_ms(now, self.setup.max_drift_ms);
         if !clock::needs_restamp(self.hlc.last(), limit) {
             return Ok(Restamped::default());
         }
-        let offset = self.setup.clock.offset_ms();
         let mut hlc = self.hlc.clone();
         let done = self
             .setup

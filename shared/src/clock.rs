@@ -7,10 +7,15 @@
 //!
 //! The rule: a version stamped by this replica whose wall time is beyond
 //! `limit_ms` (the corrected now plus the drift bound) was made with a clock
-//! that ran ahead. It is moved by the offset (to `wall + offset_ms`, never
-//! past the corrected now) and keeps its logical part, so re-stamped writes
-//! keep their order. Only entries never acknowledged are re-stamped: the hub
-//! refuses stamps beyond its bound, so whatever it acknowledged is within it.
+//! that ran ahead. All such versions move by one shift ([`restamp_shift`]:
+//! the correction just learned, or more if that would leave the newest of
+//! them past the corrected now) and keep their logical parts, so re-stamped
+//! writes keep their order. Only entries never acknowledged are re-stamped:
+//! the hub refuses stamps beyond its bound, so whatever it acknowledged is
+//! within it. A downstream write that lost to one of those stamps before the
+//! re-stamp is already gone from the records, so after a re-stamp that
+//! changed records the agent resyncs its downstream (its cursor follows no
+//! hub incarnation again, in the same transaction).
 //! The clock itself is then lowered to the greatest stamp the store still
 //! holds ([`crate::Hlc::lower_to`]), so later stamps stay unique and sort
 //! after everything the replica has seen, and are issued from real time.
@@ -38,33 +43,47 @@ pub fn needs_restamp(last: Stamp, limit_ms: u64) -> bool {
     last.wall_ms > limit_ms
 }
 
-fn restamp_version(v: &mut Version, own: &Origin, limit_ms: u64, now_ms: u64, offset_ms: i64) -> bool {
-    if &v.origin != own || v.stamp.wall_ms <= limit_ms {
-        return false;
-    }
-    v.stamp = Stamp::new(
-        v.stamp.wall_ms.saturating_add_signed(offset_ms).min(now_ms),
-        v.stamp.logical,
-    );
-    true
+/// The newest wall time among the own versions in `state` beyond `limit_ms`.
+pub fn newest_beyond(state: &RecordState, own: &Origin, limit_ms: u64) -> Option<u64> {
+    state
+        .deleted
+        .iter()
+        .chain(state.fields.values().map(|f| &f.version))
+        .filter(|v| &v.origin == own && v.stamp.wall_ms > limit_ms)
+        .map(|v| v.stamp.wall_ms)
+        .max()
 }
 
-/// Re-stamps the own versions in `state` that are beyond `limit_ms`. Returns
-/// whether anything changed. Keeps the canonical form (fields at or below the
-/// record tombstone are dropped).
+/// The one shift applied to every own stamp beyond the limit: the clock
+/// correction just learned (`offset_ms`, negative for a clock that ran
+/// ahead), but at least enough that the newest such stamp (`newest_ms`) lands
+/// at or before the corrected now. One shift for all keeps their order.
+pub fn restamp_shift(offset_ms: i64, now_ms: u64, newest_ms: u64) -> i64 {
+    let to_now = crate::session::signed_diff(now_ms, newest_ms);
+    offset_ms.min(to_now)
+}
+
+/// Moves the own versions in `state` beyond `limit_ms` by `shift_ms`, keeping
+/// their logical parts. Returns whether anything changed. Keeps the canonical
+/// form (fields at or below the record tombstone are dropped).
 pub fn restamp_state(
     state: &mut RecordState,
     own: &Origin,
     limit_ms: u64,
-    now_ms: u64,
-    offset_ms: i64,
+    shift_ms: i64,
 ) -> bool {
     let mut changed = false;
+    let mut shift = |v: &mut Version| {
+        if &v.origin == own && v.stamp.wall_ms > limit_ms {
+            v.stamp = Stamp::new(v.stamp.wall_ms.saturating_add_signed(shift_ms), v.stamp.logical);
+            changed = true;
+        }
+    };
     if let Some(d) = state.deleted.as_mut() {
-        changed |= restamp_version(d, own, limit_ms, now_ms, offset_ms);
+        shift(d);
     }
     for f in state.fields.values_mut() {
-        changed |= restamp_version(&mut f.version, own, limit_ms, now_ms, offset_ms);
+        shift(&mut f.version);
     }
     if changed {
         let deleted = state.deleted.clone();
@@ -84,7 +103,7 @@ mod tests {
     const DAY: u64 = 86_400_000;
 
     #[test]
-    fn future_own_stamps_move_back_by_the_offset_and_keep_their_order() {
+    fn future_own_stamps_move_back_by_one_shift_and_keep_their_order() {
         let own = Origin::new("gw").unwrap();
         let hub = Origin::hub("hub").unwrap();
         let now = 1_000 * DAY;
@@ -97,13 +116,20 @@ mod tests {
         s.write([(FieldName::new("a").unwrap(), Some(json!(1)))], &v(ahead, &own));
         s.write([(FieldName::new("b").unwrap(), Some(json!(2)))], &v(ahead + 5, &own));
         s.write([(FieldName::new("c").unwrap(), Some(json!(3)))], &v(now - 10, &hub));
-        let offset = -(300 * DAY as i64);
-        assert!(restamp_state(&mut s, &own, limit_ms(now, 60_000), now, offset));
+        let limit = limit_ms(now, 60_000);
+        let newest = newest_beyond(&s, &own, limit).unwrap();
+        assert_eq!(newest, ahead + 5);
+        // The correction says 300 days, but the newest would then land 5 ms
+        // in the future: the shift is that much larger, for both.
+        let shift = restamp_shift(-(300 * DAY as i64), now, newest);
+        assert_eq!(shift, -(300 * DAY as i64) - 5);
+        assert!(restamp_state(&mut s, &own, limit, shift));
         let wall = |n: &str| s.fields[&FieldName::new(n).unwrap()].version.stamp.wall_ms;
-        assert_eq!(wall("a"), now);
-        assert_eq!(wall("b"), now, "never past the corrected now");
+        assert_eq!(wall("a"), now - 5);
+        assert_eq!(wall("b"), now, "never past the corrected now, order kept");
         assert_eq!(wall("c"), now - 10, "other origins are untouched");
-        assert!(!restamp_state(&mut s, &own, limit_ms(now, 60_000), now, offset));
+        assert!(!restamp_state(&mut s, &own, limit, shift));
+        assert_eq!(newest_beyond(&s, &own, limit), None);
     }
 
     #[test]

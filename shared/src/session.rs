@@ -584,6 +584,9 @@ pub struct Session {
     last_clock_ms: u64,
     /// Agent: the correction its driver applies to the device clock.
     correction_ms: i64,
+    /// Hub: the welcome to send once the downstream is decided (the hub's
+    /// wall clock at the hello).
+    welcome_at: Option<u64>,
     out: VecDeque<Action>,
 }
 
@@ -618,6 +621,7 @@ impl Session {
             last_progress_ms: 0,
             last_clock_ms: 0,
             correction_ms: 0,
+            welcome_at: None,
             out: VecDeque::new(),
         }
     }
@@ -661,6 +665,7 @@ impl Session {
             last_progress_ms: now.mono_ms,
             last_clock_ms: now.mono_ms,
             correction_ms: 0,
+            welcome_at: None,
             out: VecDeque::new(),
         };
         s.receiver.peer = Some(hello.incarnation);
@@ -678,11 +683,9 @@ impl Session {
         s.push(Action::ClockSkew {
             skew_ms: signed_diff(hello.time_ms, now.wall_ms).saturating_sub(hello.correction_ms),
         });
-        s.push(Action::Send(Message::Welcome(Welcome {
-            incarnation: own,
-            up,
-            time_ms: now.wall_ms,
-        })));
+        // The welcome waits for the downstream decision (it may need the
+        // entry at the agent's cursor): see `decide`.
+        s.welcome_at = Some(now.wall_ms);
         s.resume(hello.down);
         Ok((s, changed))
     }
@@ -847,7 +850,27 @@ impl Session {
 
     fn decide(&mut self, peer: Cursor, found: Option<&Change>) {
         self.sender.reset_flight();
-        match self.sender.resume_plan(&peer, found) {
+        let plan = self.sender.resume_plan(&peer, found);
+        if let Some(time_ms) = self.welcome_at.take() {
+            // The agent is ahead of this hub's own stream, or holds other
+            // content at one of its positions: this hub's store went back
+            // (restored from an older copy), so what it holds of the agent's
+            // stream may be older too — and a cursor check cannot tell, since
+            // the agent may have written nothing since. Ask for the agent's
+            // state: a welcome whose cursor follows no incarnation.
+            if matches!(
+                plan,
+                Err(ResyncReason::SenderBehind | ResyncReason::Diverged)
+            ) {
+                self.receiver.cursor.source = None;
+            }
+            self.push(Action::Send(Message::Welcome(Welcome {
+                incarnation: self.sender.own,
+                up: self.receiver.cursor,
+                time_ms,
+            })));
+        }
+        match plan {
             Ok(at) => {
                 self.sender.state = SendState::Streaming;
                 if at > self.sender.acked.seq {

@@ -28,15 +28,16 @@
 //! connection does: a welcome does not say which hello it answers, so the
 //! protocol relies on that order.
 //!
-//! The agent driver modelled here differs from `agent/src/link.rs` today in
-//! three ways the simulator showed necessary: it checks for a re-stamp on
-//! every clock offset, noise included (a device clock set right before the
-//! hub could say so leaves stamps from the future that are refused for
-//! ever); it re-stamps by the offset just learned, not the total
-//! correction; and after a re-stamp that changed records it drops its
-//! downstream cursor in the same commit and restarts the link, so the hub
-//! resyncs it (a write of another replica that lost to a stamp from the
-//! future is gone from the records and may now be the newer one).
+//! The agent driver modelled here does what `agent/src/link.rs` and
+//! `agent/src/store.rs` do, three things of which the simulator showed
+//! necessary: it checks for a re-stamp on every clock offset, noise included
+//! (a device clock set right before the hub could say so leaves stamps from
+//! the future that are refused for ever); it re-stamps by one shift from the
+//! offset just learned, not the total correction; and after a re-stamp that
+//! changed records it drops its downstream cursor in the same commit and
+//! restarts the link, so the hub resyncs it (a write of another replica that
+//! lost to a stamp from the future is gone from the records and may now be
+//! the newer one).
 //!
 //! All randomness comes from one seed. `FIELDSYNC_SIM_SEEDS=N` runs seeds
 //! `0..N` (default 200); `FIELDSYNC_SIM_SEED=N` replays one seed (with
@@ -1222,11 +1223,21 @@ impl Sim {
             let mut logged: Vec<(Addr, RecordState)> = Vec::new();
             let mut checks = Vec::new();
             let mut records_changed = false;
-            // As agent/src/store.rs: the clock continues from the greatest
-            // stamp the store holds once re-stamped.
+            // As agent/src/store.rs: one shift for every own stamp beyond
+            // the limit, so that the newest lands at or before now.
+            let mut newest: Option<u64> = None;
+            for ch in a.store.outbox.values() {
+                newest = newest.max(clock::newest_beyond(&ch.state, &own, limit));
+            }
+            for state in a.store.records.values() {
+                newest = newest.max(clock::newest_beyond(state, &own, limit));
+            }
+            let shift = clock::restamp_shift(offset_ms, now, newest.unwrap_or(now));
+            // The clock continues from the greatest stamp the store holds
+            // once re-stamped.
             let mut floor = Stamp::default();
             for (seq, ch) in a.store.outbox.iter_mut() {
-                let changed = clock::restamp_state(&mut ch.state, &own, limit, now, offset_ms);
+                let changed = clock::restamp_state(&mut ch.state, &own, limit, shift);
                 floor = floor.max(ch.state.max_version().map_or(floor, |v| v.stamp));
                 if changed {
                     logged.push(((ch.collection.clone(), ch.key.clone()), ch.state.clone()));
@@ -1234,7 +1245,7 @@ impl Sim {
                 }
             }
             for (k, state) in a.store.records.iter_mut() {
-                let changed = clock::restamp_state(state, &own, limit, now, offset_ms);
+                let changed = clock::restamp_state(state, &own, limit, shift);
                 floor = floor.max(state.max_version().map_or(floor, |v| v.stamp));
                 if changed {
                     records_changed = true;
@@ -1255,7 +1266,7 @@ impl Sim {
                         );
                     }
                 }
-                if clock::restamp_state(&mut one, &own, limit, now, offset_ms) {
+                if clock::restamp_state(&mut one, &own, limit, shift) {
                     w.version = match &w.slot {
                         None => one.deleted.clone().unwrap(),
                         Some(f) => one.fields[f].version.clone(),
