@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fieldsync_shared::clock::OFFSET_NOISE_MS;
 use fieldsync_shared::codec;
 use fieldsync_shared::session::{Action, Now, Report, Session, SessionConfig};
 use fieldsync_shared::tls::{client_config, TlsError};
@@ -65,10 +64,7 @@ pub enum LinkError {
     Restart,
 }
 
-/// How long the link stays down after the hub refused this store's identity:
-/// reconnecting sooner would only take the connection over from the device
-/// the hub accepts, again and again.
-const REFUSED_RETRY: Duration = Duration::from_secs(300);
+
 
 /// What the link shows in `GET /v1/status`.
 #[derive(Debug, Default)]
@@ -245,11 +241,12 @@ pub async fn supervise(
                 tracing::info!("hub link starts over after a clock re-stamp");
             }
             Err(LinkError::IdentityRefused) => {
-                tracing::error!(retry_in = ?REFUSED_RETRY, "hub link stopped: the hub refused this store's identity");
+                let retry = Duration::from_millis(setup.session.refused_retry_ms);
+                tracing::error!(retry_in = ?retry, "hub link stopped: the hub refused this store's identity");
                 setup.status.identity_refused.store(true, Ordering::Relaxed);
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(REFUSED_RETRY) => {}
+                    _ = tokio::time::sleep(retry) => {}
                 }
             }
             Err(e) => {
@@ -460,16 +457,11 @@ impl Driver<'_> {
     /// The hub's clock differs from ours by `offset_ms` (on top of the
     /// correction already applied): correct the clock, keep the correction,
     /// and re-stamp what was written with the clock running ahead — also when
-    /// the difference is noise (the device clock may have been set right
+    /// there is no difference (the device clock may have been set right
     /// meanwhile, leaving stamps from the future). A re-stamp that changed
     /// records made the store's downstream cursor follow no hub (see
     /// `Store::restamp`): the link starts over so the hub resyncs it.
     async fn correct_clock(&mut self, offset_ms: i64) -> Result<(), LinkError> {
-        let offset_ms = if offset_ms.abs() < OFFSET_NOISE_MS {
-            0
-        } else {
-            offset_ms
-        };
         if offset_ms != 0 {
             let clock = &self.setup.clock;
             let total = clock.offset_ms().saturating_add(offset_ms);

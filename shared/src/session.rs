@@ -132,6 +132,10 @@ pub struct SessionConfig {
     pub max_drift_ms: u64,
     /// How often the hub sends its wall clock to a linked agent.
     pub clock_interval_ms: u64,
+    /// Agent: how long to stay away after the hub refused this store's
+    /// identity (connecting sooner would take the connection over from the
+    /// device the hub accepts, again and again).
+    pub refused_retry_ms: u64,
 }
 
 impl Default for SessionConfig {
@@ -143,6 +147,7 @@ impl Default for SessionConfig {
             batch_entries: 512,
             max_drift_ms: crate::hlc::DEFAULT_MAX_DRIFT_MS,
             clock_interval_ms: 60_000,
+            refused_retry_ms: 300_000,
         }
     }
 }
@@ -203,9 +208,11 @@ pub enum Action {
     /// `resync`: the peer got there by a snapshot that just completed.
     Trim { mark: Mark, resync: bool },
     /// Agent only: the hub's clock minus the wall clock the driver passes in,
-    /// measured now. Add it to the correction the driver applies to its wall
-    /// clock (and re-stamp what was written with a wrong clock) before the
-    /// next action.
+    /// measured now (0 when the difference is measurement noise). Add it to
+    /// the correction the driver applies to its wall clock, then re-stamp
+    /// what was written with a clock that ran ahead (also when it is 0: the
+    /// device clock may have been set right meanwhile), before the next
+    /// action.
     ClockOffset { offset_ms: i64 },
     /// Hub only: the agent's clock minus ours, measured at its hello.
     ClockSkew { skew_ms: i64 },
@@ -596,7 +603,8 @@ enum LinkState {
     /// Agent: hello sent at this wall time, no welcome yet.
     Hello { sent_mono_ms: u64 },
     Linked,
-    /// Agent: the hub refused this store's identity; ask again much later.
+    /// Agent: the hub refused this store's identity; the driver ends the
+    /// link and tries again after `refused_retry_ms`.
     Refused,
 }
 
@@ -777,9 +785,7 @@ impl Session {
             Message::Welcome(w) if self.role == Role::Agent => self.on_welcome(w, now),
             Message::Time(Time { time_ms }) if self.role == Role::Agent => {
                 if self.is_linked() {
-                    self.push(Action::ClockOffset {
-                        offset_ms: signed_diff(time_ms, now.wall_ms),
-                    });
+                    self.push(clock_offset(signed_diff(time_ms, now.wall_ms)));
                 }
             }
             Message::Batch(b) => self.on_batch(b, now),
@@ -821,9 +827,7 @@ impl Session {
         // set right meanwhile does not skew the estimate) before now.
         let round_trip = now.mono_ms.saturating_sub(sent_mono_ms);
         let midpoint = now.wall_ms.saturating_sub(round_trip / 2);
-        self.push(Action::ClockOffset {
-            offset_ms: signed_diff(w.time_ms, midpoint),
-        });
+        self.push(clock_offset(signed_diff(w.time_ms, midpoint)));
         self.resume(w.up);
     }
 
@@ -1157,10 +1161,6 @@ impl Session {
         let timed_out = idle >= self.cfg.ack_timeout_ms;
         match self.link {
             LinkState::Hello { .. } if timed_out => return self.connected(now),
-            // Ask again, slowly: the operator may have resolved the conflict.
-            LinkState::Refused if idle >= 12 * self.cfg.ack_timeout_ms => {
-                return self.connected(now)
-            }
             LinkState::Linked => {}
             _ => return,
         }
@@ -1194,6 +1194,17 @@ impl Session {
             _ => {}
         }
     }
+}
+
+/// The offset to report: differences under [`crate::clock::OFFSET_NOISE_MS`]
+/// are measurement noise.
+fn clock_offset(offset_ms: i64) -> Action {
+    let offset_ms = if offset_ms.abs() < crate::clock::OFFSET_NOISE_MS {
+        0
+    } else {
+        offset_ms
+    };
+    Action::ClockOffset { offset_ms }
 }
 
 /// `a - b` as a signed number of milliseconds, saturating.

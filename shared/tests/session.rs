@@ -38,6 +38,7 @@ fn cfg() -> SessionConfig {
         batch_entries: 3,
         max_drift_ms: 60_000,
         clock_interval_ms: 30_000,
+        refused_retry_ms: 300_000,
     }
 }
 
@@ -1187,7 +1188,7 @@ fn identity_keeps_a_bounded_list_of_retired_stores() {
 }
 
 #[test]
-fn a_refused_agent_stops_and_asks_again_much_later() {
+fn a_refused_agent_stops_and_says_nothing_until_a_new_link() {
     let mut agent = Side::agent(Mark::default(), 3, follows(HUB_INC, Mark::default()), cfg());
     agent.s.connected(at(0));
     let hello = agent.run(at(0));
@@ -1215,7 +1216,15 @@ fn a_refused_agent_stops_and_asks_again_much_later() {
     assert!(agent.s.is_refused());
     assert!(agent.reports.contains(&Report::IdentityRefused));
     assert_eq!(agent.tick(at(10_000)), [], "no hello at the ack timeout");
-    let again = agent.tick(at(12_010));
+    assert_eq!(
+        agent.tick(at(10_000_000)),
+        [],
+        "the driver ends the link and comes back after refused_retry_ms"
+    );
+    assert!(agent.s.is_refused());
+    agent.s.disconnected();
+    agent.s.connected(at(10_000_010));
+    let again = agent.run(at(10_000_010));
     assert!(matches!(only(&again, "hello"), Message::Hello(_)));
 }
 

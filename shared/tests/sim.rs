@@ -94,7 +94,8 @@ const EPOCH_MS: u64 = 1_733_000_000_000;
 const HOUR_MS: u64 = 3_600_000;
 /// Records per snapshot part.
 const SNAPSHOT_RECORDS: usize = 3;
-/// How long an agent whose identity was refused stays away (agent/src/link.rs).
+/// How long an agent whose identity was refused stays away
+/// (`SessionConfig::refused_retry_ms`, as agent/src/link.rs uses it).
 const REFUSED_RETRY_MS: u64 = 300_000;
 /// The longest the healed world may take to go quiet.
 const HEAL_BUDGET_MS: u64 = 40 * 60_000;
@@ -547,6 +548,7 @@ impl Sim {
             batch_entries: rng.range(1, 5),
             max_drift_ms: 60_000,
             clock_interval_ms: rng.range(10_000, 60_000),
+            refused_retry_ms: REFUSED_RETRY_MS,
         };
         let rates = Rates::draw(&mut rng);
         let n_agents = rng.range(3, 4) as usize;
@@ -943,7 +945,7 @@ impl Sim {
                 self.close_conn(conn, 0);
             }
             self.new_agent_session(n);
-            self.agents[n].connect_at = self.now + REFUSED_RETRY_MS;
+            self.agents[n].connect_at = self.now + self.cfg.refused_retry_ms;
         }
     }
 
