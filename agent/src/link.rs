@@ -64,8 +64,6 @@ pub enum LinkError {
     Restart,
 }
 
-
-
 /// What the link shows in `GET /v1/status`.
 #[derive(Debug, Default)]
 pub struct LinkStatus {

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fieldsync_shared::codec::{self, CodecError};
-use fieldsync_shared::session::SnapshotChunk;
 use fieldsync_shared::files::create_private_dir;
+use fieldsync_shared::session::SnapshotChunk;
 use fieldsync_shared::{
     clock, policy::Flow, AgentId, Change, CollectionName, Cursor, FieldName, Hlc, Incarnation,
     Mark, Merge, Origin, Policy, RecordKey, RecordState, Seq, Stamp, Value, Version,
@@ -168,10 +168,7 @@ pub struct Restamped {
     pub records: u64,
 }
 
-fn get_u64(
-    meta: &impl ReadableTable<&'static str, u64>,
-    key: &str,
-) -> Result<u64, StoreError> {
+fn get_u64(meta: &impl ReadableTable<&'static str, u64>, key: &str) -> Result<u64, StoreError> {
     Ok(meta.get(key)?.map_or(0, |v| v.value()))
 }
 

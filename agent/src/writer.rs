@@ -35,7 +35,10 @@ pub fn system_clock() -> WallClock {
         .and_then(|v| v.trim().parse::<i64>().ok())
     {
         Some(skew) if skew != 0 => {
-            tracing::warn!(skew_ms = skew, "{CLOCK_SKEW_ENV} is set: the wall clock is shifted");
+            tracing::warn!(
+                skew_ms = skew,
+                "{CLOCK_SKEW_ENV} is set: the wall clock is shifted"
+            );
             Arc::new(move || clock::corrected(hlc::system_now_ms(), skew))
         }
         _ => Arc::new(hlc::system_now_ms),

@@ -8,9 +8,7 @@ use std::sync::Arc;
 
 use fieldsync_agent::store::{Store, StoreError, WriteOp, SCHEMA_VERSION};
 use fieldsync_agent::writer::{CorrectedClock, WallClock, Writer, WriterSetup};
-use fieldsync_shared::{
-    AgentId, CollectionName, FieldName, Mark, Origin, Policy, RecordKey, Seq,
-};
+use fieldsync_shared::{AgentId, CollectionName, FieldName, Mark, Origin, Policy, RecordKey, Seq};
 use serde_json::json;
 
 const POLICY: &str = r#"
@@ -121,7 +119,10 @@ async fn the_trim_mark_keeps_its_check_and_snapshots_page_through_every_record()
     let store = open(dir.path());
     let (writer, _h) = start(&store, CorrectedClock::new(fixed(1_000 * DAY), 0));
     for i in 0..25 {
-        writer.write(vec![put(&format!("k{i:02}"), i)]).await.unwrap();
+        writer
+            .write(vec![put(&format!("k{i:02}"), i)])
+            .await
+            .unwrap();
     }
     store
         .trim_outbox(Mark {

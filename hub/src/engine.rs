@@ -291,7 +291,10 @@ impl<S: HubStore> Engine<S> {
         if let Message::Hello(hello) = envelope.msg {
             if hello.agent != agent {
                 Metrics::inc(&self.metrics.envelopes_rejected);
-                group.reply(&agent, error(ErrorCode::Malformed, "hello names another agent", None));
+                group.reply(
+                    &agent,
+                    error(ErrorCode::Malformed, "hello names another agent", None),
+                );
                 return Ok(());
             }
             // The welcome names what the store holds, so this agent's
@@ -346,11 +349,15 @@ impl<S: HubStore> Engine<S> {
                 note.clock_skew_ms = self.drive(&agent, session, group, now).await?;
             }
             let a = agent.clone();
-            self.blocking(move |s| s.hello(&a, now.wall_ms, &note)).await?;
+            self.blocking(move |s| s.hello(&a, now.wall_ms, &note))
+                .await?;
             return Ok(());
         }
         let Some(session) = l.session.as_mut() else {
-            group.reply(&agent, error(ErrorCode::HelloFirst, "no session: say hello", None));
+            group.reply(
+                &agent,
+                error(ErrorCode::HelloFirst, "no session: say hello", None),
+            );
             return Ok(());
         };
         session.on_message(envelope.msg, now);
@@ -398,7 +405,12 @@ impl<S: HubStore> Engine<S> {
                     let a = agent.clone();
                     let (records, next) = self
                         .blocking(move |s| {
-                            s.records_after(&a, after.as_ref(), SNAPSHOT_RECORDS, MAX_MESSAGE_BYTES / 2)
+                            s.records_after(
+                                &a,
+                                after.as_ref(),
+                                SNAPSHOT_RECORDS,
+                                MAX_MESSAGE_BYTES / 2,
+                            )
                         })
                         .await?;
                     let changes: Vec<Change> = records
@@ -459,7 +471,9 @@ impl<S: HubStore> Engine<S> {
             Report::BadAck { upto } => {
                 tracing::warn!(%agent, %upto, "the agent acknowledged downstream entries the hub never queued")
             }
-            Report::PeerError { code } => tracing::debug!(%agent, ?code, "the agent reported an error"),
+            Report::PeerError { code } => {
+                tracing::debug!(%agent, ?code, "the agent reported an error")
+            }
             Report::IdentityRefused => {}
         }
     }

@@ -15,8 +15,8 @@ use fieldsync_shared::codec::{self, CodecError};
 use fieldsync_shared::files::create_private_dir;
 use fieldsync_shared::session::{Identity, SnapshotChunk};
 use fieldsync_shared::{
-    AgentId, Change, CollectionName, Cursor, Incarnation, Mark, Merge, RecordKey, RecordState,
-    Seq, Stamp,
+    AgentId, Change, CollectionName, Cursor, Incarnation, Mark, Merge, RecordKey, RecordState, Seq,
+    Stamp,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -355,7 +355,9 @@ impl HubStore for RedbHubStore {
     fn incarnation(&self) -> Result<Incarnation, StoreError> {
         let txn = self.db.begin_read()?;
         let meta = txn.open_table(META)?;
-        Ok(Incarnation(meta.get(K_INCARNATION)?.map_or(0, |v| v.value())))
+        Ok(Incarnation(
+            meta.get(K_INCARNATION)?.map_or(0, |v| v.value()),
+        ))
     }
 
     fn apply_upstream_group(&self, group: &[Upstream], now_ms: u64) -> Result<(), StoreError> {

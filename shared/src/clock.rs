@@ -66,16 +66,14 @@ pub fn restamp_shift(offset_ms: i64, now_ms: u64, newest_ms: u64) -> i64 {
 /// Moves the own versions in `state` beyond `limit_ms` by `shift_ms`, keeping
 /// their logical parts. Returns whether anything changed. Keeps the canonical
 /// form (fields at or below the record tombstone are dropped).
-pub fn restamp_state(
-    state: &mut RecordState,
-    own: &Origin,
-    limit_ms: u64,
-    shift_ms: i64,
-) -> bool {
+pub fn restamp_state(state: &mut RecordState, own: &Origin, limit_ms: u64, shift_ms: i64) -> bool {
     let mut changed = false;
     let mut shift = |v: &mut Version| {
         if &v.origin == own && v.stamp.wall_ms > limit_ms {
-            v.stamp = Stamp::new(v.stamp.wall_ms.saturating_add_signed(shift_ms), v.stamp.logical);
+            v.stamp = Stamp::new(
+                v.stamp.wall_ms.saturating_add_signed(shift_ms),
+                v.stamp.logical,
+            );
             changed = true;
         }
     };
@@ -113,9 +111,18 @@ mod tests {
             stamp: Stamp::new(wall, 0),
             origin: origin.clone(),
         };
-        s.write([(FieldName::new("a").unwrap(), Some(json!(1)))], &v(ahead, &own));
-        s.write([(FieldName::new("b").unwrap(), Some(json!(2)))], &v(ahead + 5, &own));
-        s.write([(FieldName::new("c").unwrap(), Some(json!(3)))], &v(now - 10, &hub));
+        s.write(
+            [(FieldName::new("a").unwrap(), Some(json!(1)))],
+            &v(ahead, &own),
+        );
+        s.write(
+            [(FieldName::new("b").unwrap(), Some(json!(2)))],
+            &v(ahead + 5, &own),
+        );
+        s.write(
+            [(FieldName::new("c").unwrap(), Some(json!(3)))],
+            &v(now - 10, &hub),
+        );
         let limit = limit_ms(now, 60_000);
         let newest = newest_beyond(&s, &own, limit).unwrap();
         assert_eq!(newest, ahead + 5);

@@ -446,7 +446,10 @@ pub struct Receiver {
 #[derive(Debug, PartialEq)]
 pub enum Plan<'a> {
     /// Commit these entries with the new cursor, then acknowledge it.
-    Apply { entries: &'a [Entry], cursor: Cursor },
+    Apply {
+        entries: &'a [Entry],
+        cursor: Cursor,
+    },
     /// Everything was applied before: acknowledge the current position again.
     Duplicate { at: Mark },
 }
@@ -457,8 +460,13 @@ pub enum Refusal {
     /// No hello/welcome on this link yet, or the cursor follows another
     /// incarnation of the peer (it must resync first).
     NotSynced,
-    Gap { expected: Seq },
-    ClockAhead { seq: Seq, ahead_ms: u64 },
+    Gap {
+        expected: Seq,
+    },
+    ClockAhead {
+        seq: Seq,
+        ahead_ms: u64,
+    },
 }
 
 impl Receiver {
@@ -601,7 +609,9 @@ pub struct Session {
 enum LinkState {
     Down,
     /// Agent: hello sent at this wall time, no welcome yet.
-    Hello { sent_mono_ms: u64 },
+    Hello {
+        sent_mono_ms: u64,
+    },
     Linked,
     /// Agent: the hub refused this store's identity; the driver ends the
     /// link and tries again after `refused_retry_ms`.
@@ -1001,7 +1011,9 @@ impl Session {
     }
 
     fn on_batch(&mut self, batch: Batch, now: Now) {
-        let plan = self.receiver.plan(&batch, now.wall_ms, self.cfg.max_drift_ms);
+        let plan = self
+            .receiver
+            .plan(&batch, now.wall_ms, self.cfg.max_drift_ms);
         match plan {
             Ok(Plan::Apply { entries, cursor }) => {
                 let changes = entries.iter().map(|e| e.change.clone()).collect();
@@ -1092,7 +1104,9 @@ impl Session {
             }));
             self.push(Action::Send(error(
                 ErrorCode::ClockAhead,
-                &format!("a snapshot record is stamped {ahead_ms} ms ahead of this replica's clock"),
+                &format!(
+                    "a snapshot record is stamped {ahead_ms} ms ahead of this replica's clock"
+                ),
                 None,
             )));
             self.refused_peer_clock(now);

@@ -292,7 +292,11 @@ async fn session(
     let welcome = Instant::now();
     // A new store: the hub resyncs it (an empty snapshot); acknowledge it so
     // the hub does not resend it for the rest of the run.
-    match mqtt.next_msg(left()).await.context("waiting for the snapshot")? {
+    match mqtt
+        .next_msg(left())
+        .await
+        .context("waiting for the snapshot")?
+    {
         Message::Snapshot(s) => {
             let ack = Message::SnapshotAck(SnapshotAck {
                 resync: s.resync,
