@@ -186,13 +186,33 @@ async fn writes_made_while_the_clock_ran_ahead_are_restamped_once_the_offset_is_
     let (s1_before, s2_before) = (stamp("s1"), stamp("s2"));
     assert!(s1_before.wall_ms >= now + skew);
 
+    // The store follows a hub's downstream stream.
+    let follows = Cursor {
+        source: Some(Incarnation(5)),
+        at: Mark::default(),
+    };
+    store
+        .apply_downstream(
+            &[],
+            Some(follows),
+            false,
+            &fieldsync_shared::Hlc::new(60_000),
+        )
+        .unwrap();
+    assert_eq!(store.down_cursor().unwrap(), follows);
+
     // Nothing beyond the bound of the (uncorrected) clock: nothing to do.
-    assert_eq!(writer.restamp().await.unwrap().entries, 0);
+    assert_eq!(writer.restamp(0).await.unwrap().entries, 0);
 
     // The hub's welcome tells the agent its clock is 300 days ahead.
     clock.set_offset_ms(-(skew as i64));
-    let done = writer.restamp().await.unwrap();
+    let done = writer.restamp(-(skew as i64)).await.unwrap();
     assert_eq!((done.entries, done.records), (2, 2));
+    assert_eq!(
+        store.down_cursor().unwrap().source,
+        None,
+        "records changed: the downstream resyncs"
+    );
     let (s1, s2) = (stamp("s1"), stamp("s2"));
     assert!(s1.wall_ms <= now && s1.wall_ms + 1_000 >= now, "{s1:?}");
     assert!(s1 < s2, "re-stamped writes keep their order");
@@ -210,6 +230,6 @@ async fn writes_made_while_the_clock_ran_ahead_are_restamped_once_the_offset_is_
     assert!(s3 > s2 && s3.wall_ms <= now + 1, "{s3:?}");
     assert!(s3 < s1_before);
     // A second pass finds nothing left.
-    assert_eq!(writer.restamp().await.unwrap().entries, 0);
+    assert_eq!(writer.restamp(0).await.unwrap().entries, 0);
     let _ = s2_before;
 }
