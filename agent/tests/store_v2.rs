@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use fieldsync_agent::store::{Store, StoreError, WriteOp, SCHEMA_VERSION};
 use fieldsync_agent::writer::{CorrectedClock, WallClock, Writer, WriterSetup};
-use fieldsync_shared::{AgentId, CollectionName, FieldName, Mark, Origin, Policy, RecordKey, Seq};
+use fieldsync_shared::{
+    AgentId, CollectionName, Cursor, FieldName, Incarnation, Mark, Origin, Policy, RecordKey, Seq,
+};
 use serde_json::json;
 
 const POLICY: &str = r#"
