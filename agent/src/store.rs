@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fieldsync_shared::codec::{self, CodecError};
+use fieldsync_shared::codec::{self, CodecError, SnapshotPage};
 use fieldsync_shared::files::create_private_dir;
 use fieldsync_shared::session::SnapshotChunk;
 use fieldsync_shared::{
@@ -340,30 +340,15 @@ impl Store {
             ))?,
             None => records.range::<(&str, &str)>(..)?,
         };
-        let mut out = Vec::new();
-        let mut total = 0usize;
-        let mut more = false;
+        let mut page = SnapshotPage::new(limit, max_bytes);
         for item in range {
             let (k, bytes) = item?;
-            total = total.saturating_add(bytes.value().len());
-            if out.len() >= limit || (total > max_bytes && !out.is_empty()) {
-                more = true;
+            let (c, key) = k.value();
+            if !page.push(c, key, bytes.value())? {
                 break;
             }
-            let (c, key) = k.value();
-            let corrupt = |e: fieldsync_shared::IdError| CodecError::Malformed(e.to_string());
-            out.push(Change {
-                collection: CollectionName::new(c).map_err(corrupt)?,
-                key: RecordKey::new(key).map_err(corrupt)?,
-                state: codec::from_bytes(bytes.value())?,
-            });
         }
-        let next = if more {
-            out.last().map(|c| (c.collection.clone(), c.key.clone()))
-        } else {
-            None
-        };
-        Ok((out, next))
+        Ok(page.finish())
     }
 
     /// The last clock correction learned from the hub.

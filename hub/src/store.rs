@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fieldsync_shared::codec::{self, CodecError};
+use fieldsync_shared::codec::{self, CodecError, SnapshotPage};
 use fieldsync_shared::files::create_private_dir;
 use fieldsync_shared::session::{Identity, SnapshotChunk};
 use fieldsync_shared::{
@@ -517,33 +517,15 @@ impl HubStore for RedbHubStore {
             Some((c, k)) => Bound::Excluded((a, c.as_str(), k.as_str())),
             None => Bound::Included((a, "", "")),
         };
-        let mut out = Vec::new();
-        let mut total = 0usize;
-        let mut more = false;
+        let mut page = SnapshotPage::new(limit, max_bytes);
         for item in records.range::<(&str, &str, &str)>((start, Bound::Unbounded))? {
             let (k, bytes) = item?;
             let (owner, c, key) = k.value();
-            if owner != a {
+            if owner != a || !page.push(c, key, bytes.value())? {
                 break;
             }
-            total = total.saturating_add(bytes.value().len());
-            if out.len() >= limit || (total > max_bytes && !out.is_empty()) {
-                more = true;
-                break;
-            }
-            let corrupt = |e: fieldsync_shared::IdError| CodecError::Malformed(e.to_string());
-            out.push(Change {
-                collection: CollectionName::new(c).map_err(corrupt)?,
-                key: RecordKey::new(key).map_err(corrupt)?,
-                state: codec::from_bytes(bytes.value())?,
-            });
         }
-        let next = if more {
-            out.last().map(|c| (c.collection.clone(), c.key.clone()))
-        } else {
-            None
-        };
-        Ok((out, next))
+        Ok(page.finish())
     }
 
     fn record(

@@ -8,6 +8,9 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::id::{CollectionName, RecordKey};
+use crate::record::Change;
+use crate::session::SnapshotChunk;
 use crate::wire::{Envelope, InvalidMessage, Message, MAX_MESSAGE_BYTES, WIRE_VERSION};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -70,4 +73,55 @@ pub fn to_bytes<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
 /// Decodes any value written by [`to_bytes`].
 pub fn from_bytes<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     serde_cbor::from_slice(bytes).map_err(|e| CodecError::Malformed(e.to_string()))
+}
+
+/// One snapshot part being read from a store's records, in key order: at most
+/// `limit` records and (after the first) `max_bytes` of stored bytes.
+pub struct SnapshotPage {
+    out: Vec<Change>,
+    total: usize,
+    limit: usize,
+    max_bytes: usize,
+    more: bool,
+}
+
+impl SnapshotPage {
+    pub fn new(limit: usize, max_bytes: usize) -> Self {
+        Self {
+            out: Vec::new(),
+            total: 0,
+            limit,
+            max_bytes,
+            more: false,
+        }
+    }
+
+    /// Takes the stored record `collection`/`key`; returns `false` (taking
+    /// nothing) once the page is full, so the caller stops reading.
+    pub fn push(&mut self, collection: &str, key: &str, stored: &[u8]) -> Result<bool, CodecError> {
+        self.total = self.total.saturating_add(stored.len());
+        if self.out.len() >= self.limit || (self.total > self.max_bytes && !self.out.is_empty()) {
+            self.more = true;
+            return Ok(false);
+        }
+        let corrupt = |e: crate::id::IdError| CodecError::Malformed(e.to_string());
+        self.out.push(Change {
+            collection: CollectionName::new(collection).map_err(corrupt)?,
+            key: RecordKey::new(key).map_err(corrupt)?,
+            state: from_bytes(stored)?,
+        });
+        Ok(true)
+    }
+
+    /// The records, and where the next part starts if the page was full.
+    pub fn finish(self) -> SnapshotChunk {
+        let next = if self.more {
+            self.out
+                .last()
+                .map(|c| (c.collection.clone(), c.key.clone()))
+        } else {
+            None
+        };
+        (self.out, next)
+    }
 }
