@@ -377,7 +377,7 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
         "outbox_pending": pending,
         "outbox_preview": preview,
         "outbox_last_seq": bounds.last,
-        "outbox_acked_seq": bounds.acked.seq,
+        "outbox_acked_seq": bounds.acked.seq.0.max(link.acked_seq.load(Ordering::Relaxed)),
         "down_applied_seq": down.at.seq,
         "hub_incarnation": down.source.map(|i| i.to_string()),
         "clock_offset_ms": state.clock.offset_ms(),

@@ -41,6 +41,8 @@ const MAX_PACKET_BYTES: usize = MAX_MESSAGE_BYTES + 1024;
 const TICK: Duration = Duration::from_millis(250);
 /// Most records in one snapshot part (fewer if the bytes would not fit).
 const SNAPSHOT_RECORDS: usize = 512;
+/// Outbox reads of at most this many entries run on the link's own task.
+const INLINE_READ: usize = 64;
 /// Longest peer-supplied text put in a log line.
 const MAX_LOGGED_CHARS: usize = 200;
 
@@ -69,6 +71,9 @@ pub enum LinkError {
 pub struct LinkStatus {
     /// The hub welcomed this agent on a live connection.
     pub connected: AtomicBool,
+    /// The highest outbox position the hub acknowledged on this run (the
+    /// store's trim point follows it).
+    pub acked_seq: AtomicU64,
     /// A resync by snapshot is running (either way).
     pub resyncing: AtomicBool,
     /// Resyncs this agent sent to the hub (snapshots of its upstream state).
@@ -145,7 +150,14 @@ impl Link {
                         if matches!(event, Event::Incoming(Packet::ConnAck(_))) {
                             failures = 0;
                         }
-                        if events_tx.send(Ok(event)).await.is_err() {
+                        // The session acts on CONNACK and incoming PUBLISH
+                        // only; the rest (PUBACKs, outgoing notices) would
+                        // just fill the channel while the driver is busy.
+                        let wanted = matches!(
+                            event,
+                            Event::Incoming(Packet::ConnAck(_) | Packet::Publish(_))
+                        );
+                        if wanted && events_tx.send(Ok(event)).await.is_err() {
                             return;
                         }
                     }
@@ -372,10 +384,16 @@ impl Driver<'_> {
             Action::Send(msg) => self.publish(msg).await,
             Action::LoadBatch { first, last } => {
                 let limit = usize::try_from(last.0 - first.0 + 1).unwrap_or(usize::MAX);
-                let entries = tokio::task::spawn_blocking(move || {
-                    store.outbox_batch(first, limit, MAX_MESSAGE_BYTES)
-                })
-                .await??;
+                let entries = if limit <= INLINE_READ {
+                    // A few entries just committed: a cached read of
+                    // microseconds, cheaper than a hop to the blocking pool.
+                    store.outbox_batch(first, limit, MAX_MESSAGE_BYTES)?
+                } else {
+                    tokio::task::spawn_blocking(move || {
+                        store.outbox_batch(first, limit, MAX_MESSAGE_BYTES)
+                    })
+                    .await??
+                };
                 let now = self.now();
                 match self.session.batch_loaded(first, entries, now) {
                     Some(mut batch) => {
@@ -443,6 +461,11 @@ impl Driver<'_> {
                 self.publish(then).await;
             }
             Action::Trim { mark, .. } => {
+                // The hub committed these: shown at once, trimmed just after.
+                self.setup
+                    .status
+                    .acked_seq
+                    .fetch_max(mark.seq.0, Ordering::Relaxed);
                 tokio::task::spawn_blocking(move || store.trim_outbox(mark)).await??;
             }
             Action::ClockOffset { offset_ms } => self.correct_clock(offset_ms).await?,

@@ -178,48 +178,26 @@ async fn offer(
         })
     };
 
-    // The writer: every call carries all writes that are due.
-    let mut sent = 0u64;
-    let up_url = agent.url("/v1/batch");
-    let down_url = format!("{}/v1/agents/{AGENT}/batch", hub.api_url());
-    let tag = format!("{}-{rate}", matches!(flow, Flow::Up) as u8);
-    while sent < total {
-        let from = sent;
-        let now_due = ((start.elapsed().as_secs_f64() * rate as f64) as u64 + 1).min(total);
-        if now_due <= from {
-            tokio::time::sleep_until(due(from).into()).await;
-            continue;
-        }
-        let upto = now_due.min(from + MAX_BATCH);
-        let writes: Vec<Value> = (from..upto)
-            .map(|i| match flow {
-                Flow::Up => json!({"collection": "patients", "key": format!("l{tag}-{i}"),
-                    "fields": {"ward": i, "initials": "LT", "ssn": "local-only"}}),
-                Flow::Down => json!({"collection": "settings", "key": format!("l{tag}-{i}"),
-                    "fields": {"mode": i}}),
-            })
-            .collect();
-        let request = match flow {
-            Flow::Up => http.post(&up_url),
-            Flow::Down => http.post(&down_url).bearer_auth(TOKEN),
-        };
-        let answer: Value = request
-            .json(&json!({ "writes": writes }))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        if let Flow::Down = flow {
-            let last = answer["last_seq"].as_u64().context("last_seq")?;
-            ensure!(
-                last == base + upto,
-                "the hub queued up to {last}, expected {}",
-                base + upto
-            );
-        }
-        sent = upto;
-    }
+    // The writer: every call carries all writes that are due. It runs on a
+    // thread of its own and sleeps there: tokio's timer rounds a deadline up
+    // to its next whole millisecond, which would send each write up to 1 ms
+    // after its due time (a phase error that differs from run to run).
+    let writer = Writer {
+        flow,
+        rate,
+        base,
+        total,
+        start,
+        up_url: agent.url("/v1/batch"),
+        down_url: format!("{}/v1/agents/{AGENT}/batch", hub.api_url()),
+    };
+    tokio::task::spawn_blocking(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(writer.run(&reqwest::Client::new()))
+    })
+    .await??;
     done.store(true, Ordering::Relaxed);
     let (mut ms, poll_ms) = observer.await??;
     if let Flow::Up = flow {
@@ -249,4 +227,71 @@ async fn offer(
         samples.poll_ms
     );
     Ok(samples)
+}
+
+/// The open-loop writer of one run.
+struct Writer {
+    flow: Flow,
+    rate: u64,
+    base: u64,
+    total: u64,
+    start: Instant,
+    up_url: String,
+    down_url: String,
+}
+
+impl Writer {
+    /// Sends every write when it is due (all that are due in one call).
+    async fn run(self, http: &reqwest::Client) -> anyhow::Result<()> {
+        let Writer {
+            flow,
+            rate,
+            base,
+            total,
+            start,
+            up_url,
+            down_url,
+        } = self;
+        let due = move |i: u64| start + Duration::from_secs_f64(i as f64 / rate as f64);
+        let tag = format!("{}-{rate}", matches!(flow, Flow::Up) as u8);
+        let mut sent = 0u64;
+        while sent < total {
+            let from = sent;
+            let now_due = ((start.elapsed().as_secs_f64() * rate as f64) as u64 + 1).min(total);
+            if now_due <= from {
+                std::thread::sleep(due(from).saturating_duration_since(Instant::now()));
+                continue;
+            }
+            let upto = now_due.min(from + MAX_BATCH);
+            let writes: Vec<Value> = (from..upto)
+                .map(|i| match flow {
+                    Flow::Up => json!({"collection": "patients", "key": format!("l{tag}-{i}"),
+                        "fields": {"ward": i, "initials": "LT", "ssn": "local-only"}}),
+                    Flow::Down => json!({"collection": "settings", "key": format!("l{tag}-{i}"),
+                        "fields": {"mode": i}}),
+                })
+                .collect();
+            let request = match flow {
+                Flow::Up => http.post(&up_url),
+                Flow::Down => http.post(&down_url).bearer_auth(TOKEN),
+            };
+            let answer: Value = request
+                .json(&json!({ "writes": writes }))
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            if let Flow::Down = flow {
+                let last = answer["last_seq"].as_u64().context("last_seq")?;
+                ensure!(
+                    last == base + upto,
+                    "the hub queued up to {last}, expected {}",
+                    base + upto
+                );
+            }
+            sent = upto;
+        }
+        Ok(())
+    }
 }
