@@ -18,13 +18,13 @@ use fieldsync_shared::codec;
 use fieldsync_shared::session::{Action, Now, Report, Session, SessionConfig};
 use fieldsync_shared::tls::{client_config, TlsError};
 use fieldsync_shared::wire::{down_topic, up_topic, Envelope, Message, MAX_MESSAGE_BYTES};
-use fieldsync_shared::{AgentId, Change, Flow, Policy};
+use fieldsync_shared::{AgentId, Change, Flow, Mark, Policy};
 use rand::Rng;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, Event, MqttOptions, NetworkOptions, Packet, QoS,
     TlsConfiguration, Transport,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -186,9 +186,29 @@ impl Link {
             s.store.down_cursor()?,
             s.session,
         );
+        // Trims run beside the link, coalesced to the latest mark: the link
+        // never waits for the store's write lock to send the next batch.
+        let (trims, mut trim_rx) = watch::channel(None::<Mark>);
+        let trim_store = s.store.clone();
+        let trimmer = tokio::spawn(async move {
+            while trim_rx.changed().await.is_ok() {
+                let Some(mark) = *trim_rx.borrow_and_update() else {
+                    continue;
+                };
+                let store = trim_store.clone();
+                match tokio::task::spawn_blocking(move || store.trim_outbox(mark)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "outbox trim failed; the next welcome trims again")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "outbox trim task failed"),
+                }
+            }
+        });
         let mut driver = Driver {
             setup: &self.setup,
             client: &client,
+            trims,
             session,
             up_topic: up_topic(&s.agent),
             down_topic: down_topic(&s.agent),
@@ -230,6 +250,9 @@ impl Link {
         self.setup.status.connected.store(false, Ordering::Relaxed);
         let _ = client.try_disconnect();
         poller.abort();
+        // The last trim asked for is done before the link is gone.
+        drop(driver);
+        let _ = trimmer.await;
         result
     }
 }
@@ -292,6 +315,8 @@ fn truncated(text: &str) -> &str {
 struct Driver<'a> {
     setup: &'a LinkSetup,
     client: &'a AsyncClient,
+    /// The latest trim point, for the trimmer task.
+    trims: watch::Sender<Option<Mark>>,
     session: Session,
     up_topic: String,
     down_topic: String,
@@ -466,7 +491,7 @@ impl Driver<'_> {
                     .status
                     .acked_seq
                     .fetch_max(mark.seq.0, Ordering::Relaxed);
-                tokio::task::spawn_blocking(move || store.trim_outbox(mark)).await??;
+                self.trims.send_replace(Some(mark));
             }
             Action::ClockOffset { offset_ms } => self.correct_clock(offset_ms).await?,
             Action::ClockSkew { .. } => {}
