@@ -196,7 +196,7 @@ impl Link {
                     continue;
                 };
                 let store = trim_store.clone();
-                match tokio::task::spawn_blocking(move || store.trim_outbox(mark)).await {
+                match tokio::task::spawn_blocking(move || store.trim_outbox(mark, false)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "outbox trim failed; the next welcome trims again")
@@ -485,13 +485,17 @@ impl Driver<'_> {
                     .await?;
                 self.publish(then).await;
             }
-            Action::Trim { mark, .. } => {
+            Action::Trim { mark, resync } => {
                 // The hub committed these: shown at once, trimmed just after.
                 self.setup
                     .status
                     .acked_seq
                     .fetch_max(mark.seq.0, Ordering::Relaxed);
-                self.trims.send_replace(Some(mark));
+                if resync {
+                    tokio::task::spawn_blocking(move || store.trim_outbox(mark, true)).await??;
+                } else {
+                    self.trims.send_replace(Some(mark));
+                }
             }
             Action::ClockOffset { offset_ms } => self.correct_clock(offset_ms).await?,
             Action::ClockSkew { .. } => {}

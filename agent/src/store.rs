@@ -633,10 +633,16 @@ impl Store {
     /// durable with the next durable commit): a trim lost in a crash is
     /// repaired by the hub's next welcome, whose cursor trims those entries
     /// again before anything is sent.
-    pub fn trim_outbox(&self, mark: Mark) -> Result<(), StoreError> {
+    ///
+    /// `durable`: the trim ends a resync, whose end mark must survive a crash
+    /// (a lost one would make the next welcome look like another history
+    /// and start the resync again).
+    pub fn trim_outbox(&self, mark: Mark, durable: bool) -> Result<(), StoreError> {
         let upto = mark.seq;
         let mut txn = self.db.begin_write()?;
-        txn.set_durability(redb::Durability::None)?;
+        if !durable {
+            txn.set_durability(redb::Durability::None)?;
+        }
         {
             let mut outbox = txn.open_table(OUTBOX)?;
             let mut meta = txn.open_table(META)?;

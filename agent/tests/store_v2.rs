@@ -127,10 +127,13 @@ async fn the_trim_mark_keeps_its_check_and_snapshots_page_through_every_record()
             .unwrap();
     }
     store
-        .trim_outbox(Mark {
-            seq: Seq(10),
-            check: 0xfeed,
-        })
+        .trim_outbox(
+            Mark {
+                seq: Seq(10),
+                check: 0xfeed,
+            },
+            false,
+        )
         .unwrap();
     let bounds = store.outbox_bounds().unwrap();
     assert_eq!(

@@ -226,10 +226,13 @@ impl<S: HubStore> Engine<S> {
                     session: None,
                     displaced: None,
                 });
+                // Kept for this connection's life: every hello on it is
+                // checked against the store it took over from.
                 l.displaced = l
                     .conn
                     .and(l.session.as_ref())
-                    .and_then(Session::peer_incarnation);
+                    .and_then(Session::peer_incarnation)
+                    .or(l.displaced.filter(|_| l.conn.is_some()));
                 l.conn = Some(conn);
                 // Nothing flows until this connection's hello.
                 l.session = None;
@@ -313,7 +316,7 @@ impl<S: HubStore> Engine<S> {
                 row.down_last,
                 row.up_cursor(),
                 &row.identity,
-                l.displaced.take(),
+                l.displaced,
                 now,
                 self.session,
             );

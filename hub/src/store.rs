@@ -221,10 +221,10 @@ pub trait HubStore: Send + Sync + 'static {
     /// The queued entry at `seq`, if still queued.
     fn downstream_entry(&self, agent: &AgentId, seq: Seq) -> Result<Option<Change>, StoreError>;
     /// The agent holds everything up to `mark`: drop those entries and keep
-    /// `mark` as the trim point (`resync`: it got there by snapshot). Need
-    /// not be durable: an ack lost in a crash is repaired by the agent's next
-    /// hello, whose cursor acknowledges those entries again before anything
-    /// is sent; nothing is applied twice.
+    /// `mark` as the trim point (`resync`: it got there by snapshot; that one
+    /// is durable). Need not be durable otherwise: an ack lost in a crash is
+    /// repaired by the agent's next hello, whose cursor acknowledges those
+    /// entries again before anything is sent; nothing is applied twice.
     fn ack_downstream(&self, agent: &AgentId, mark: Mark, resync: bool) -> Result<(), StoreError>;
     /// Up to `limit` of the agent's records after `after` (from the first when
     /// `None`), and where to continue if there may be more; stops before the
@@ -482,7 +482,13 @@ impl HubStore for RedbHubStore {
     }
 
     fn ack_downstream(&self, agent: &AgentId, mark: Mark, resync: bool) -> Result<(), StoreError> {
-        let txn = self.lazy_write()?;
+        // The end of a resync is durable: a lost end mark would make the next
+        // hello look like another history and resync again.
+        let txn = if resync {
+            self.db.begin_write()?
+        } else {
+            self.lazy_write()?
+        };
         {
             let mut agents = txn.open_table(AGENTS)?;
             let mut queue = txn.open_table(DOWN_QUEUE)?;

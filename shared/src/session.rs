@@ -266,8 +266,8 @@ pub struct Sender {
     acked: Mark,
     last: Seq,
     sent: Seq,
-    /// Batches in flight: their last sequence number and encoded size.
-    flight: VecDeque<(Seq, usize)>,
+    /// Batches in flight: their last sequence number, encoded size and check.
+    flight: VecDeque<(Seq, usize, u64)>,
     flight_bytes: usize,
     state: SendState,
     /// Gives every resync a distinct id and end token.
@@ -298,6 +298,10 @@ struct Resync {
     after: Option<RecordAddr>,
     /// The part sent and not yet acknowledged (kept for a resend).
     unacked: Option<Snapshot>,
+    /// Records loaded that did not fit the last part.
+    pending: VecDeque<Change>,
+    /// The store has no records after `after`.
+    exhausted: bool,
     loading: bool,
     done: bool,
 }
@@ -406,19 +410,25 @@ impl Sender {
     /// The receiver acknowledged `upto` with `check`. Returns the new trim
     /// point if it moved.
     fn on_ack(&mut self, upto: Seq, check: u64) -> Result<Option<Mark>, SessionError> {
-        if upto > self.last {
+        // Only what went out on this link, with the check it went out with:
+        // an ack meant for another store of this identity, or for an earlier
+        // link, must not trim entries this sender never sent.
+        let mismatch = self
+            .flight
+            .iter()
+            .any(|&(last, _, c)| last == upto && c != check);
+        if upto > self.last || upto > self.sent || mismatch {
             return Err(SessionError::PeerAhead {
                 peer: upto,
-                last: self.last,
+                last: self.sent,
             });
         }
         if upto <= self.acked.seq {
             return Ok(None);
         }
         self.acked = Mark { seq: upto, check };
-        self.sent = self.sent.max(upto);
-        while self.flight.front().is_some_and(|(s, _)| *s <= upto) {
-            if let Some((_, bytes)) = self.flight.pop_front() {
+        while self.flight.front().is_some_and(|(s, _, _)| *s <= upto) {
+            if let Some((_, bytes, _)) = self.flight.pop_front() {
                 self.flight_bytes -= bytes;
             }
         }
@@ -799,6 +809,8 @@ impl Session {
                 }
             }
             Message::Batch(b) => self.on_batch(b, now),
+            // Acks count only on a linked, streaming session.
+            Message::Ack(_) if !self.is_linked() || self.sender.state != SendState::Streaming => {}
             Message::Ack(Ack { upto, check }) => match self.sender.on_ack(upto, check) {
                 Ok(Some(mark)) => {
                     self.last_progress_ms = now.mono_ms;
@@ -872,17 +884,32 @@ impl Session {
             // stream may be older too — and a cursor check cannot tell, since
             // the agent may have written nothing since. Ask for the agent's
             // state: a welcome whose cursor follows no incarnation.
-            if matches!(
+            let went_back = matches!(
                 plan,
                 Err(ResyncReason::SenderBehind | ResyncReason::Diverged)
-            ) {
+            );
+            let welcome = |cursor| {
+                Message::Welcome(Welcome {
+                    incarnation: self.sender.own,
+                    up: cursor,
+                    time_ms,
+                })
+            };
+            if went_back {
+                // Durably, before the welcome: a link cut before the agent's
+                // snapshot completes must ask again at the next hello.
                 self.receiver.cursor.source = None;
+                let cursor = self.receiver.cursor;
+                self.push(Action::Commit {
+                    changes: Vec::new(),
+                    cursor: Some(cursor),
+                    snapshot: false,
+                    then: welcome(cursor),
+                });
+            } else {
+                let msg = welcome(self.receiver.cursor);
+                self.push(Action::Send(msg));
             }
-            self.push(Action::Send(Message::Welcome(Welcome {
-                incarnation: self.sender.own,
-                up: self.receiver.cursor,
-                time_ms,
-            })));
         }
         match plan {
             Ok(at) => {
@@ -908,6 +935,8 @@ impl Session {
                     end,
                     after: None,
                     unacked: None,
+                    pending: VecDeque::new(),
+                    exhausted: false,
                     loading: false,
                     done: false,
                 });
@@ -930,9 +959,14 @@ impl Session {
                 }
             }
             SendState::Resyncing(r) if !r.loading && r.unacked.is_none() && !r.done => {
-                r.loading = true;
-                let after = r.after.clone();
-                self.out.push_back(Action::LoadSnapshot { after });
+                if r.pending.is_empty() && !r.exhausted {
+                    r.loading = true;
+                    let after = r.after.clone();
+                    self.out.push_back(Action::LoadSnapshot { after });
+                } else {
+                    let part = next_part(r);
+                    self.out.push_back(Action::Send(Message::Snapshot(part)));
+                }
             }
             _ => {}
         }
@@ -963,7 +997,9 @@ impl Session {
             self.last_progress_ms = now.mono_ms;
         }
         self.sender.sent = batch.last;
-        self.sender.flight.push_back((batch.last, bytes));
+        self.sender
+            .flight
+            .push_back((batch.last, bytes, batch.check));
         self.sender.flight_bytes += bytes;
         Some(batch)
     }
@@ -975,18 +1011,16 @@ impl Session {
             return;
         };
         r.loading = false;
-        r.part += 1;
-        r.done = next.is_none();
+        r.exhausted = next.is_none();
         r.after = next;
-        let snap = Snapshot {
-            resync: r.id,
-            part: r.part,
-            changes,
-            end: r.done.then_some(r.end),
-        };
-        r.unacked = Some(snap.clone());
+        // A record too large for one message goes in pieces (its fields
+        // split across changes, which merge back into the same state).
+        for change in changes {
+            r.pending.extend(split_to_fit(change));
+        }
+        let part = next_part(r);
         self.last_progress_ms = now.mono_ms;
-        self.out.push_back(Action::Send(Message::Snapshot(snap)));
+        self.out.push_back(Action::Send(Message::Snapshot(part)));
     }
 
     fn on_snapshot_ack(&mut self, a: SnapshotAck, now: Now) {
@@ -1145,7 +1179,12 @@ impl Session {
     fn on_error(&mut self, e: ErrorMsg, now: Now) {
         self.push(Action::Report(Report::PeerError { code: e.code }));
         match e.code {
-            ErrorCode::HelloFirst if self.role == Role::Agent => self.connected(now),
+            // A hello is already on its way when not linked: its answer, or
+            // the hello timeout, decides (a second hello could be answered
+            // as a new session while the first one is refused).
+            ErrorCode::HelloFirst if self.role == Role::Agent && self.is_linked() => {
+                self.connected(now)
+            }
             ErrorCode::SequenceGap => {
                 self.push(Action::Report(Report::PeerGap));
                 if self.sender.state == SendState::Streaming {
@@ -1208,6 +1247,57 @@ impl Session {
             _ => {}
         }
     }
+}
+
+/// The next snapshot part of `r`: as many pending records as fit one message.
+fn next_part(r: &mut Resync) -> Snapshot {
+    let budget = crate::wire::MAX_CHANGE_BYTES;
+    let mut changes = Vec::new();
+    let mut bytes = 0usize;
+    while let Some(c) = r.pending.front() {
+        let size = crate::codec::to_bytes(c).map_or(usize::MAX, |b| b.len());
+        if !changes.is_empty() && bytes.saturating_add(size) > budget {
+            break;
+        }
+        bytes = bytes.saturating_add(size);
+        changes.extend(r.pending.pop_front());
+    }
+    r.part += 1;
+    r.done = r.exhausted && r.pending.is_empty();
+    let snap = Snapshot {
+        resync: r.id,
+        part: r.part,
+        changes,
+        end: r.done.then_some(r.end),
+    };
+    r.unacked = Some(snap.clone());
+    snap
+}
+
+/// `change` as pieces that each encode within [`crate::wire::MAX_CHANGE_BYTES`]:
+/// its fields split in halves until they fit (every piece keeps the record
+/// tombstone). One field always fits: writes larger than that are refused
+/// where they enter.
+fn split_to_fit(change: Change) -> Vec<Change> {
+    let fits = |c: &Change| {
+        crate::codec::to_bytes(c).is_ok_and(|b| b.len() <= crate::wire::MAX_CHANGE_BYTES)
+    };
+    if change.state.fields.len() <= 1 || fits(&change) {
+        return vec![change];
+    }
+    let mut first = change.clone();
+    let half = first.state.fields.len() / 2;
+    let keys: Vec<_> = first.state.fields.keys().skip(half).cloned().collect();
+    let mut second = change;
+    second.state.fields.clear();
+    for k in keys {
+        if let Some(f) = first.state.fields.remove(&k) {
+            second.state.fields.insert(k, f);
+        }
+    }
+    let mut out = split_to_fit(first);
+    out.extend(split_to_fit(second));
+    out
 }
 
 /// The offset to report: differences under [`crate::clock::OFFSET_NOISE_MS`]

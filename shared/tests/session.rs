@@ -552,9 +552,16 @@ fn a_batch_before_the_hello_is_refused_and_the_agent_says_hello_again() {
         Some(ErrorCode::HelloFirst)
     );
     assert!(agent.commits.is_empty());
-    // Told to say hello first, the agent does.
+    // Told to say hello first while its hello is on the way, the agent waits
+    // for the answer (a second hello could be taken as another session)...
     let err = fieldsync_shared::session::error(ErrorCode::HelloFirst, "no session", None);
-    let hello = agent.deliver(vec![err], at(20));
+    assert_eq!(agent.deliver(vec![err.clone()], at(20)), []);
+    // ...and says hello again when none comes in time.
+    let again = agent.tick(at(1_010));
+    assert!(matches!(only(&again, "hello"), Message::Hello(_)));
+    // Once linked, the hub's "say hello" is answered at once.
+    let (mut linked_agent, _, _) = linked(0, cfg());
+    let hello = linked_agent.deliver(vec![err], at(2_000));
     assert!(matches!(only(&hello, "hello"), Message::Hello(_)));
 }
 

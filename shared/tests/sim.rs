@@ -1622,6 +1622,17 @@ impl Sim {
             row.identity
         );
         let Some(peer) = peer else { return };
+        // The hub found its own stream went back (restored): it forgets,
+        // durably, which stream its upstream cursor follows, so the agent
+        // resyncs it (session.rs `decide`).
+        if let (false, true, Some(c)) = (snapshot, changes.is_empty(), cursor) {
+            if c.source.is_none() {
+                self.note(format!("hub: {id}: forgets its upstream cursor"));
+                self.hub.store.row(id).up = c;
+                self.hub.undo.clear();
+                return;
+            }
+        }
         if !snapshot {
             let Some(c) = cursor else {
                 return self.fail(format!("hub: {id}: a batch commit without a cursor"));
