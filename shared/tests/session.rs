@@ -12,9 +12,11 @@ use fieldsync_shared::session::{
     entry_check, Action, Admission, Cursor, Identity, Incarnation, Mark, Now, RecordAddr, Report,
     ResyncReason, Session, SessionConfig, RETIRED_KEPT,
 };
-use fieldsync_shared::wire::{Ack, Batch, Entry, ErrorCode, Message, Snapshot, SnapshotAck};
+use fieldsync_shared::wire::{
+    Ack, Batch, Entry, Envelope, ErrorCode, Message, Snapshot, SnapshotAck,
+};
 use fieldsync_shared::{AgentId, Change, CollectionName, FieldName, Origin, RecordKey};
-use fieldsync_shared::{RecordState, Sender, Seq, Stamp, Version};
+use fieldsync_shared::{Merge, RecordState, Sender, Seq, Stamp, Version};
 use serde_json::json;
 
 /// Wall time at mono 0.
@@ -1244,4 +1246,67 @@ fn messages_the_wrong_way_are_malformed() {
         error_code(only(&answer, "error")),
         Some(ErrorCode::Malformed)
     );
+}
+
+#[test]
+fn a_record_too_large_for_one_message_is_resynced_in_pieces_that_merge_back() {
+    let mut agent = Side::agent(Mark::default(), 0, Cursor::default(), cfg());
+    agent.s.connected(at(0));
+    let hello = agent.run(at(0));
+    let mut hub = Side::hub(
+        only(&hello, "hello"),
+        Mark::default(),
+        BTreeMap::new(),
+        follows(AGENT_INC, Mark::default()),
+    );
+    // Two fields of 600 KiB: each write fitted, the record does not.
+    let version = Version {
+        stamp: Stamp::new(WALL, 0),
+        origin: Origin::new("@hub").unwrap(),
+    };
+    let big = |c: char| Some(json!(c.to_string().repeat(600 * 1024)));
+    let state = RecordState::default().write(
+        [
+            (FieldName::new("a").unwrap(), big('a')),
+            (FieldName::new("b").unwrap(), big('b')),
+        ],
+        &version,
+    );
+    let record = Change {
+        collection: CollectionName::new("c").unwrap(),
+        key: RecordKey::new("big").unwrap(),
+        state,
+    };
+    hub.records.insert(
+        (record.collection.clone(), record.key.clone()),
+        record.clone(),
+    );
+    let mut to_agent = hub.run(at(0));
+    let mut parts = 0;
+    for step in 0..10 {
+        for m in &to_agent {
+            if let Message::Snapshot(_) = m {
+                parts += 1;
+                let bytes = fieldsync_shared::codec::encode(&Envelope::new(m.clone()));
+                assert!(bytes.is_ok(), "part {parts} does not fit a message");
+            }
+        }
+        let acks = agent.deliver(std::mem::take(&mut to_agent), at(10 + step));
+        if acks.is_empty() {
+            break;
+        }
+        to_agent = hub.deliver(acks, at(20 + step));
+    }
+    assert!(parts >= 2, "the record went in {parts} part(s)");
+    let mut merged = RecordState::default();
+    for (changes, _, _) in &agent.commits {
+        for c in changes {
+            merged.merge(&c.state);
+        }
+    }
+    assert_eq!(
+        merged, record.state,
+        "the pieces merge back into the record"
+    );
+    assert_eq!(agent.s.receiver.cursor().source, Some(HUB_INC));
 }
