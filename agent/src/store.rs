@@ -492,11 +492,6 @@ impl Store {
         Ok(out)
     }
 
-    /// The highest downstream sequence number applied from the hub.
-    pub fn down_applied(&self) -> Result<Seq, StoreError> {
-        Ok(self.down_cursor()?.at.seq)
-    }
-
     /// The durable downstream cursor: which hub incarnation, how far.
     pub fn down_cursor(&self) -> Result<Cursor, StoreError> {
         let txn = self.db.begin_read()?;

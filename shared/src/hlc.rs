@@ -91,10 +91,6 @@ impl Hlc {
         }
     }
 
-    pub fn max_drift_ms(&self) -> u64 {
-        self.max_drift_ms
-    }
-
     /// A stamp for a local event at wall time `now_ms`.
     pub fn tick(&mut self, now_ms: u64) -> Stamp {
         self.last = if now_ms > self.last.wall_ms {

@@ -251,9 +251,6 @@ pub enum SessionError {
     /// The peer acknowledged or claims to hold entries this sender never had.
     #[error("peer is at sequence {peer}, beyond the last queued entry {last}")]
     PeerAhead { peer: Seq, last: Seq },
-    /// A batch starts after the receiver's next expected sequence number.
-    #[error("sequence gap: expected at most {expected}, got a batch starting at {first}")]
-    Gap { expected: Seq, first: Seq },
 }
 
 // ---- Sender ----------------------------------------------------------------
@@ -716,14 +713,6 @@ impl Session {
         s.welcome_at = Some(now.wall_ms);
         s.resume(hello.down);
         Ok((s, changed))
-    }
-
-    pub fn role(&self) -> Role {
-        self.role
-    }
-
-    pub fn config(&self) -> &SessionConfig {
-        &self.cfg
     }
 
     /// Whether the peer has answered on this link (agent: welcomed).
