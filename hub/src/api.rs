@@ -22,7 +22,6 @@ use fieldsync_shared::{
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::broker::constant_time_eq;
 use crate::engine::EngineEvent;
 use crate::front_door::Connections;
 use crate::metrics::Metrics;
@@ -486,4 +485,9 @@ async fn metrics<S: HubStore>(State(state): State<Arc<ApiState<S>>>) -> Json<Val
     let mut snapshot = json!(state.metrics.snapshot());
     snapshot["agents_connected"] = json!(state.connections.count());
     Json(snapshot)
+}
+
+/// Compares secrets without leaking where they differ through timing.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

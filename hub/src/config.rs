@@ -11,6 +11,8 @@ use fieldsync_shared::files::{existing_file, resolve};
 use fieldsync_shared::{Policy, PolicyError};
 use serde::Deserialize;
 
+use crate::admission::Rate;
+
 /// Default address of the MQTT front door.
 pub const DEFAULT_MQTT_LISTEN: &str = "127.0.0.1:8883";
 /// Default address of the operator API.
@@ -61,12 +63,23 @@ struct RawMqtt {
     cert: String,
     /// PEM of the hub's private key.
     key: String,
-    /// Most simultaneous connections.
+    /// Most authenticated agents connected at once.
     max_connections: Option<usize>,
+    /// Most connections still in TLS or CONNECT, in all and per source IP.
+    max_pending_connections: Option<usize>,
+    max_pending_per_ip: Option<usize>,
+    /// Largest packet before CONNECT is done, in bytes.
+    max_connect_bytes: Option<usize>,
     /// Time allowed for a TLS handshake, in milliseconds.
     handshake_timeout_ms: Option<u64>,
     /// Time allowed from handshake to CONNECT, in milliseconds.
     connect_timeout_ms: Option<u64>,
+    /// Each connection's pace: messages per second and the burst above it,
+    /// bytes per second and the burst above it.
+    rate_messages: Option<f64>,
+    burst_messages: Option<f64>,
+    rate_bytes: Option<f64>,
+    burst_bytes: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -108,8 +121,35 @@ pub struct MqttConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub max_connections: usize,
+    pub max_pending: usize,
+    pub max_pending_per_ip: usize,
+    pub max_connect_bytes: usize,
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Each connection's budget of messages and of bytes.
+    pub messages: Rate,
+    pub bytes: Rate,
+}
+
+/// Defaults of the `[mqtt]` budgets (README, "Hub configuration").
+pub mod defaults {
+    /// Agents connected at once: the fleet one hub on 2 cores serves.
+    pub const MAX_CONNECTIONS: usize = 50_000;
+    /// Connections in TLS or CONNECT at once: a handshake takes about a
+    /// millisecond of CPU, so this many is a few hundred ms of work queued.
+    pub const MAX_PENDING_CONNECTIONS: usize = 256;
+    /// Of those, from one source IP (a NAT of many gateways is served in
+    /// turns: the rest retry under their backoff).
+    pub const MAX_PENDING_PER_IP: usize = 32;
+    /// A CONNECT carries a client id and, at most, short credentials.
+    pub const MAX_CONNECT_BYTES: usize = 4096;
+    /// Messages per second per connection, and the burst: an agent sends a
+    /// batch per ~512 changes and acks per downstream batch, far below this.
+    pub const RATE_MESSAGES: f64 = 2_000.0;
+    pub const BURST_MESSAGES: f64 = 4_000.0;
+    /// Bytes per second per connection, and the burst.
+    pub const RATE_BYTES: f64 = 64.0 * 1024.0 * 1024.0;
+    pub const BURST_BYTES: f64 = 64.0 * 1024.0 * 1024.0;
 }
 
 /// The operator API's settings.
@@ -177,14 +217,50 @@ impl HubConfig {
                 ms @ 100..=600_000 => Ok(Duration::from_millis(ms)),
                 ms => Err(invalid(key, format!("{ms} is outside 100..=600000"))),
             };
-        let max_connections = match raw.mqtt.max_connections.unwrap_or(10_000) {
-            n @ 1..=1_000_000 => n,
+        let count = |key: &'static str, value: Option<usize>, default: usize, max: usize| match value
+            .unwrap_or(default)
+        {
+            n if (1..=max).contains(&n) => Ok(n),
+            n => Err(invalid(key, format!("{n} is outside 1..={max}"))),
+        };
+        let rate = |key: &'static str, value: Option<f64>, default: f64| match value.unwrap_or(default) {
+            r if r.is_finite() && r >= 1.0 => Ok(r),
+            r => Err(invalid(key, format!("{r} is not a number of at least 1"))),
+        };
+        let max_connections = count(
+            "mqtt.max_connections",
+            raw.mqtt.max_connections,
+            defaults::MAX_CONNECTIONS,
+            1_000_000,
+        )?;
+        let max_pending = count(
+            "mqtt.max_pending_connections",
+            raw.mqtt.max_pending_connections,
+            defaults::MAX_PENDING_CONNECTIONS,
+            100_000,
+        )?;
+        let max_pending_per_ip = count(
+            "mqtt.max_pending_per_ip",
+            raw.mqtt.max_pending_per_ip,
+            defaults::MAX_PENDING_PER_IP.min(max_pending),
+            max_pending,
+        )?;
+        let max_connect_bytes = match raw.mqtt.max_connect_bytes.unwrap_or(defaults::MAX_CONNECT_BYTES) {
+            n @ 64..=65_536 => n,
             n => {
                 return Err(invalid(
-                    "mqtt.max_connections",
-                    format!("{n} is outside 1..=1000000"),
+                    "mqtt.max_connect_bytes",
+                    format!("{n} is outside 64..=65536"),
                 ))
             }
+        };
+        let messages = Rate {
+            per_s: rate("mqtt.rate_messages", raw.mqtt.rate_messages, defaults::RATE_MESSAGES)?,
+            burst: rate("mqtt.burst_messages", raw.mqtt.burst_messages, defaults::BURST_MESSAGES)?,
+        };
+        let bytes = Rate {
+            per_s: rate("mqtt.rate_bytes", raw.mqtt.rate_bytes, defaults::RATE_BYTES)?,
+            burst: rate("mqtt.burst_bytes", raw.mqtt.burst_bytes, defaults::BURST_BYTES)?,
         };
         let mqtt = MqttConfig {
             listen: addr(
@@ -196,6 +272,11 @@ impl HubConfig {
             cert: existing_file(base, &raw.mqtt.cert).map_err(|m| invalid("mqtt.cert", m))?,
             key: existing_file(base, &raw.mqtt.key).map_err(|m| invalid("mqtt.key", m))?,
             max_connections,
+            max_pending,
+            max_pending_per_ip,
+            max_connect_bytes,
+            messages,
+            bytes,
             handshake_timeout: millis(
                 "mqtt.handshake_timeout_ms",
                 raw.mqtt.handshake_timeout_ms,
@@ -327,6 +408,29 @@ file = "policy.toml"
                 "api.token",
             ),
             (GOOD.replace("policy.toml", "missing.toml"), "policy.file"),
+            (
+                GOOD.replace("key = \"hub.key\"", "key = \"hub.key\"\nmax_pending_connections = 0"),
+                "mqtt.max_pending_connections",
+            ),
+            (
+                GOOD.replace(
+                    "key = \"hub.key\"",
+                    "key = \"hub.key\"\nmax_pending_connections = 8\nmax_pending_per_ip = 9",
+                ),
+                "mqtt.max_pending_per_ip",
+            ),
+            (
+                GOOD.replace("key = \"hub.key\"", "key = \"hub.key\"\nmax_connect_bytes = 10"),
+                "mqtt.max_connect_bytes",
+            ),
+            (
+                GOOD.replace("key = \"hub.key\"", "key = \"hub.key\"\nrate_messages = 0.5"),
+                "mqtt.rate_messages",
+            ),
+            (
+                GOOD.replace("key = \"hub.key\"", "key = \"hub.key\"\nburst_bytes = -1"),
+                "mqtt.burst_bytes",
+            ),
             (format!("{GOOD}\n[extra]\nx = 1\n"), "extra"),
         ];
         for (config, key) in cases {

@@ -1,39 +1,37 @@
-//! The hub's sync engine: one task that talks to the embedded broker through
-//! its in-process link. It is a thin driver of one shared sans-IO [`Session`]
+//! The hub's sync engine: one task that takes agent traffic from the
+//! transport seam ([`crate::transport`]) and answers through each
+//! connection's outlet. It is a thin driver of one shared sans-IO [`Session`]
 //! per linked agent: it feeds each session its agent's messages and the
-//! timers, and executes what the sessions ask — publish, load queue entries
-//! or a snapshot chunk, commit upstream changes (group commit: every batch the
-//! broker already holds, from any agent, in one transaction, then the acks),
+//! timers, and executes what the sessions ask — send, load queue entries or a
+//! snapshot chunk, commit upstream changes (group commit: every message the
+//! inlet already holds, from any agent, in one transaction, then the acks),
 //! trim a downstream queue. Every protocol rule is in
-//! `fieldsync_shared::session`; the hub's own policy and origin checks are here.
+//! `fieldsync_shared::session`; the hub's own policy and origin checks, and
+//! its pacing of hellos, are here.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use fieldsync_shared::codec;
 use fieldsync_shared::hlc::system_now_ms;
 use fieldsync_shared::session::{error, Action, Now, Report, Session, SessionConfig};
-use fieldsync_shared::wire::{
-    down_topic, parse_topic, Envelope, ErrorCode, Message, MAX_MESSAGE_BYTES,
-};
+use fieldsync_shared::wire::{Envelope, ErrorCode, Message, MAX_MESSAGE_BYTES};
 use fieldsync_shared::{AgentId, Change, Flow, Hlc, Incarnation, Origin, Policy, Seq};
-use rumqttd::Notification;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::EngineLink;
+use crate::admission::{Bucket, Rate};
 use crate::metrics::Metrics;
 use crate::store::{HelloNote, HubStore, StoreError, Upstream};
+use crate::transport::{ConnId, Inbound, Inlet, Outlet, SendError};
 
 /// Most records in one snapshot part (fewer if the bytes would not fit).
 const SNAPSHOT_RECORDS: usize = 512;
 /// Most upstream changes committed in one transaction (group commit).
 const GROUP_CHANGES: usize = 8192;
-/// Most messages taken from the broker before a group is committed.
+/// Most messages taken from the inlet before a group is committed.
 const GROUP_MESSAGES: usize = 256;
 /// Most message bytes (as received, CBOR) in one group: bounds the engine's
 /// memory to a small multiple of this once decoded.
@@ -42,18 +40,17 @@ const GROUP_BYTES: usize = 8 << 20;
 const TICK: Duration = Duration::from_millis(250);
 /// Longest peer-supplied text put in a log line.
 const MAX_LOGGED_CHARS: usize = 200;
+/// Hellos one agent may say: a burst, then one per period. A hello costs a
+/// store read and write and may start a resync; an agent says one per
+/// connection, so only a broken or hostile one comes near this.
+pub const HELLO_RATE: Rate = Rate {
+    per_s: 0.5,
+    burst: 5.0,
+};
 
-/// What the front door and the operator API tell the engine.
+/// What the operator API tells the engine.
 #[derive(Debug)]
 pub enum EngineEvent {
-    Connected {
-        agent: AgentId,
-        conn: u64,
-    },
-    Disconnected {
-        agent: AgentId,
-        conn: u64,
-    },
     /// An operator write was queued for `agent` up to `last`.
     Enqueued {
         agent: AgentId,
@@ -68,17 +65,16 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error("store task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
-    #[error("broker link: {0}")]
-    Link(String),
 }
 
 /// One agent's connection and, once it said hello on it, its session.
 struct AgentLink {
-    /// The front door's connection number, while connected.
-    conn: Option<u64>,
+    /// The transport's connection number and outlet, while connected.
+    conn: Option<ConnId>,
+    outlet: Option<Arc<dyn Outlet>>,
     session: Option<Session>,
     /// The store incarnation of a linked connection this one took over (the
-    /// broker drops the older of two connections with one client id): if the
+    /// transport closes the older of two connections of one agent): if the
     /// new connection's store differs, two devices share one certificate.
     displaced: Option<Incarnation>,
 }
@@ -96,50 +92,57 @@ pub struct Engine<S: HubStore> {
     pub origin: Origin,
 }
 
-type Links = HashMap<AgentId, AgentLink>;
+/// The engine's view of the fleet.
+#[derive(Default)]
+struct State {
+    links: HashMap<AgentId, AgentLink>,
+    /// Agents whose sessions have new work outside their own messages.
+    woken: Vec<AgentId>,
+    /// Hello budgets of agents that used some (dropped once full again).
+    hellos: HashMap<AgentId, Bucket>,
+}
 
 impl<S: HubStore> Engine<S> {
-    /// Runs until `shutdown`.
+    /// Runs until `shutdown` or until the transport and the API are gone.
     pub async fn run(
         self,
-        mut link: EngineLink,
+        mut inlet: Inlet,
         mut events: mpsc::UnboundedReceiver<EngineEvent>,
         shutdown: CancellationToken,
     ) -> Result<(), EngineError> {
-        link.tx
-            .subscribe("fieldsync/v1/agents/+/up")
-            .map_err(|e| EngineError::Link(e.to_string()))?;
         let started = Instant::now();
-        let mut links: Links = HashMap::new();
+        let mut state = State::default();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let mut group = Group::default();
-            // Biased: a connection's Connected event is always handled before
-            // the messages that connection sends.
+            let mut all = false;
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
                 e = events.recv() => {
                     let Some(e) = e else { return Ok(()) };
-                    self.on_event(&mut links, e);
+                    self.on_event(&mut state, e);
                 }
-                // Before the link, so that a steady stream of messages cannot
+                // Before the inlet, so that a steady stream of messages cannot
                 // starve the timers.
                 _ = tick.tick() => {
                     let now = now(started);
-                    for s in links.values_mut().filter_map(|l| l.session.as_mut()) {
+                    for s in state.links.values_mut().filter_map(|l| l.session.as_mut()) {
                         s.on_tick(now);
                     }
+                    let at = Instant::now();
+                    state.hellos.retain(|_, b| !b.is_full(at));
+                    all = true;
                 }
-                n = link.rx.next() => {
-                    // Group commit: take what the broker already holds (pending
-                    // connection events first, as above), apply every upstream
-                    // batch in one transaction, then send what waited for it.
-                    let mut next = Some(n);
-                    while let Some(n) = next.take() {
-                        let n = n.map_err(|e| EngineError::Link(e.to_string()))?;
-                        self.on_notification(&mut link, &mut links, &mut group, n, started).await?;
+                first = inlet.recv() => {
+                    // Group commit: take what the inlet already holds, apply
+                    // every upstream batch in one transaction, then send what
+                    // waited for it.
+                    let Some(first) = first else { return Ok(()) };
+                    let mut next = Some(first);
+                    while let Some(inbound) = next.take() {
+                        self.on_inbound(&mut state, &mut group, inbound, started).await?;
                         if group.changes >= GROUP_CHANGES
                             || group.messages >= GROUP_MESSAGES
                             || group.bytes >= GROUP_BYTES
@@ -147,50 +150,121 @@ impl<S: HubStore> Engine<S> {
                             break;
                         }
                         while let Ok(e) = events.try_recv() {
-                            self.on_event(&mut links, e);
+                            self.on_event(&mut state, e);
                         }
-                        next = ready_now(link.rx.next());
+                        next = inlet.try_recv();
                     }
                 }
             }
-            // Every session's other work (timers, windows that opened, new
-            // queue entries), then the commit and what waited for it.
-            for (agent, l) in links.iter_mut() {
-                if let Some(session) = l.session.as_mut() {
-                    self.drive(agent, session, &mut group, now(started)).await?;
+            // The other work of the sessions that may have some (timers,
+            // windows that opened, new queue entries), then the commit and
+            // what waited for it.
+            let now = now(started);
+            let woken = std::mem::take(&mut state.woken);
+            if all {
+                for (agent, l) in state.links.iter_mut() {
+                    if let (Some(session), Some(outlet)) = (l.session.as_mut(), l.outlet.as_ref()) {
+                        self.drive(agent, session, outlet, &mut group, now).await?;
+                    }
+                }
+            } else {
+                for agent in woken {
+                    if let Some(l) = state.links.get_mut(&agent) {
+                        if let (Some(session), Some(outlet)) =
+                            (l.session.as_mut(), l.outlet.as_ref())
+                        {
+                            self.drive(&agent, session, outlet, &mut group, now).await?;
+                        }
+                    }
                 }
             }
-            self.flush(&mut link, &mut group).await?;
+            self.flush(&mut group).await?;
         }
     }
 
-    async fn on_notification(
+    async fn on_inbound(
         &self,
-        link: &mut EngineLink,
-        links: &mut Links,
+        state: &mut State,
         group: &mut Group,
-        notification: Option<Notification>,
+        inbound: Inbound,
         started: Instant,
     ) -> Result<(), EngineError> {
-        match notification {
-            Some(Notification::Forward(f)) => {
+        match inbound {
+            Inbound::Message {
+                agent,
+                conn,
+                payload,
+                credit,
+            } => {
                 group.messages += 1;
-                group.bytes += f.publish.payload.len();
-                let topic = String::from_utf8_lossy(&f.publish.topic).into_owned();
-                self.on_publish(link, links, group, &topic, &f.publish.payload, started)
-                    .await
+                group.bytes += payload.len();
+                let result = self
+                    .on_message(state, group, &agent, conn, &payload, started)
+                    .await;
+                drop(credit);
+                result
             }
-            Some(Notification::Unschedule) => link
-                .rx
-                .ready()
-                .map_err(|e| EngineError::Link(e.to_string())),
-            _ => Ok(()),
+            Inbound::Connected {
+                agent,
+                conn,
+                outlet,
+            } => {
+                let l = state.links.entry(agent).or_insert(AgentLink {
+                    conn: None,
+                    outlet: None,
+                    session: None,
+                    displaced: None,
+                });
+                if l.conn.is_some_and(|c| c > conn) {
+                    // Already replaced by a newer connection.
+                    outlet.close();
+                    return Ok(());
+                }
+                // Kept for this connection's life: every hello on it is
+                // checked against the store it took over from.
+                l.displaced = l
+                    .conn
+                    .and(l.session.as_ref())
+                    .and_then(Session::peer_incarnation)
+                    .or(l.displaced);
+                l.conn = Some(conn);
+                l.outlet = Some(outlet);
+                // Nothing flows until this connection's hello.
+                l.session = None;
+                Ok(())
+            }
+            Inbound::Disconnected {
+                agent,
+                conn,
+                replaced,
+            } => {
+                let Some(l) = state.links.get_mut(&agent) else {
+                    return Ok(());
+                };
+                if l.conn == Some(conn) {
+                    if replaced {
+                        // The newer connection's announcement is on its way:
+                        // remember whose store this one carried.
+                        l.displaced = l
+                            .session
+                            .as_ref()
+                            .and_then(Session::peer_incarnation)
+                            .or(l.displaced);
+                        l.conn = None;
+                        l.outlet = None;
+                        l.session = None;
+                    } else {
+                        state.links.remove(&agent);
+                    }
+                }
+                Ok(())
+            }
         }
     }
 
     /// Commits the group's upstream changes in one durable transaction, then
     /// sends the messages that waited for it, in the order they were made.
-    async fn flush(&self, link: &mut EngineLink, group: &mut Group) -> Result<(), EngineError> {
+    async fn flush(&self, group: &mut Group) -> Result<(), EngineError> {
         if !group.upstream.is_empty() {
             let upstream = std::mem::take(&mut group.upstream);
             let batches = upstream.iter().filter(|u| !u.snapshot).count() as u64;
@@ -207,8 +281,18 @@ impl<S: HubStore> Engine<S> {
             Metrics::add(&self.metrics.upstream_batches_applied, batches);
             Metrics::add(&self.metrics.upstream_changes_applied, changes);
         }
-        for (agent, msg) in group.out.drain(..) {
-            send(link, &agent, msg)?;
+        if !group.hellos.is_empty() {
+            let hellos = std::mem::take(&mut group.hellos);
+            self.blocking(move |s| {
+                for (agent, at, note) in &hellos {
+                    s.hello(agent, *at, note)?;
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        for (outlet, agent, msg) in group.out.drain(..) {
+            send(&*outlet, &agent, msg);
         }
         // What bounds memory starts over; `messages` keeps bounding how long
         // the group runs before the other sessions get their turn.
@@ -218,33 +302,12 @@ impl<S: HubStore> Engine<S> {
         Ok(())
     }
 
-    fn on_event(&self, links: &mut Links, event: EngineEvent) {
+    fn on_event(&self, state: &mut State, event: EngineEvent) {
         match event {
-            EngineEvent::Connected { agent, conn } => {
-                let l = links.entry(agent).or_insert(AgentLink {
-                    conn: None,
-                    session: None,
-                    displaced: None,
-                });
-                // Kept for this connection's life: every hello on it is
-                // checked against the store it took over from.
-                l.displaced = l
-                    .conn
-                    .and(l.session.as_ref())
-                    .and_then(Session::peer_incarnation)
-                    .or(l.displaced.filter(|_| l.conn.is_some()));
-                l.conn = Some(conn);
-                // Nothing flows until this connection's hello.
-                l.session = None;
-            }
-            EngineEvent::Disconnected { agent, conn } => {
-                if links.get(&agent).is_some_and(|l| l.conn == Some(conn)) {
-                    links.remove(&agent);
-                }
-            }
             EngineEvent::Enqueued { agent, last } => {
-                if let Some(s) = links.get_mut(&agent).and_then(|l| l.session.as_mut()) {
+                if let Some(s) = state.links.get_mut(&agent).and_then(|l| l.session.as_mut()) {
                     s.appended(last);
+                    state.woken.push(agent);
                 }
             }
         }
@@ -258,16 +321,26 @@ impl<S: HubStore> Engine<S> {
         Ok(tokio::task::spawn_blocking(move || f(&store)).await??)
     }
 
-    async fn on_publish(
+    async fn on_message(
         &self,
-        link: &mut EngineLink,
-        links: &mut Links,
+        state: &mut State,
         group: &mut Group,
-        topic: &str,
+        agent: &AgentId,
+        conn: ConnId,
         payload: &[u8],
         started: Instant,
     ) -> Result<(), EngineError> {
-        let Some((agent, Flow::Up)) = parse_topic(topic) else {
+        let Some(l) = state
+            .links
+            .get_mut(agent)
+            .filter(|l| l.conn == Some(conn))
+        else {
+            // The transport announces every connection before its messages,
+            // so this one's connection is already gone or replaced.
+            Metrics::inc(&self.metrics.ghost_messages);
+            return Ok(());
+        };
+        let Some(outlet) = l.outlet.clone() else {
             return Ok(());
         };
         let envelope = match codec::decode(payload) {
@@ -280,30 +353,38 @@ impl<S: HubStore> Engine<S> {
                     codec::CodecError::TooLarge { .. } => ErrorCode::TooLarge,
                     _ => ErrorCode::Malformed,
                 };
-                group.reply(&agent, error(code, &e.to_string(), None));
+                group.reply(&outlet, agent, error(code, &e.to_string(), None));
                 return Ok(());
             }
         };
-        let Some(l) = links.get_mut(&agent).filter(|l| l.conn.is_some()) else {
-            // The front door announces every connection before its messages,
-            // so this one's connection is already gone: nothing to answer.
-            Metrics::inc(&self.metrics.ghost_messages);
-            return Ok(());
-        };
         let now = now(started);
         if let Message::Hello(hello) = envelope.msg {
-            if hello.agent != agent {
+            if hello.agent != *agent {
                 Metrics::inc(&self.metrics.envelopes_rejected);
                 group.reply(
-                    &agent,
+                    &outlet,
+                    agent,
                     error(ErrorCode::Malformed, "hello names another agent", None),
                 );
                 return Ok(());
             }
+            let at = Instant::now();
+            let budget = state
+                .hellos
+                .entry(agent.clone())
+                .or_insert_with(|| Bucket::new(HELLO_RATE, at));
+            if !budget.try_take(at) {
+                // Unanswered: the agent asks again after its ack timeout.
+                Metrics::inc(&self.metrics.hellos_throttled);
+                tracing::debug!(%agent, "hello dropped: this agent says hello too often");
+                return Ok(());
+            }
             // The welcome names what the store holds, so this agent's
-            // changes planned in this group must be committed first.
-            if group.upstream.iter().any(|u| u.agent == agent) {
-                self.flush(link, group).await?;
+            // changes and hello planned in this group must be stored first.
+            if group.upstream.iter().any(|u| u.agent == *agent)
+                || group.hellos.iter().any(|(a, ..)| a == agent)
+            {
+                self.flush(group).await?;
             }
             let a = agent.clone();
             let row = self
@@ -345,26 +426,25 @@ impl<S: HubStore> Engine<S> {
                     );
                     note.conflict = true;
                     l.session = None;
-                    group.reply(&agent, refusal);
+                    group.reply(&outlet, agent, refusal);
                 }
             }
             if let Some(session) = l.session.as_mut() {
-                note.clock_skew_ms = self.drive(&agent, session, group, now).await?;
+                note.clock_skew_ms = self.drive(agent, session, &outlet, group, now).await?;
             }
-            let a = agent.clone();
-            self.blocking(move |s| s.hello(&a, now.wall_ms, &note))
-                .await?;
+            group.hellos.push((agent.clone(), now.wall_ms, note));
             return Ok(());
         }
         let Some(session) = l.session.as_mut() else {
             group.reply(
-                &agent,
+                &outlet,
+                agent,
                 error(ErrorCode::HelloFirst, "no session: say hello", None),
             );
             return Ok(());
         };
         session.on_message(envelope.msg, now);
-        self.drive(&agent, session, group, now).await?;
+        self.drive(agent, session, &outlet, group, now).await?;
         Ok(())
     }
 
@@ -375,13 +455,14 @@ impl<S: HubStore> Engine<S> {
         &self,
         agent: &AgentId,
         session: &mut Session,
+        outlet: &Arc<dyn Outlet>,
         group: &mut Group,
         now: Now,
     ) -> Result<Option<i64>, EngineError> {
         let mut skew = None;
         while let Some(action) = session.poll() {
             match action {
-                Action::Send(msg) => group.reply(agent, msg),
+                Action::Send(msg) => group.reply(outlet, agent, msg),
                 Action::LoadBatch { first, last } => {
                     let a = agent.clone();
                     let limit = usize::try_from(last.0 - first.0 + 1).unwrap_or(usize::MAX);
@@ -391,7 +472,7 @@ impl<S: HubStore> Engine<S> {
                     match session.batch_loaded(first, entries, now) {
                         Some(batch) => {
                             Metrics::inc(&self.metrics.downstream_batches_sent);
-                            group.reply(agent, Message::Batch(batch));
+                            group.reply(outlet, agent, Message::Batch(batch));
                         }
                         None if session.is_paused() => {
                             tracing::error!(%agent, %first, "downstream queue is missing entries; not sending")
@@ -436,7 +517,7 @@ impl<S: HubStore> Engine<S> {
                         cursor,
                         snapshot,
                     });
-                    group.reply(agent, then);
+                    group.reply(outlet, agent, then);
                 }
                 Action::Trim { mark, resync } => {
                     let a = agent.clone();
@@ -539,38 +620,29 @@ fn now(started: Instant) -> Now {
     }
 }
 
-/// Upstream batches planned but not yet committed, and the messages (acks,
-/// welcomes, errors) that leave only after the commit, in order.
+/// Upstream batches and hellos planned but not yet stored, and the messages
+/// (acks, welcomes, errors) that leave only after the commit, in order, each
+/// to the connection it answers.
 #[derive(Default)]
 struct Group {
     upstream: Vec<Upstream>,
-    out: Vec<(AgentId, Message)>,
+    hellos: Vec<(AgentId, u64, HelloNote)>,
+    out: Vec<(Arc<dyn Outlet>, AgentId, Message)>,
     changes: usize,
     messages: usize,
     bytes: usize,
 }
 
 impl Group {
-    fn reply(&mut self, agent: &AgentId, msg: Message) {
-        self.out.push((agent.clone(), msg));
+    fn reply(&mut self, outlet: &Arc<dyn Outlet>, agent: &AgentId, msg: Message) {
+        self.out.push((outlet.clone(), agent.clone(), msg));
     }
 }
 
-/// Polls `future` once: its output if it is ready now, `None` if it would wait.
-/// (Dropping a pending `LinkRx::next` loses nothing: the broker's signal stays
-/// queued for the next call.)
-fn ready_now<F: Future>(future: F) -> Option<F::Output> {
-    let mut future = std::pin::pin!(future);
-    match future
-        .as_mut()
-        .poll(&mut Context::from_waker(Waker::noop()))
-    {
-        Poll::Ready(output) => Some(output),
-        Poll::Pending => None,
-    }
-}
-
-fn send(link: &mut EngineLink, agent: &AgentId, msg: Message) -> Result<(), EngineError> {
+/// Hands one message to its connection. A connection whose queue is full
+/// does not read: it is closed (the front door counts it), and the protocol
+/// resends on its next connection.
+fn send(outlet: &dyn Outlet, agent: &AgentId, msg: Message) {
     if let Message::Error(e) = &msg {
         let text: String = e.message.chars().take(MAX_LOGGED_CHARS).collect();
         tracing::debug!(%agent, code = ?e.code, message = %text, "sending an error to the agent");
@@ -579,11 +651,14 @@ fn send(link: &mut EngineLink, agent: &AgentId, msg: Message) -> Result<(), Engi
         Ok(b) => b,
         Err(e) => {
             tracing::error!(%agent, error = %e, "cannot encode a message for the agent");
-            return Ok(());
+            return;
         }
     };
-    link.tx
-        .publish(down_topic(agent), bytes)
-        .map(|_| ())
-        .map_err(|e| EngineError::Link(e.to_string()))
+    match outlet.send(bytes.into()) {
+        Ok(()) | Err(SendError::Closed) => {}
+        Err(SendError::Full) => {
+            tracing::warn!(%agent, "the agent does not read what the hub sends; closing its connection");
+            outlet.close();
+        }
+    }
 }

@@ -1,6 +1,7 @@
-//! The hub's public MQTT listener: mutual TLS (rustls, ring), identity from the
-//! client certificate, and an MQTT 3.1.1 packet filter in front of the internal
-//! broker.
+//! The hub's public MQTT listener and its embedded transport: mutual TLS
+//! (rustls, ring), identity from the client certificate, an MQTT 3.1.1 server
+//! for exactly what agents use, and agent traffic handed to the sync engine
+//! in-process ([`crate::transport`]). There is no broker behind it.
 //!
 //! **Architecture invariant:** an agent can touch only its own topics. Its
 //! identity is its certificate's CN; its CONNECT must carry that id; it may
@@ -8,74 +9,147 @@
 //! other packet closes the connection, with a log line and a counter.
 //!
 //! **Architecture invariant:** no connection can block another. Each accepted
-//! socket gets its own task; the TLS handshake and the first packet each run
-//! under a timeout; the number of connections is capped.
+//! socket gets its own task; the TLS handshake and the CONNECT each run under
+//! a timeout, in a pending slot of their own budget ([`crate::admission`]),
+//! never in an agent's slot; each connection's messages and bytes are paced by
+//! token buckets; what waits to be written to a connection is bounded, and a
+//! peer that stops reading is closed, never waited for.
+//!
+//! One connection per identity: a new authenticated connection replaces the
+//! agent's older one (as MQTT's client-id takeover does). Whether the new one
+//! may then sync is the protocol's identity rule, in the engine.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use fieldsync_shared::tls::peer_agent_id;
-use fieldsync_shared::wire::{down_topic, up_topic};
+use fieldsync_shared::wire::{down_topic, up_topic, MAX_MESSAGE_BYTES};
 use fieldsync_shared::AgentId;
-use rumqttc::{ConnAck, ConnectReturnCode, Packet, QoS};
+use rumqttc::{
+    ConnAck, ConnectReturnCode, Packet, PubAck, Publish, QoS, SubAck, SubscribeReasonCode,
+    UnsubAck,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::{FRONT_DOOR_USER, MAX_PACKET_BYTES};
-use crate::engine::EngineEvent;
+use crate::admission::{Bucket, Pending, PendingRefusal, PendingSlot, Rate};
 use crate::metrics::Metrics;
+use crate::transport::{ConnId, InletSender, Outlet, SendError};
 
-/// Settings of the front door.
+/// Largest MQTT packet accepted once connected: one envelope plus the topic
+/// and headers.
+pub const MAX_PACKET_BYTES: usize = MAX_MESSAGE_BYTES + 1024;
+/// Most bytes queued for one connection: twice the protocol's in-flight
+/// window (8 MiB), so only a peer that stops reading reaches it.
+pub const OUTBOUND_QUEUE_BYTES: usize = 16 << 20;
+/// Most bytes gathered into one write to the socket.
+const WRITE_CHUNK: usize = 256 << 10;
+/// A read buffer that grew past this for a large packet is given back once
+/// empty, so an idle connection holds little memory.
+const IDLE_READ_BUFFER: usize = 16 << 10;
+/// Control packets (acks, pings) one connection may have queued for writing.
+const CONTROL_QUEUE: usize = 64;
+
+/// Settings of the front door (`[mqtt]` in the hub config).
 #[derive(Clone)]
 pub struct FrontDoorSettings {
     pub tls: Arc<rustls::ServerConfig>,
+    /// Authenticated agents at most.
     pub max_connections: usize,
+    /// Connections still in TLS or CONNECT at most, and per source IP.
+    pub max_pending: usize,
+    pub max_pending_per_ip: usize,
+    /// Largest packet accepted before CONNECT is done (the CONNECT itself).
+    pub max_connect_bytes: usize,
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
-    /// The internal broker and the secret it expects.
-    pub broker_addr: SocketAddr,
-    pub broker_secret: String,
+    /// Each connection's budget of messages and of bytes.
+    pub messages: Rate,
+    pub bytes: Rate,
 }
 
-/// Which agents are connected right now (agent id → connection number).
+impl FrontDoorSettings {
+    /// The settings `[mqtt]` configures.
+    pub fn new(tls: Arc<rustls::ServerConfig>, mqtt: &crate::config::MqttConfig) -> Self {
+        Self {
+            tls,
+            max_connections: mqtt.max_connections,
+            max_pending: mqtt.max_pending,
+            max_pending_per_ip: mqtt.max_pending_per_ip,
+            max_connect_bytes: mqtt.max_connect_bytes,
+            handshake_timeout: mqtt.handshake_timeout,
+            connect_timeout: mqtt.connect_timeout,
+            messages: mqtt.messages,
+            bytes: mqtt.bytes,
+        }
+    }
+}
+
+/// Which agents are connected right now.
 #[derive(Debug, Default)]
 pub struct Connections {
-    live: Mutex<HashMap<AgentId, u64>>,
+    live: Mutex<Live>,
+}
+
+#[derive(Debug, Default)]
+struct Live {
+    by_agent: HashMap<AgentId, (ConnId, CancellationToken)>,
+    /// Numbers connections in the order they became their agent's current
+    /// one, so a larger number is always the newer connection.
+    next: ConnId,
 }
 
 impl Connections {
     pub fn is_connected(&self, agent: &AgentId) -> bool {
         self.live
             .lock()
-            .map(|m| m.contains_key(agent))
+            .map(|m| m.by_agent.contains_key(agent))
             .unwrap_or(false)
     }
 
     pub fn count(&self) -> usize {
-        self.live.lock().map(|m| m.len()).unwrap_or(0)
+        self.live.lock().map(|m| m.by_agent.len()).unwrap_or(0)
     }
 
-    fn insert(&self, agent: &AgentId, conn: u64) {
-        if let Ok(mut m) = self.live.lock() {
-            m.insert(agent.clone(), conn);
+    /// Makes a new connection the agent's current one and numbers it; closes
+    /// the one it replaces (and says so).
+    fn insert(&self, agent: &AgentId, cancel: CancellationToken) -> (ConnId, bool) {
+        let mut m = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        m.next += 1;
+        let conn = m.next;
+        match m.by_agent.insert(agent.clone(), (conn, cancel)) {
+            Some((_, older)) => {
+                older.cancel();
+                (conn, true)
+            }
+            None => (conn, false),
         }
     }
 
     /// Removes the entry only if it is still this connection's.
-    fn remove(&self, agent: &AgentId, conn: u64) {
+    fn remove(&self, agent: &AgentId, conn: ConnId) {
         if let Ok(mut m) = self.live.lock() {
-            if m.get(agent) == Some(&conn) {
-                m.remove(agent);
+            if m.by_agent.get(agent).is_some_and(|(c, _)| *c == conn) {
+                m.by_agent.remove(agent);
             }
         }
+    }
+
+    /// Whether `conn` is still the agent's connection.
+    fn is_current(&self, agent: &AgentId, conn: ConnId) -> bool {
+        self.live
+            .lock()
+            .map(|m| m.by_agent.get(agent).is_some_and(|(c, _)| *c == conn))
+            .unwrap_or(false)
     }
 }
 
@@ -96,12 +170,20 @@ enum Refusal {
     ClientId { client_id: String },
     #[error("CONNECT with a last will is not allowed")]
     Will,
+    #[error("the hub is at mqtt.max_connections")]
+    Full,
     #[error("{0}")]
     Acl(String),
     #[error("malformed packet: {0}")]
     Malformed(rumqttc::Error),
-    #[error("internal broker: {0}")]
-    Broker(std::io::Error),
+    #[error("no packet within 1.5 keep-alive periods")]
+    KeepAlive,
+    #[error("the agent does not read what the hub sends")]
+    SlowReader,
+    #[error("replaced by a newer connection of the same agent")]
+    Replaced,
+    #[error("the hub is stopping")]
+    Stopping,
     #[error("connection: {0}")]
     Io(std::io::Error),
 }
@@ -111,14 +193,14 @@ pub async fn run(
     listener: TcpListener,
     settings: FrontDoorSettings,
     connections: Arc<Connections>,
-    events: mpsc::UnboundedSender<EngineEvent>,
+    inlet: InletSender,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
     let acceptor = TlsAcceptor::from(settings.tls.clone());
     let slots = Arc::new(Semaphore::new(settings.max_connections));
-    let next_conn = AtomicU64::new(1);
+    let pending = Pending::new(settings.max_pending, settings.max_pending_per_ip);
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -134,29 +216,34 @@ pub async fn run(
             }
         };
         Metrics::inc(&metrics.connections_accepted);
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            Metrics::inc(&metrics.connections_over_limit);
-            tracing::warn!(%peer, limit = settings.max_connections, "connection limit reached; closing");
-            continue;
+        // Before any TLS work: a refused socket costs an accept and a close.
+        let pending_slot = match pending.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                let (counter, what) = match why {
+                    PendingRefusal::Total => {
+                        (&metrics.pending_over_limit, "mqtt.max_pending_connections")
+                    }
+                    PendingRefusal::PerIp => {
+                        (&metrics.pending_over_ip_limit, "mqtt.max_pending_per_ip")
+                    }
+                };
+                Metrics::inc(counter);
+                tracing::debug!(%peer, limit = what, "too many connections not yet authenticated; closing");
+                continue;
+            }
         };
-        let conn = next_conn.fetch_add(1, Ordering::Relaxed);
         let job = Connection {
             settings: settings.clone(),
             acceptor: acceptor.clone(),
             connections: connections.clone(),
-            events: events.clone(),
+            slots: slots.clone(),
+            inlet: inlet.clone(),
             metrics: metrics.clone(),
             peer,
-            conn,
+            cancel: shutdown.child_token(),
         };
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            let _slot = slot;
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = job.serve(tcp) => {}
-            }
-        });
+        tasks.spawn(job.serve(tcp, pending_slot));
     }
 }
 
@@ -164,16 +251,36 @@ struct Connection {
     settings: FrontDoorSettings,
     acceptor: TlsAcceptor,
     connections: Arc<Connections>,
-    events: mpsc::UnboundedSender<EngineEvent>,
+    slots: Arc<Semaphore>,
+    inlet: InletSender,
     metrics: Arc<Metrics>,
     peer: SocketAddr,
-    conn: u64,
+    /// Closes this connection: the hub stopping, a newer connection of the
+    /// same agent, or the engine (via the outlet).
+    cancel: CancellationToken,
+}
+
+type Tls = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// What CONNECT left for the session.
+struct Admitted {
+    agent: AgentId,
+    tls: Tls,
+    keep_alive: Duration,
+    /// Bytes the client pipelined after its CONNECT.
+    rest: BytesMut,
+    _slot: OwnedSemaphorePermit,
 }
 
 impl Connection {
-    async fn serve(self, tcp: TcpStream) {
+    async fn serve(self, tcp: TcpStream, pending: PendingSlot) {
         let _ = tcp.set_nodelay(true);
-        let (agent, tls, first) = match self.admit(tcp).await {
+        let admitted = tokio::select! {
+            a = self.admit(tcp) => a,
+            _ = self.cancel.cancelled() => Err(Refusal::Stopping),
+        };
+        drop(pending);
+        let admitted = match admitted {
             Ok(admitted) => admitted,
             Err(refusal) => {
                 self.count(&refusal);
@@ -181,26 +288,25 @@ impl Connection {
                 return;
             }
         };
+        let agent = admitted.agent.clone();
         Metrics::inc(&self.metrics.sessions_established);
-        self.connections.insert(&agent, self.conn);
-        let _ = self.events.send(EngineEvent::Connected {
-            agent: agent.clone(),
-            conn: self.conn,
-        });
+        let (conn, replaced) = self.connections.insert(&agent, self.cancel.clone());
+        if replaced {
+            Metrics::inc(&self.metrics.connections_replaced);
+            tracing::info!(%agent, "a new connection replaces the agent's older one");
+        }
         tracing::info!(peer = %self.peer, %agent, "agent connected");
-        let result = self.relay(&agent, tls, first).await;
-        self.connections.remove(&agent, self.conn);
-        let _ = self.events.send(EngineEvent::Disconnected {
-            agent: agent.clone(),
-            conn: self.conn,
-        });
+        let result = self.session(admitted, conn).await;
+        self.connections.remove(&agent, conn);
+        let replaced = matches!(result, Err(Refusal::Replaced));
+        let _ = self.inlet.disconnected(agent.clone(), conn, replaced).await;
         match result {
             Ok(()) => tracing::info!(%agent, "agent disconnected"),
             // The network went away (a reset, an end of stream without TLS
             // close_notify: a power cut looks like this); not misbehaviour.
-            Err(refusal @ Refusal::Io(_)) => {
+            Err(refusal @ (Refusal::Io(_) | Refusal::Replaced | Refusal::Stopping)) => {
                 self.count(&refusal);
-                tracing::info!(%agent, reason = %refusal, "agent connection lost");
+                tracing::info!(%agent, reason = %refusal, "agent connection ended");
             }
             Err(refusal) => {
                 self.count(&refusal);
@@ -218,25 +324,18 @@ impl Connection {
             | Refusal::NotConnect
             | Refusal::ClientId { .. }
             | Refusal::Will => &m.connect_refused,
+            Refusal::Full => &m.connections_over_limit,
             Refusal::Acl(_) => &m.acl_violations,
             Refusal::Malformed(_) => &m.malformed_packets,
-            Refusal::Broker(_) | Refusal::Io(_) => return,
+            Refusal::KeepAlive => &m.keep_alive_timeouts,
+            Refusal::SlowReader => &m.slow_readers_closed,
+            Refusal::Replaced | Refusal::Stopping | Refusal::Io(_) => return,
         };
         Metrics::inc(counter);
     }
 
-    /// TLS handshake, identity, and a valid CONNECT rewritten for the broker.
-    async fn admit(
-        &self,
-        tcp: TcpStream,
-    ) -> Result<
-        (
-            AgentId,
-            tokio_rustls::server::TlsStream<TcpStream>,
-            BytesMut,
-        ),
-        Refusal,
-    > {
+    /// TLS handshake, identity, a valid CONNECT and an agent slot.
+    async fn admit(&self, tcp: TcpStream) -> Result<Admitted, Refusal> {
         let mut tls =
             tokio::time::timeout(self.settings.handshake_timeout, self.acceptor.accept(tcp))
                 .await
@@ -250,101 +349,329 @@ impl Connection {
                 .ok_or_else(|| Refusal::Identity("no client certificate".into()))?;
             peer_agent_id(cert).map_err(|e| Refusal::Identity(e.to_string()))?
         };
-        let mut buf = BytesMut::with_capacity(4096);
+        let mut buf = BytesMut::with_capacity(512);
         let packet = tokio::time::timeout(
             self.settings.connect_timeout,
-            read_packet(&mut tls, &mut buf),
+            read_packet(&mut tls, &mut buf, self.settings.max_connect_bytes),
         )
         .await
         .map_err(|_| Refusal::ConnectTimeout)??
         .ok_or(Refusal::NotConnect)?;
-        let Packet::Connect(mut connect) = packet else {
+        let Packet::Connect(connect) = packet else {
             return Err(Refusal::NotConnect);
         };
+        let refuse = |code| Packet::ConnAck(ConnAck::new(code, false));
         if connect.client_id != agent.as_str() {
-            let _ = write_packet(
-                &mut tls,
-                Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadClientId, false)),
-            )
-            .await;
+            let _ = write_packet(&mut tls, refuse(ConnectReturnCode::BadClientId)).await;
             return Err(Refusal::ClientId {
                 client_id: connect.client_id,
             });
         }
         if connect.last_will.is_some() {
-            let _ = write_packet(
-                &mut tls,
-                Packet::ConnAck(ConnAck::new(ConnectReturnCode::NotAuthorized, false)),
-            )
-            .await;
+            let _ = write_packet(&mut tls, refuse(ConnectReturnCode::NotAuthorized)).await;
             return Err(Refusal::Will);
         }
-        connect.set_login(FRONT_DOOR_USER, &self.settings.broker_secret);
-        let mut first = BytesMut::new();
-        Packet::Connect(connect)
-            .write(&mut first, MAX_PACKET_BYTES)
-            .map_err(Refusal::Malformed)?;
-        // Whatever the client pipelined after CONNECT is checked by the relay.
-        first.extend_from_slice(&buf);
-        Ok((agent, tls, first))
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            let _ = write_packet(&mut tls, refuse(ConnectReturnCode::ServiceUnavailable)).await;
+            return Err(Refusal::Full);
+        };
+        Ok(Admitted {
+            agent,
+            tls,
+            keep_alive: Duration::from_secs(u64::from(connect.keep_alive)),
+            rest: buf,
+            _slot: slot,
+        })
     }
 
-    /// Pumps packets both ways until either side closes; checks every packet
-    /// from the client. `first` holds the rewritten CONNECT and any bytes the
-    /// client sent after it.
-    async fn relay(
-        &self,
-        agent: &AgentId,
-        client: tokio_rustls::server::TlsStream<TcpStream>,
-        mut first: BytesMut,
-    ) -> Result<(), Refusal> {
-        let broker = TcpStream::connect(self.settings.broker_addr)
+    /// The connected session: announce it to the engine, CONNACK, then serve
+    /// packets both ways until either side closes.
+    async fn session(&self, admitted: Admitted, conn: ConnId) -> Result<(), Refusal> {
+        let Admitted {
+            agent,
+            tls,
+            keep_alive,
+            rest,
+            _slot,
+        } = admitted;
+        let (data_tx, data_rx) = mpsc::unbounded_channel();
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let outlet = Arc::new(ConnOutlet {
+            tx: data_tx,
+            queued: Arc::new(AtomicUsize::new(0)),
+            cancel: self.cancel.clone(),
+            slow: Arc::new(AtomicU8::new(0)),
+        });
+        // Announced before anything it sends, in one ordered stream; a
+        // connection already replaced while it got here is not announced.
+        if !self.connections.is_current(&agent, conn) {
+            return Err(Refusal::Replaced);
+        }
+        self.inlet
+            .connected(agent.clone(), conn, outlet.clone())
             .await
-            .map_err(Refusal::Broker)?;
-        let _ = broker.set_nodelay(true);
-        let (mut broker_rd, mut broker_wr) = broker.into_split();
-        let (mut client_rd, mut client_wr) = tokio::io::split(client);
-        let connect = first.split_to(connect_len(&first)?);
-        broker_wr
-            .write_all(&connect)
-            .await
-            .map_err(Refusal::Broker)?;
-        let mut pending = first;
-        let up = up_topic(agent);
-        let down = down_topic(agent);
-        let inbound = async {
-            loop {
-                let Some(packet) = read_packet(&mut client_rd, &mut pending).await? else {
-                    return Ok(());
-                };
-                check_packet(&packet, &up, &down)?;
-                let disconnect = matches!(packet, Packet::Disconnect);
-                write_packet(&mut broker_wr, packet)
+            .map_err(|_| Refusal::Stopping)?;
+        let granted = Arc::new(AtomicU8::new(NOT_SUBSCRIBED));
+        let (rd, wr) = tokio::io::split(tls);
+        let writer = Writer {
+            agent: &agent,
+            topic: down_topic(&agent),
+            granted: &granted,
+            queued: &outlet.queued,
+            metrics: &self.metrics,
+        };
+        let reader = Reader {
+            conn: self,
+            id: conn,
+            agent: &agent,
+            up: up_topic(&agent),
+            down: down_topic(&agent),
+            granted: &granted,
+            control: control_tx,
+            keep_alive,
+        };
+        control_send(
+            &reader.control,
+            Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
+        )
+        .await?;
+        let result = tokio::select! {
+            r = reader.run(rd, rest) => r,
+            r = writer.run(wr, control_rx, data_rx) => r,
+            _ = self.cancel.cancelled() => Err(
+                if outlet.slow.load(Ordering::Relaxed) != 0 {
+                    Refusal::SlowReader
+                } else if self.connections.is_current(&agent, conn) {
+                    Refusal::Stopping
+                } else {
+                    Refusal::Replaced
+                },
+            ),
+        };
+        result
+    }
+}
+
+const NOT_SUBSCRIBED: u8 = u8::MAX;
+
+async fn control_send(control: &mpsc::Sender<Packet>, packet: Packet) -> Result<(), Refusal> {
+    control
+        .send(packet)
+        .await
+        .map_err(|_| Refusal::Io(std::io::ErrorKind::BrokenPipe.into()))
+}
+
+/// Reads and checks every packet from the agent.
+struct Reader<'a> {
+    conn: &'a Connection,
+    id: ConnId,
+    agent: &'a AgentId,
+    up: String,
+    down: String,
+    granted: &'a AtomicU8,
+    control: mpsc::Sender<Packet>,
+    keep_alive: Duration,
+}
+
+impl Reader<'_> {
+    async fn run<R: AsyncRead + Unpin>(self, mut rd: R, mut buf: BytesMut) -> Result<(), Refusal> {
+        let settings = &self.conn.settings;
+        let metrics = &self.conn.metrics;
+        let now = Instant::now();
+        let mut messages = Bucket::new(settings.messages, now);
+        let mut bytes = Bucket::new(settings.bytes, now);
+        // MQTT 3.1.1 §3.1.2.10: one and a half keep-alive periods.
+        let idle_limit = (!self.keep_alive.is_zero()).then(|| self.keep_alive * 3 / 2);
+        loop {
+            let next = read_packet(&mut rd, &mut buf, MAX_PACKET_BYTES);
+            let packet = match idle_limit {
+                Some(limit) => tokio::time::timeout(limit, next)
                     .await
-                    .map_err(Refusal::Broker)?;
-                if disconnect {
-                    return Ok(());
-                }
+                    .map_err(|_| Refusal::KeepAlive)??,
+                None => next.await?,
+            };
+            let Some(packet) = packet else {
+                return Ok(());
+            };
+            if buf.is_empty() && buf.capacity() > IDLE_READ_BUFFER {
+                buf = BytesMut::with_capacity(IDLE_READ_BUFFER);
             }
-        };
-        let outbound = async {
-            tokio::io::copy(&mut broker_rd, &mut client_wr)
-                .await
-                .map_err(Refusal::Io)?;
-            client_wr.shutdown().await.map_err(Refusal::Io)
-        };
-        tokio::select! {
-            r = inbound => r,
-            r = outbound => r,
+            check_packet(&packet, &self.up, &self.down)?;
+            match packet {
+                Packet::Publish(publish) => {
+                    let now = Instant::now();
+                    let wait = messages
+                        .take(1.0, now)
+                        .max(bytes.take(publish.payload.len() as f64, now));
+                    if !wait.is_zero() {
+                        Metrics::inc(&metrics.messages_throttled);
+                        tokio::time::sleep(wait).await;
+                    }
+                    let pkid = publish.pkid;
+                    let qos = publish.qos;
+                    self.conn
+                        .inlet
+                        .message(self.agent.clone(), self.id, publish.payload)
+                        .await
+                        .map_err(|_| Refusal::Stopping)?;
+                    // The transport's ack: the engine holds the message. The
+                    // protocol's own ack follows its commit.
+                    if qos == QoS::AtLeastOnce {
+                        control_send(&self.control, Packet::PubAck(PubAck::new(pkid))).await?;
+                    }
+                }
+                Packet::Subscribe(subscribe) => {
+                    let qos = subscribe
+                        .filters
+                        .iter()
+                        .map(|f| f.qos)
+                        .max_by_key(|q| *q as u8)
+                        .unwrap_or(QoS::AtMostOnce);
+                    let qos = if qos == QoS::AtMostOnce {
+                        QoS::AtMostOnce
+                    } else {
+                        QoS::AtLeastOnce
+                    };
+                    self.granted.store(qos as u8, Ordering::Relaxed);
+                    let codes = subscribe
+                        .filters
+                        .iter()
+                        .map(|_| SubscribeReasonCode::Success(qos))
+                        .collect();
+                    control_send(
+                        &self.control,
+                        Packet::SubAck(SubAck::new(subscribe.pkid, codes)),
+                    )
+                    .await?;
+                }
+                Packet::Unsubscribe(unsubscribe) => {
+                    self.granted.store(NOT_SUBSCRIBED, Ordering::Relaxed);
+                    control_send(
+                        &self.control,
+                        Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)),
+                    )
+                    .await?;
+                }
+                Packet::PingReq => control_send(&self.control, Packet::PingResp).await?,
+                Packet::Disconnect => return Ok(()),
+                // Acks of the hub's QoS 1 publishes: the protocol's own acks
+                // are what count, so nothing waits on these.
+                _ => {}
+            }
         }
     }
 }
 
-/// The length of the first (CONNECT) frame in `buf`.
-fn connect_len(buf: &BytesMut) -> Result<usize, Refusal> {
-    rumqttc::mqttbytes::check(buf.iter(), MAX_PACKET_BYTES)
-        .map(|h| h.frame_length())
+/// Writes control packets and the engine's messages to the agent, gathering
+/// what is queued into few TLS writes.
+struct Writer<'a> {
+    agent: &'a AgentId,
+    topic: String,
+    granted: &'a AtomicU8,
+    queued: &'a AtomicUsize,
+    metrics: &'a Metrics,
+}
+
+impl Writer<'_> {
+    async fn run<W: AsyncWrite + Unpin>(
+        self,
+        mut wr: W,
+        mut control: mpsc::Receiver<Packet>,
+        mut data: mpsc::UnboundedReceiver<Bytes>,
+    ) -> Result<(), Refusal> {
+        let mut out = BytesMut::with_capacity(4096);
+        let mut pkid: u16 = 0;
+        let mut data_open = true;
+        loop {
+            tokio::select! {
+                biased;
+                p = control.recv() => match p {
+                    Some(p) => encode(&mut out, p)?,
+                    None => return Ok(()),
+                },
+                m = data.recv(), if data_open => match m {
+                    Some(m) => self.publish(&mut out, &mut pkid, m)?,
+                    None => data_open = false,
+                },
+            }
+            while out.len() < WRITE_CHUNK {
+                if let Ok(p) = control.try_recv() {
+                    encode(&mut out, p)?;
+                } else if let Ok(m) = data.try_recv() {
+                    self.publish(&mut out, &mut pkid, m)?;
+                } else {
+                    break;
+                }
+            }
+            wr.write_all(&out).await.map_err(Refusal::Io)?;
+            wr.flush().await.map_err(Refusal::Io)?;
+            out.clear();
+            if out.capacity() > WRITE_CHUNK * 2 {
+                out = BytesMut::with_capacity(4096);
+            }
+        }
+    }
+
+    fn publish(&self, out: &mut BytesMut, pkid: &mut u16, payload: Bytes) -> Result<(), Refusal> {
+        self.queued.fetch_sub(payload.len(), Ordering::Relaxed);
+        let qos = match self.granted.load(Ordering::Relaxed) {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            _ => {
+                // MQTT delivers nothing without a matching subscription; the
+                // protocol resends once the agent subscribes and asks again.
+                Metrics::inc(&self.metrics.downstream_unsubscribed);
+                tracing::debug!(agent = %self.agent, "dropped a downstream message: not subscribed");
+                return Ok(());
+            }
+        };
+        let mut publish = Publish::from_bytes(&self.topic, qos, payload);
+        if qos == QoS::AtLeastOnce {
+            *pkid = pkid.checked_add(1).unwrap_or(1);
+            publish.pkid = *pkid;
+        }
+        encode(out, Packet::Publish(publish))
+    }
+}
+
+fn encode(out: &mut BytesMut, packet: Packet) -> Result<(), Refusal> {
+    packet
+        .write(out, MAX_PACKET_BYTES)
+        .map(|_| ())
         .map_err(Refusal::Malformed)
+}
+
+/// The engine's handle on one front-door connection.
+#[derive(Debug)]
+struct ConnOutlet {
+    tx: mpsc::UnboundedSender<Bytes>,
+    /// Bytes queued and not yet taken by the writer.
+    queued: Arc<AtomicUsize>,
+    cancel: CancellationToken,
+    /// Set when the queue overflowed (the close is the peer's fault).
+    slow: Arc<AtomicU8>,
+}
+
+impl Outlet for ConnOutlet {
+    fn send(&self, payload: Bytes) -> Result<(), SendError> {
+        if self.cancel.is_cancelled() {
+            return Err(SendError::Closed);
+        }
+        let len = payload.len();
+        if self.queued.load(Ordering::Relaxed) + len > OUTBOUND_QUEUE_BYTES {
+            self.slow.store(1, Ordering::Relaxed);
+            return Err(SendError::Full);
+        }
+        self.queued.fetch_add(len, Ordering::Relaxed);
+        self.tx.send(payload).map_err(|_| {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            SendError::Closed
+        })
+    }
+
+    fn close(&self) {
+        self.cancel.cancel();
+    }
 }
 
 /// The topic ACL and protocol rules for packets from an agent.
@@ -395,13 +722,15 @@ fn packet_name(p: &Packet) -> &'static str {
     }
 }
 
-/// Reads one MQTT packet; `None` on a clean end of stream between packets.
+/// Reads one MQTT packet of at most `max` bytes; `None` on a clean end of
+/// stream between packets.
 async fn read_packet<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
+    max: usize,
 ) -> Result<Option<Packet>, Refusal> {
     loop {
-        match Packet::read(buf, MAX_PACKET_BYTES) {
+        match Packet::read(buf, max) {
             Ok(packet) => return Ok(Some(packet)),
             Err(rumqttc::Error::InsufficientBytes(_)) => {}
             Err(e) => return Err(Refusal::Malformed(e)),
@@ -421,7 +750,8 @@ async fn write_packet<W: AsyncWrite + Unpin>(wr: &mut W, packet: Packet) -> std:
     packet
         .write(&mut out, MAX_PACKET_BYTES)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
-    wr.write_all(&out).await
+    wr.write_all(&out).await?;
+    wr.flush().await
 }
 
 #[cfg(test)]

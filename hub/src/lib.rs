@@ -1,19 +1,21 @@
 //! fieldsync-hub: the cloud side of Fieldsync. Agents connect over mutually
-//! authenticated TLS MQTT to the hub's own front door, which checks identities
-//! and topics before handing packets to an embedded rumqttd used as an internal
-//! router. The sync engine applies what agents send (policy-checked, durable,
-//! then acknowledged) and feeds each agent its durable downstream queue. The
-//! operator API reads fleet data and queues writes down to agents. [`run`]
-//! starts it all; the `fieldsync-hub` binary is a thin CLI around this library.
+//! authenticated TLS MQTT to the hub's own front door, which checks identities,
+//! topics and budgets and hands agent traffic to the sync engine in-process
+//! through the transport seam. The sync engine applies what agents send
+//! (policy-checked, durable, then acknowledged) and feeds each agent its
+//! durable downstream queue. The operator API reads fleet data and queues
+//! writes down to agents. [`run`] starts it all; the `fieldsync-hub` binary is
+//! a thin CLI around this library.
 
+pub mod admission;
 pub mod api;
-pub mod broker;
 pub mod config;
 pub mod engine;
 pub mod front_door;
 pub mod metrics;
 pub mod pki;
 pub mod store;
+pub mod transport;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -29,7 +31,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::BrokerError;
 use crate::config::HubConfig;
 use crate::engine::{Engine, EngineError};
 use crate::front_door::{Connections, FrontDoorSettings};
@@ -46,8 +47,6 @@ pub enum RunError {
     Store(#[from] StoreError),
     #[error("mqtt TLS (mqtt.ca / mqtt.cert / mqtt.key): {0}")]
     Tls(#[from] TlsError),
-    #[error(transparent)]
-    Broker(#[from] BrokerError),
     #[error("cannot listen on {addr} ({key}): {source}")]
     Listen {
         key: &'static str,
@@ -100,7 +99,6 @@ pub async fn serve(
 ) -> Result<(), RunError> {
     let store = Arc::new(RedbHubStore::open(&config.data_dir)?);
     let tls = server_config(&config.mqtt.ca, &config.mqtt.cert, &config.mqtt.key)?;
-    let (broker, link) = broker::start(config.mqtt.max_connections).await?;
     let hlc = Arc::new(Mutex::new(Hlc::restore(
         store.hlc_last()?,
         DEFAULT_MAX_DRIFT_MS,
@@ -109,6 +107,7 @@ pub async fn serve(
     let metrics = Arc::new(Metrics::default());
     let connections = Arc::new(Connections::default());
     let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let (inlet_tx, inlet) = transport::inlet(transport::INLET_EVENTS, transport::INLET_BYTES);
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
 
@@ -122,21 +121,14 @@ pub async fn serve(
         incarnation: store.incarnation()?,
         origin: origin.clone(),
     };
-    let engine_task = tasks.spawn(engine.run(link, events_rx, cancel.clone()));
+    let engine_task = tasks.spawn(engine.run(inlet, events_rx, cancel.clone()));
 
     let mqtt_addr = listeners.mqtt.local_addr().map_err(RunError::Serve)?;
     tasks.spawn(front_door::run(
         listeners.mqtt,
-        FrontDoorSettings {
-            tls,
-            max_connections: config.mqtt.max_connections,
-            handshake_timeout: config.mqtt.handshake_timeout,
-            connect_timeout: config.mqtt.connect_timeout,
-            broker_addr: broker.addr,
-            broker_secret: broker.secret.clone(),
-        },
+        FrontDoorSettings::new(tls, &config.mqtt),
         connections.clone(),
-        events_tx.clone(),
+        inlet_tx,
         metrics.clone(),
         cancel.clone(),
         tasks.clone(),

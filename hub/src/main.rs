@@ -112,13 +112,13 @@ fn run(config: &Path) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let config = HubConfig::load(config)?;
-    raise_open_files_limit(config.mqtt.max_connections);
+    raise_open_files_limit(&config.mqtt);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -126,12 +126,12 @@ fn run(config: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Each agent connection holds about three descriptors (its socket and both
-/// ends of the loopback hop to the broker), so a shell's soft limit of 1,024
-/// would cap the hub near 340 agents: take the whole hard limit, and warn if
-/// even that is short of `mqtt.max_connections`.
-fn raise_open_files_limit(max_connections: usize) {
-    let needed = 3 * max_connections as u64 + 512;
+/// Each connection holds one descriptor (its socket), and connections not yet
+/// authenticated have a budget of their own, so a shell's soft limit of 1,024
+/// would cap the hub near 1,000 agents: take the whole hard limit, and warn if
+/// even that is short of what the `[mqtt]` budgets need.
+fn raise_open_files_limit(mqtt: &fieldsync_hub::config::MqttConfig) {
+    let needed = (mqtt.max_connections + mqtt.max_pending) as u64 + 512;
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) if limit < needed => tracing::warn!(
             limit,

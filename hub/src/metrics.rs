@@ -32,8 +32,30 @@ macro_rules! counters {
 counters!(
     /// TCP connections accepted by the front door.
     connections_accepted,
-    /// Connections dropped because the connection cap was reached.
+    /// Authenticated connections refused because `mqtt.max_connections` agents
+    /// were connected.
     connections_over_limit,
+    /// Connections closed at accept because `mqtt.max_pending_connections`
+    /// connections were still in TLS or CONNECT.
+    pending_over_limit,
+    /// Connections closed at accept because their source IP held
+    /// `mqtt.max_pending_per_ip` connections still in TLS or CONNECT.
+    pending_over_ip_limit,
+    /// Connections closed because a newer connection of the same agent took over.
+    connections_replaced,
+    /// Connections closed because no packet came within 1.5 keep-alive periods.
+    keep_alive_timeouts,
+    /// Connections closed because the agent did not read what the hub sent
+    /// (its outbound queue reached its bound; the protocol resends).
+    slow_readers_closed,
+    /// Times a connection's reading paused because it was over its message or
+    /// byte rate (`mqtt.rate_*`).
+    messages_throttled,
+    /// Hellos dropped because the agent said hello too often.
+    hellos_throttled,
+    /// Downstream messages not delivered because the connection was not
+    /// subscribed to its down topic (the protocol resends).
+    downstream_unsubscribed,
     /// TLS handshakes that failed or timed out (no or bad client certificate included).
     tls_handshake_failures,
     /// Client certificates whose CN is not a valid agent id.
