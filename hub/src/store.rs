@@ -21,6 +21,9 @@ use fieldsync_shared::{
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+#[doc(hidden)]
+pub mod conformance;
+
 /// The on-disk schema this build writes. A version-1 store is migrated at
 /// open: it gets an incarnation, and its agent rows (which follow no agent
 /// incarnation yet) make every agent resync once.
@@ -114,39 +117,64 @@ pub struct HelloNote {
     pub conflict: bool,
 }
 
+/// A storage engine's own error, boxed so that no backend's types reach the
+/// callers of [`HubStore`].
+pub type BackendError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a [`HubStore`] operation failed, whatever the backend. `store` names
+/// where the store is (a file, or a database's host and name), never a
+/// credential; no message carries a field value.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
+    /// The embedded store's folder (`[hub] data_dir`) cannot be created.
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot open store {path}: {source}")]
-    Open {
-        path: PathBuf,
-        source: redb::DatabaseError,
+    /// The store cannot be opened or created.
+    #[error("cannot open store {store}: {source}")]
+    Open { store: String, source: BackendError },
+    /// Another process holds the store.
+    #[error("store {store} is in use by another process (is another fieldsync-hub running on the same store?)")]
+    InUse { store: String },
+    /// The store has a schema this build cannot read.
+    #[error("store {store} has schema version {found}; this build reads version {supported}")]
+    SchemaVersion {
+        store: String,
+        found: u64,
+        supported: u64,
     },
-    #[error("store {path} is in use by another process (is another fieldsync-hub running with this data_dir?)")]
-    InUse { path: PathBuf },
-    #[error("store {path} has schema version {found}; this build reads version {SCHEMA_VERSION}")]
-    SchemaVersion { path: PathBuf, found: u64 },
-    #[error("storage: {0}")]
-    Storage(#[from] redb::Error),
+    /// A networked store cannot be reached (refused, timed out, failing
+    /// over); retrying later may succeed. The operation may or may not have
+    /// taken effect (a commit whose answer was lost): callers treat it as
+    /// failed and acknowledge nothing, which is safe because a repeated
+    /// write merges to the same state. For the PostgreSQL store; the
+    /// embedded store has no network and never returns it.
+    #[error("store unavailable: {0}")]
+    Unavailable(BackendError),
+    /// The storage engine failed.
+    #[error("storage failed: {0}")]
+    Backend(BackendError),
+    /// Stored bytes do not decode.
     #[error("stored data is corrupt: {0}")]
     Corrupt(#[from] CodecError),
 }
 
+/// The redb backend's errors become [`StoreError::Backend`] (its open errors
+/// are mapped in [`RedbHubStore::open`]).
 macro_rules! from_redb {
     ($($t:ty),*) => {$(
         impl From<$t> for StoreError {
             fn from(e: $t) -> Self {
-                StoreError::Storage(e.into())
+                StoreError::Backend(Box::new(e))
             }
         }
     )*};
 }
 from_redb!(
+    redb::Error,
     redb::TransactionError,
     redb::TableError,
     redb::StorageError,
@@ -168,11 +196,13 @@ pub struct Upstream {
 }
 
 /// The hub's durable state. Every method is one transaction; implementations
-/// must be safe to call from several threads.
+/// must be safe to call from several threads. Orders are byte orders of the
+/// ids and keys (a SQL backend needs a binary collation). What a backend must
+/// do is tested once, over this trait, by the suite in `store::conformance`.
 pub trait HubStore: Send + Sync + 'static {
     /// The agent's cursors, if the hub has heard of it.
     fn agent(&self, agent: &AgentId) -> Result<Option<AgentRow>, StoreError>;
-    /// Every agent the hub has heard of, by id.
+    /// Every agent the hub has heard of, ordered by id.
     fn agents(&self) -> Result<Vec<(AgentId, AgentRow)>, StoreError>;
     /// This store's incarnation, drawn at creation.
     fn incarnation(&self) -> Result<Incarnation, StoreError>;
@@ -210,7 +240,9 @@ pub trait HubStore: Send + Sync + 'static {
         changes: &[Change],
         hlc_last: Stamp,
     ) -> Result<Seq, StoreError>;
-    /// Up to `limit` queued entries for `agent` from `from` on.
+    /// Up to `limit` queued entries for `agent` from `from` on, in order;
+    /// stops before the stored bytes pass `max_bytes` (one entry is always
+    /// taken).
     fn downstream(
         &self,
         agent: &AgentId,
@@ -227,8 +259,9 @@ pub trait HubStore: Send + Sync + 'static {
     /// entries again before anything is sent; nothing is applied twice.
     fn ack_downstream(&self, agent: &AgentId, mark: Mark, resync: bool) -> Result<(), StoreError>;
     /// Up to `limit` of the agent's records after `after` (from the first when
-    /// `None`), and where to continue if there may be more; stops before the
-    /// stored bytes pass `max_bytes` (one record is always taken).
+    /// `None`) in (collection, key) order, and where to continue if there may
+    /// be more; stops before the stored bytes pass `max_bytes` (one record is
+    /// always taken).
     fn records_after(
         &self,
         agent: &AgentId,
@@ -274,12 +307,12 @@ impl RedbHubStore {
             .set_cache_size(CACHE_BYTES)
             .create(&path)
             .map_err(|source| match source {
-                redb::DatabaseError::DatabaseAlreadyOpen => {
-                    StoreError::InUse { path: path.clone() }
-                }
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse {
+                    store: path.display().to_string(),
+                },
                 source => StoreError::Open {
-                    path: path.clone(),
-                    source,
+                    store: path.display().to_string(),
+                    source: Box::new(source),
                 },
             })?;
         let txn = db.begin_write()?;
@@ -293,7 +326,13 @@ impl RedbHubStore {
                     meta.insert(K_INCARNATION, rand::random::<u64>().max(1))?;
                 }
                 Some(SCHEMA_VERSION) => {}
-                Some(found) => return Err(StoreError::SchemaVersion { path, found }),
+                Some(found) => {
+                    return Err(StoreError::SchemaVersion {
+                        store: path.display().to_string(),
+                        found,
+                        supported: SCHEMA_VERSION,
+                    })
+                }
             }
             txn.open_table(AGENTS)?;
             txn.open_table(RECORDS)?;
