@@ -1,8 +1,8 @@
 //! The protocol limit: raw rumqttc QoS 1 publishes of the agent's exact payload
-//! bytes through the hub's own front door and embedded rumqttd, started in this
-//! process with the hub's settings but without a sync engine (nothing consumes
-//! or stores the messages), so the figures isolate TLS, the front door's packet
-//! filter and the broker. Also the publisher, the payloads and the round-trip
+//! bytes through the hub's own front door, started in this process with the
+//! hub's settings but without a sync engine (a consumer takes each message off
+//! the transport and drops it), so the figures isolate TLS and the front
+//! door's MQTT server. Also the publisher, the payloads and the round-trip
 //! probe that `mosquitto.rs` runs unchanged against the peer broker.
 
 use std::net::SocketAddr;
@@ -13,9 +13,11 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, ensure, Context};
 use bytes::Bytes;
 use fieldsync_e2e::fleet::{Pki, FLEET_POLICY};
-use fieldsync_hub::front_door::{Connections, FrontDoorSettings};
+use fieldsync_hub::admission::Rate;
+use fieldsync_hub::config::defaults;
+use fieldsync_hub::front_door::{self, Connections, FrontDoorSettings};
 use fieldsync_hub::metrics::{Metrics, MetricsSnapshot};
-use fieldsync_hub::{broker, front_door};
+use fieldsync_hub::transport::{self, Inbound, Outlet};
 use fieldsync_shared::hlc::{system_now_ms, DEFAULT_MAX_DRIFT_MS};
 use fieldsync_shared::wire::{down_topic, up_topic, Batch, Envelope, Message, MAX_MESSAGE_BYTES};
 use fieldsync_shared::{
@@ -27,7 +29,7 @@ use rumqttc::{
     Packet, QoS, SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -44,7 +46,7 @@ const MAX_PACKET_BYTES: usize = MAX_MESSAGE_BYTES + 1024;
 const INFLIGHT: u16 = 64;
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// The hub's defaults (hub/src/config.rs) for the in-process front door.
-const HUB_MAX_CONNECTIONS: usize = 10_000;
+const HUB_MAX_CONNECTIONS: usize = defaults::MAX_CONNECTIONS;
 const HUB_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HUB_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests queued in front of rumqttc's event loop (beyond the in-flight
@@ -470,19 +472,17 @@ pub(crate) async fn round_trips(target: &Target, payload: &Bytes) -> anyhow::Res
     Ok(rtt)
 }
 
-/// The engine's pattern, which the plain round trip cannot show: rumqttd
-/// answers a publish with a PubAck, then ~1 ms later (a commit) writes a
+/// The engine's pattern, which the plain round trip cannot show: the front
+/// door answers a publish with a PubAck, then ~1 ms later (a commit) writes a
 /// small downstream message on the same socket, with no client packet in
-/// between to carry the TCP ACK of the first write. rumqttd itself never sets
-/// TCP_NODELAY on the sockets it accepts; without the hub's fix (TCP_NODELAY
-/// on rumqttd's listener, inherited by accepted sockets: hub/src/broker.rs)
-/// Nagle holds the second write until the front door's delayed ACK, and this
-/// measured ~42 ms at p50 (~0.15 ms with it). Measures the downstream leg:
-/// from the publish on the engine's broker link to the client's receipt.
+/// between to carry the TCP ACK of the first write; without TCP_NODELAY,
+/// Nagle would hold the second write until the client's delayed ACK (~40 ms).
+/// Measures the downstream leg: from the engine's outlet to the client's
+/// receipt.
 async fn reply_round_trips(
     target: &Target,
     payload: &Bytes,
-    link: &mut broker::EngineLink,
+    outlet: &Latest,
 ) -> anyhow::Result<Rtt> {
     let mut conn = Conn::open(target, 1).await?;
     let (up, down) = (up_topic(&target.agent), down_topic(&target.agent));
@@ -508,9 +508,14 @@ async fn reply_round_trips(
             .await?;
         tokio::time::sleep(Duration::from_millis(1)).await;
         let t = Instant::now();
-        link.tx
-            .publish(down.clone(), payload.clone())
-            .map_err(|e| anyhow!("publish on the broker link: {e}"))?;
+        let current = outlet
+            .lock()
+            .map_err(|_| anyhow!("outlet lock poisoned"))?
+            .clone()
+            .context("no connection announced to the engine")?;
+        current
+            .send(payload.clone())
+            .map_err(|e| anyhow!("send on the connection's outlet: {e}"))?;
         conn.wait_for(
             |p| p.received.load(Ordering::Relaxed) >= published,
             |p| &p.deliveries,
@@ -534,7 +539,7 @@ pub(crate) struct Figures {
     pub(crate) batch_bytes: usize,
     pub(crate) batch_changes: usize,
     pub(crate) change_bytes: usize,
-    /// Connections made (each one a CONNECT through the broker).
+    /// Connections made (each one a CONNECT through the front door).
     pub(crate) connections: u64,
 }
 
@@ -601,42 +606,72 @@ pub(crate) async fn measure(target: &Target, plan: &Plan) -> anyhow::Result<Figu
     })
 }
 
-/// The hub's broker and front door in this process, without the engine.
-struct DoorAndBroker {
+/// The outlet of the newest connection the consumer saw.
+type Latest = Arc<std::sync::Mutex<Option<Arc<dyn Outlet>>>>;
+
+/// The hub's front door in this process, with a consumer in the engine's
+/// place.
+struct DoorOnly {
     addr: SocketAddr,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
     tasks: TaskTracker,
-    /// The engine's in-process link to the broker: never read, only used to
-    /// publish downstream replies as the engine does.
-    link: broker::EngineLink,
-    /// Held while the front door runs, as the engine holds it.
-    _events: mpsc::UnboundedReceiver<fieldsync_hub::engine::EngineEvent>,
+    /// What the engine would answer through.
+    outlet: Latest,
 }
 
-impl DoorAndBroker {
+impl DoorOnly {
     /// What `fieldsync_hub::serve` starts for MQTT, with the hub's defaults.
     async fn start(pki: &Pki) -> anyhow::Result<Self> {
         let tls = fieldsync_shared::tls::server_config(&pki.ca(), &pki.hub_cert(), &pki.hub_key())?;
-        let (broker, link) = broker::start(HUB_MAX_CONNECTIONS).await?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let metrics = Arc::new(Metrics::default());
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (inlet_tx, mut inlet) =
+            transport::inlet(transport::INLET_EVENTS, transport::INLET_BYTES);
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let outlet: Latest = Arc::default();
+        let latest = outlet.clone();
+        let consumer_cancel = cancel.clone();
+        tasks.spawn(async move {
+            loop {
+                let inbound = tokio::select! {
+                    _ = consumer_cancel.cancelled() => return,
+                    i = inlet.recv() => i,
+                };
+                match inbound {
+                    None => return,
+                    Some(Inbound::Connected { outlet, .. }) => {
+                        if let Ok(mut l) = latest.lock() {
+                            *l = Some(outlet);
+                        }
+                    }
+                    Some(_) => {}
+                }
+            }
+        });
         tasks.spawn(front_door::run(
             listener,
             FrontDoorSettings {
                 tls,
                 max_connections: HUB_MAX_CONNECTIONS,
+                max_pending: defaults::MAX_PENDING_CONNECTIONS,
+                max_pending_per_ip: defaults::MAX_PENDING_PER_IP,
+                max_connect_bytes: defaults::MAX_CONNECT_BYTES,
                 handshake_timeout: HUB_HANDSHAKE_TIMEOUT,
                 connect_timeout: HUB_CONNECT_TIMEOUT,
-                broker_addr: broker.addr,
-                broker_secret: broker.secret.clone(),
+                messages: Rate {
+                    per_s: defaults::RATE_MESSAGES,
+                    burst: defaults::BURST_MESSAGES,
+                },
+                bytes: Rate {
+                    per_s: defaults::RATE_BYTES,
+                    burst: defaults::BURST_BYTES,
+                },
             },
             Arc::new(Connections::default()),
-            events_tx,
+            inlet_tx,
             metrics.clone(),
             cancel.clone(),
             tasks.clone(),
@@ -646,13 +681,11 @@ impl DoorAndBroker {
             metrics,
             cancel,
             tasks,
-            link,
-            _events: events_rx,
+            outlet,
         })
     }
 
-    /// Stops the front door and its connections; rumqttd's thread cannot be
-    /// stopped and idles until the process exits.
+    /// Stops the front door, its connections and the consumer.
     async fn stop(self) -> anyhow::Result<MetricsSnapshot> {
         self.cancel.cancel();
         self.tasks.close();
@@ -663,17 +696,17 @@ impl DoorAndBroker {
     }
 }
 
-/// The raw publish baseline through the in-process front door and rumqttd.
+/// The raw publish baseline through the in-process front door.
 pub(crate) async fn baseline(plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let pki = Pki::create(&dir.path().join("pki"))?;
     pki.issue(AGENT)?;
-    let mut hub = DoorAndBroker::start(&pki).await?;
+    let hub = DoorOnly::start(&pki).await?;
     let target = Target::new(&pki, hub.addr)?;
     let measured = async {
         let figures = measure(&target, plan).await?;
         let change = Payloads::new(&target.agent)?.change;
-        let reply = reply_round_trips(&target, &change, &mut hub.link)
+        let reply = reply_round_trips(&target, &change, &hub.outlet)
             .await
             .context("downstream replies")?;
         anyhow::Ok((figures, reply))
@@ -691,9 +724,9 @@ pub(crate) async fn baseline(plan: &Plan, report: &mut Report) -> anyhow::Result
         refused == 0 && m.sessions_established == figures.connections + 1,
         "the front door refused something or missed a session: {m:?}"
     );
-    eprintln!("  {}", figures.describe("front door + rumqttd"));
+    eprintln!("  {}", figures.describe("front door"));
     eprintln!(
-        "  front door + rumqttd: downstream reply 1 ms after the PubAck {}",
+        "  front door: downstream reply 1 ms after the PubAck {}",
         reply.describe()
     );
     // The headline figure: one change per QoS1 message, the protocol limit for
