@@ -91,13 +91,25 @@ pub async fn run(
     serve(config, listeners, shutdown).await
 }
 
-/// Like [`run`], on listeners the caller bound.
+/// Like [`run`], on listeners the caller bound, with the redb store in
+/// `hub.data_dir`.
 pub async fn serve(
     config: HubConfig,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let store = Arc::new(RedbHubStore::open(&config.data_dir)?);
+    serve_with_store(config, listeners, store, shutdown).await
+}
+
+/// Like [`serve`], on any [`HubStore`]: the engine, the API and the front
+/// door see only the trait.
+pub async fn serve_with_store<S: HubStore>(
+    config: HubConfig,
+    listeners: Listeners,
+    store: Arc<S>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
     let tls = server_config(&config.mqtt.ca, &config.mqtt.cert, &config.mqtt.key)?;
     let hlc = Arc::new(Mutex::new(Hlc::restore(
         store.hlc_last()?,
