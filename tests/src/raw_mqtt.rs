@@ -5,7 +5,7 @@
 //! connection, or silence. Also the TLS client configurations a test needs:
 //! the fleet's mutual-TLS one and one that presents no client certificate.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +20,7 @@ use rumqttc::{
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
@@ -73,8 +73,29 @@ impl RawMqtt {
     /// certificate, so a refused certificate shows up on the first read. Fails
     /// if it takes longer than [`HANDSHAKE_DEADLINE`].
     pub async fn tls(addr: SocketAddr, config: Arc<ClientConfig>) -> anyhow::Result<Self> {
+        Self::tls_from(None, addr, config).await
+    }
+
+    /// [`RawMqtt::tls`] from the source address `from` (any loopback address
+    /// 127.x.y.z works on Linux): many clients on one machine then look like
+    /// many hosts, and are not limited to one address's ephemeral ports.
+    pub async fn tls_from(
+        from: Option<IpAddr>,
+        addr: SocketAddr,
+        config: Arc<ClientConfig>,
+    ) -> anyhow::Result<Self> {
         let handshake = async {
-            let tcp = TcpStream::connect(addr)
+            let socket = match addr {
+                SocketAddr::V4(_) => TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => TcpSocket::new_v6()?,
+            };
+            if let Some(ip) = from {
+                socket
+                    .bind(SocketAddr::new(ip, 0))
+                    .with_context(|| format!("cannot bind to {ip}"))?;
+            }
+            let tcp = socket
+                .connect(addr)
                 .await
                 .with_context(|| format!("cannot connect to {addr}"))?;
             tcp.set_nodelay(true)?;

@@ -1,10 +1,19 @@
 //! The fleet-connections scenario: N simulated agents in this one process, each
 //! on the real stack (TCP, rustls mutual TLS 1.3 with its own certificate,
-//! MQTT through the hub's front door and rumqttd), start a session with one
-//! real `fieldsync-hub` the way `fieldsync-agent` does (CONNECT, SUBSCRIBE to
-//! its down topic, Hello on its up topic, Welcome back). Reports the time until
+//! MQTT to the hub's front door), start a session with one real
+//! `fieldsync-hub` the way `fieldsync-agent` does (CONNECT, SUBSCRIBE to its
+//! down topic, Hello on its up topic, Welcome back). Reports the time until
 //! every agent was welcomed and the hub's RSS with all of them connected, for
-//! N = 1,000 (quick) and 1,000 then 5,000 (full).
+//! N = 1,000 (quick) and 1,000, 10,000 and 50,000 (full). Agents connect from
+//! many loopback source addresses (127.0.1.x), as a fleet comes from many
+//! hosts: one address has too few ephemeral ports for 50,000 connections, and
+//! the hub limits unauthenticated connections per source address.
+//!
+//! At 10,000 (full; 1,000 quick) a **reconnect storm** follows: every agent
+//! drops its connection at once and reconnects at once, with the agent's own
+//! backoff (exponential, full jitter) after each refused attempt; reported:
+//! the time until all are welcomed again, the hub's peak RSS during the
+//! storm, the attempts the hub turned away, and agents that never made it.
 //!
 //! Each N gets a fresh hub (empty store, same PKI): the 5,000 figure then
 //! measures a cold hub meeting 5,000 agents, not 4,000 newcomers next to 1,000
@@ -18,8 +27,10 @@
 //! splits each agent's start into steps (medians) and gives both processes'
 //! CPU time. In TLS 1.3 the client finishes its handshake before the server
 //! has checked the client certificate, so that check falls in
-//! "CONNECT→CONNACK", along with the front door's relay and rumqttd.
+//! "CONNECT→CONNACK".
 
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -27,7 +38,7 @@ use anyhow::{anyhow, bail, ensure, Context};
 use fieldsync_e2e::fleet::{Pki, TempHub, FLEET_POLICY};
 use fieldsync_e2e::raw_mqtt::{connect_packet, RawMqtt};
 use fieldsync_shared::wire::{down_topic, up_topic, Hello, Message, SnapshotAck};
-use fieldsync_shared::{AgentId, Cursor, Incarnation};
+use fieldsync_shared::{AgentId, Cursor, Incarnation, Mark};
 use rcgen::{
     CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -41,8 +52,15 @@ use tokio::task::JoinSet;
 use crate::{get_json, rss_mib, Plan, Report};
 
 /// TLS handshakes plus CONNECTs in flight at once: enough to keep both cores
-/// busy, far below the listen backlog.
+/// busy, far below the listen backlog and the hub's pending budget.
 const IN_FLIGHT: usize = 128;
+/// Source addresses the agents connect from, 127.0.1.1 on.
+const SOURCES: usize = 200;
+/// Every agent must be welcomed again within this long after the storm began.
+const STORM_DEADLINE: Duration = Duration::from_secs(60);
+/// The agent's reconnect backoff (agent/src/link.rs): first and largest cap.
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Every agent must be welcomed within this long after the first attempt.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(120);
 /// How long the hub may take to count every agent once all are welcomed.
@@ -50,11 +68,11 @@ const COUNT_DEADLINE: Duration = Duration::from_secs(30);
 /// MQTT keep-alive: far longer than a run, so idle agents are never dropped
 /// and never need to ping.
 const KEEP_ALIVE_S: u16 = 600;
-/// File descriptors beyond the per-agent ones (redb, listeners, stdio, ...).
-const FD_SLACK: u64 = 512;
-/// The hub holds about this many descriptors per agent: the client socket,
-/// the loopback socket to rumqttd, and rumqttd's side of it.
-const HUB_FDS_PER_AGENT: u64 = 3;
+/// File descriptors beyond the per-agent ones (redb, listeners, stdio, the
+/// hub's pending budget, ...).
+const FD_SLACK: u64 = 1024;
+/// The hub holds one descriptor per agent (its socket), as does this process.
+const HUB_FDS_PER_AGENT: u64 = 1;
 
 /// One simulated agent's identity: its id and its mutual-TLS configuration.
 struct Identity {
@@ -62,8 +80,12 @@ struct Identity {
     tls: Arc<ClientConfig>,
 }
 
-/// A welcomed agent: the open connection and when each step finished.
+/// A welcomed agent: the open connection, what it resumes from, and when each
+/// step finished.
 struct Session {
+    /// The agent's store incarnation and its downstream cursor.
+    incarnation: Incarnation,
+    down: Cursor,
     /// Held open until the hub has counted and measured everyone.
     mqtt: RawMqtt,
     /// A connect slot was free: TCP connect starts.
@@ -78,8 +100,9 @@ pub(crate) async fn connections(plan: &Plan, report: &mut Report) -> anyhow::Res
     let sizes: &[usize] = if plan.quick {
         &[1_000]
     } else {
-        &[1_000, 5_000]
+        &[1_000, 10_000, 50_000]
     };
+    let storm_at = if plan.quick { 1_000 } else { 10_000 };
     let largest = sizes.iter().copied().max().unwrap_or(0);
     raise_nofile_limit(largest)?;
 
@@ -93,7 +116,7 @@ pub(crate) async fn connections(plan: &Plan, report: &mut Report) -> anyhow::Res
         let hub_dir = dir.path().join(format!("hub-{n}"));
         std::fs::create_dir_all(&hub_dir)?;
         let hub = TempHub::start(&hub_dir, &pki, FLEET_POLICY)?;
-        let figures = connect_fleet(&hub, &fleet[..n])
+        let (figures, sessions) = connect_fleet(&hub, &fleet[..n])
             .await
             .with_context(|| format!("{n} agents{}", hub_problems(&hub, 5)))?;
         let (all_s, mqtt_s, rss) = (
@@ -107,10 +130,15 @@ pub(crate) async fn connections(plan: &Plan, report: &mut Report) -> anyhow::Res
                 report.insert("connect_mqtt_all_s_1k", mqtt_s);
                 report.insert("hub_rss_mib_1k", rss);
             }
-            5_000 => {
-                report.insert("connect_all_s_5k", all_s);
-                report.insert("connect_mqtt_all_s_5k", mqtt_s);
-                report.insert("hub_rss_mib_5k", rss);
+            10_000 => {
+                report.insert("connect_all_s_10k", all_s);
+                report.insert("connect_mqtt_all_s_10k", mqtt_s);
+                report.insert("hub_rss_mib_10k", rss);
+            }
+            50_000 => {
+                report.insert("connect_all_s_50k", all_s);
+                report.insert("connect_mqtt_all_s_50k", mqtt_s);
+                report.insert("hub_rss_mib_50k", rss);
             }
             _ => {}
         }
@@ -123,9 +151,161 @@ pub(crate) async fn connections(plan: &Plan, report: &mut Report) -> anyhow::Res
              hub RSS {rss:.1} MiB; {}{}",
             figures.breakdown, figures.problems,
         );
+        if n == storm_at {
+            let storm = storm(&hub, &fleet[..n], sessions)
+                .await
+                .with_context(|| format!("reconnect storm of {n}{}", hub_problems(&hub, 5)))?;
+            report.insert("storm_agents", n as f64);
+            report.insert("storm_rewelcome_s", storm.all_s);
+            report.insert("storm_hub_peak_rss_mib", storm.peak_rss);
+            report.insert("storm_attempts_refused", storm.refused as f64);
+            report.insert("storm_agents_failed", storm.failed as f64);
+            eprintln!(
+                "fleet: reconnect storm of {n}: all welcomed again in {:.2} s, hub peak RSS {:.1} MiB, \
+                 {} attempts turned away, {} agents failed for good; hub counters: {}{}",
+                storm.all_s,
+                storm.peak_rss,
+                storm.refused,
+                storm.failed,
+                storm.counters,
+                hub_problems(&hub, 1),
+            );
+        } else {
+            hang_up(sessions).await;
+        }
         drop(hub);
     }
     Ok(())
+}
+
+/// Hang up as an agent that stops does (DISCONNECT), so the hub's log shows
+/// orderly ends rather than thousands of dropped connections.
+async fn hang_up(sessions: Vec<Session>) {
+    for mut s in sessions {
+        let _ = s.mqtt.send(Packet::Disconnect).await;
+    }
+}
+
+/// What the reconnect storm measured.
+struct Storm {
+    all_s: f64,
+    peak_rss: f64,
+    refused: u64,
+    failed: usize,
+    counters: String,
+}
+
+/// Every agent drops its connection at once (no DISCONNECT: the network went
+/// away), then all reconnect at once, each retrying under the agent's backoff
+/// until welcomed or [`STORM_DEADLINE`].
+async fn storm(hub: &TempHub, fleet: &[Identity], sessions: Vec<Session>) -> anyhow::Result<Storm> {
+    let n = fleet.len();
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/metrics", hub.api_url());
+    let before = get_json(&http, &url, true).await?;
+    let resume: Vec<(Incarnation, Cursor)> =
+        sessions.iter().map(|s| (s.incarnation, s.down)).collect();
+    drop(sessions);
+    // Every connection is gone before anyone reconnects.
+    crate::time_until("the hub to see every agent gone", COUNT_DEADLINE, || async {
+        Ok(get_json(&http, &url, true).await?["agents_connected"] == 0)
+    })
+    .await?;
+    let pid = hub.pid().context("the hub is not running")?;
+    // Resets the hub's peak RSS (VmHWM) to its current RSS (Linux >= 4.0).
+    let reset = std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok();
+    let refused = Arc::new(AtomicU64::new(0));
+    let addr = hub.mqtt_addr();
+    let start = Instant::now();
+    let deadline = tokio::time::Instant::from_std(start + STORM_DEADLINE);
+    let mut tasks = JoinSet::new();
+    for (i, (agent, (incarnation, down))) in fleet.iter().zip(resume).enumerate() {
+        let (id, tls, refused) = (agent.id.clone(), agent.tls.clone(), refused.clone());
+        tasks.spawn(async move {
+            let mut failures = 0u32;
+            loop {
+                let slots = Arc::new(Semaphore::new(1));
+                let attempt =
+                    session(addr, source(i), &id, tls.clone(), slots, deadline, Some((incarnation, down)))
+                        .await;
+                match attempt {
+                    Ok(s) => return Some(s),
+                    Err(_) if tokio::time::Instant::now() >= deadline => return None,
+                    Err(_) => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        let wait = backoff(failures);
+                        failures = failures.saturating_add(1);
+                        tokio::time::sleep_until(
+                            (tokio::time::Instant::now() + wait).min(deadline),
+                        )
+                        .await;
+                    }
+                }
+            }
+        });
+    }
+    let mut back = Vec::with_capacity(n);
+    let mut failed = 0;
+    while let Some(joined) = tasks.join_next().await {
+        match joined.context("an agent task panicked")? {
+            Some(s) => back.push(s),
+            None => failed += 1,
+        }
+    }
+    let all_s = back
+        .iter()
+        .map(|s| s.welcome)
+        .max()
+        .map_or(0.0, |t| (t - start).as_secs_f64());
+    let peak_rss = peak_rss_mib(pid, reset)?;
+    let after = get_json(&http, &url, true).await?;
+    let delta = |k: &str| after[k].as_u64().unwrap_or(0) - before[k].as_u64().unwrap_or(0);
+    let counters = [
+        "pending_over_limit",
+        "pending_over_ip_limit",
+        "connections_over_limit",
+        "tls_handshake_failures",
+        "hellos_throttled",
+        "resyncs_sent",
+    ]
+    .iter()
+    .map(|k| format!("{k} +{}", delta(k)))
+    .collect::<Vec<_>>()
+    .join(", ");
+    hang_up(back).await;
+    Ok(Storm {
+        all_s,
+        peak_rss,
+        refused: refused.load(Ordering::Relaxed),
+        failed,
+        counters,
+    })
+}
+
+/// The agent's reconnect delay after `failures` failed attempts.
+fn backoff(failures: u32) -> Duration {
+    use rand::Rng;
+    let cap = BACKOFF_MIN
+        .saturating_mul(1u32 << failures.min(16))
+        .min(BACKOFF_MAX);
+    let millis = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(rand::rng().random_range(millis / 2..=millis))
+}
+
+/// The source address of agent `i`.
+fn source(i: usize) -> Option<IpAddr> {
+    Some(IpAddr::from([127, 0, 1, 1 + (i % SOURCES) as u8]))
+}
+
+/// The hub's peak RSS since `clear_refs` was reset (or since it started).
+fn peak_rss_mib(pid: u32, _reset: bool) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM")?;
+    Ok(kb as f64 / 1024.0)
 }
 
 /// What one fleet size measured.
@@ -141,7 +321,10 @@ struct Figures {
 
 /// Connects every agent in `fleet` to `hub`, checks the hub counts them all
 /// and measures its RSS while they are all still connected.
-async fn connect_fleet(hub: &TempHub, fleet: &[Identity]) -> anyhow::Result<Figures> {
+async fn connect_fleet(
+    hub: &TempHub,
+    fleet: &[Identity],
+) -> anyhow::Result<(Figures, Vec<Session>)> {
     let n = fleet.len();
     let addr = hub.mqtt_addr();
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
@@ -152,7 +335,7 @@ async fn connect_fleet(hub: &TempHub, fleet: &[Identity]) -> anyhow::Result<Figu
     for (i, agent) in fleet.iter().enumerate() {
         let (id, tls, slots) = (agent.id.clone(), agent.tls.clone(), slots.clone());
         tasks.spawn(async move {
-            let session = session(addr, &id, tls, slots, deadline)
+            let session = session(addr, source(i), &id, tls, slots, deadline, None)
                 .await
                 .with_context(|| format!("agent {id}"));
             (i, session)
@@ -215,31 +398,32 @@ async fn connect_fleet(hub: &TempHub, fleet: &[Identity]) -> anyhow::Result<Figu
     }
     let rss = rss_mib(hub.pid())?;
     let problems = hub_problems(hub, 1);
-    // Hang up as an agent that stops does (DISCONNECT), so the hub's log
-    // shows orderly ends rather than thousands of dropped connections.
-    for mut s in sessions {
-        let _ = s.mqtt.send(Packet::Disconnect).await;
-    }
-    Ok(Figures {
-        connect_all_s,
-        connect_mqtt_all_s,
-        breakdown,
-        rss,
-        problems,
-    })
+    Ok((
+        Figures {
+            connect_all_s,
+            connect_mqtt_all_s,
+            breakdown,
+            rss,
+            problems,
+        },
+        sessions,
+    ))
 }
 
 /// One agent's session start, as `fieldsync-agent`'s link does it: TLS,
 /// CONNECT (clean session), SUBSCRIBE to its down topic at QoS 1, Hello on its
 /// up topic at QoS 1, then wait for the hub's Welcome. A slot is held from TCP
 /// connect to CONNACK only. Every step ends by `deadline`; an error names the
-/// step.
+/// step. A new agent (`resume` None) gets a fresh store and acknowledges the
+/// hub's resync; one that resumes says hello with its store and cursor.
 async fn session(
     addr: std::net::SocketAddr,
+    from: Option<IpAddr>,
     id: &AgentId,
     tls: Arc<ClientConfig>,
     slots: Arc<Semaphore>,
     deadline: tokio::time::Instant,
+    resume: Option<(Incarnation, Cursor)>,
 ) -> anyhow::Result<Session> {
     let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
     let late = || anyhow!("not welcomed within {CONNECT_DEADLINE:?} of the first attempt");
@@ -248,7 +432,7 @@ async fn session(
         .map_err(|_| late())
         .context("waiting for a connect slot")??;
     let slot_at = Instant::now();
-    let mut mqtt = tokio::time::timeout_at(deadline, RawMqtt::tls(addr, tls))
+    let mut mqtt = tokio::time::timeout_at(deadline, RawMqtt::tls_from(from, addr, tls))
         .await
         .map_err(|_| late())
         .and_then(|r| r)
@@ -274,10 +458,14 @@ async fn session(
         "the hub refused the subscription: {:?}",
         suback.return_codes
     );
+    let (incarnation, down) = resume.unwrap_or((
+        Incarnation(fieldsync_shared::hlc::system_now_ms().max(1)),
+        Cursor::default(),
+    ));
     let hello = Message::Hello(Hello {
         agent: id.clone(),
-        incarnation: Incarnation(fieldsync_shared::hlc::system_now_ms().max(1)),
-        down: Cursor::default(),
+        incarnation,
+        down,
         time_ms: fieldsync_shared::hlc::system_now_ms(),
         correction_ms: 0,
     });
@@ -285,30 +473,39 @@ async fn session(
         .await
         .context("PUBLISH Hello")?;
     let hello_sent = Instant::now();
-    match mqtt.next_msg(left()).await.context("waiting for Welcome")? {
-        Message::Welcome(_) => {}
+    let hub = match mqtt.next_msg(left()).await.context("waiting for Welcome")? {
+        Message::Welcome(w) => w.incarnation,
         other => bail!("the hub answered Hello with {other:?}"),
-    }
+    };
     let welcome = Instant::now();
-    // A new store: the hub resyncs it (an empty snapshot); acknowledge it so
-    // the hub does not resend it for the rest of the run.
-    match mqtt
-        .next_msg(left())
-        .await
-        .context("waiting for the snapshot")?
-    {
-        Message::Snapshot(s) => {
-            let ack = Message::SnapshotAck(SnapshotAck {
-                resync: s.resync,
-                part: s.part,
-            });
-            mqtt.publish_msg(&up_topic(id), ack)
-                .await
-                .context("PUBLISH SnapshotAck")?;
+    let mut down = down;
+    if resume.is_none() {
+        // A new store: the hub resyncs it (an empty snapshot); acknowledge it
+        // so the hub does not resend it, and resume from its end later.
+        match mqtt
+            .next_msg(left())
+            .await
+            .context("waiting for the snapshot")?
+        {
+            Message::Snapshot(s) => {
+                let ack = Message::SnapshotAck(SnapshotAck {
+                    resync: s.resync,
+                    part: s.part,
+                });
+                mqtt.publish_msg(&up_topic(id), ack)
+                    .await
+                    .context("PUBLISH SnapshotAck")?;
+                down = Cursor {
+                    source: Some(hub),
+                    at: s.end.unwrap_or(Mark::default()),
+                };
+            }
+            other => bail!("the hub sent {other:?} after Welcome"),
         }
-        other => bail!("the hub sent {other:?} after Welcome"),
     }
     Ok(Session {
+        incarnation,
+        down,
         mqtt,
         slot: slot_at,
         tls_done,
@@ -364,7 +561,7 @@ fn issue_fleet(pki: &Pki, n: usize) -> anyhow::Result<Vec<Identity>> {
 
 /// Raises this process's soft RLIMIT_NOFILE to its hard limit, before the hub
 /// is spawned, so the hub inherits it. Fails if the hard limit cannot hold `n`
-/// agents (the hub needs about three descriptors per agent, this process one).
+/// agents (the hub and this process each need about one descriptor per agent).
 fn raise_nofile_limit(n: usize) -> anyhow::Result<()> {
     use rlimit::Resource;
     let need = HUB_FDS_PER_AGENT * n as u64 + FD_SLACK;
@@ -383,7 +580,6 @@ fn raise_nofile_limit(n: usize) -> anyhow::Result<()> {
 
 /// How many warning and error lines the hub logged, with the last `tail` of
 /// them, for a failure message or a progress line; empty if there are none.
-/// (rumqttd logs one or two errors about the hub's own readiness probe.)
 fn hub_problems(hub: &TempHub, tail: usize) -> String {
     let log = hub.stderr_log();
     let bad: Vec<&str> = log
