@@ -217,16 +217,18 @@ impl HubConfig {
                 ms @ 100..=600_000 => Ok(Duration::from_millis(ms)),
                 ms => Err(invalid(key, format!("{ms} is outside 100..=600000"))),
             };
-        let count = |key: &'static str, value: Option<usize>, default: usize, max: usize| match value
-            .unwrap_or(default)
-        {
-            n if (1..=max).contains(&n) => Ok(n),
-            n => Err(invalid(key, format!("{n} is outside 1..={max}"))),
-        };
-        let rate = |key: &'static str, value: Option<f64>, default: f64| match value.unwrap_or(default) {
-            r if r.is_finite() && r >= 1.0 => Ok(r),
-            r => Err(invalid(key, format!("{r} is not a number of at least 1"))),
-        };
+        let count =
+            |key: &'static str, value: Option<usize>, default: usize, max: usize| match value
+                .unwrap_or(default)
+            {
+                n if (1..=max).contains(&n) => Ok(n),
+                n => Err(invalid(key, format!("{n} is outside 1..={max}"))),
+            };
+        let rate =
+            |key: &'static str, value: Option<f64>, default: f64| match value.unwrap_or(default) {
+                r if r.is_finite() && r >= 1.0 => Ok(r),
+                r => Err(invalid(key, format!("{r} is not a number of at least 1"))),
+            };
         let max_connections = count(
             "mqtt.max_connections",
             raw.mqtt.max_connections,
@@ -245,7 +247,11 @@ impl HubConfig {
             defaults::MAX_PENDING_PER_IP.min(max_pending),
             max_pending,
         )?;
-        let max_connect_bytes = match raw.mqtt.max_connect_bytes.unwrap_or(defaults::MAX_CONNECT_BYTES) {
+        let max_connect_bytes = match raw
+            .mqtt
+            .max_connect_bytes
+            .unwrap_or(defaults::MAX_CONNECT_BYTES)
+        {
             n @ 64..=65_536 => n,
             n => {
                 return Err(invalid(
@@ -255,12 +261,24 @@ impl HubConfig {
             }
         };
         let messages = Rate {
-            per_s: rate("mqtt.rate_messages", raw.mqtt.rate_messages, defaults::RATE_MESSAGES)?,
-            burst: rate("mqtt.burst_messages", raw.mqtt.burst_messages, defaults::BURST_MESSAGES)?,
+            per_s: rate(
+                "mqtt.rate_messages",
+                raw.mqtt.rate_messages,
+                defaults::RATE_MESSAGES,
+            )?,
+            burst: rate(
+                "mqtt.burst_messages",
+                raw.mqtt.burst_messages,
+                defaults::BURST_MESSAGES,
+            )?,
         };
         let bytes = Rate {
             per_s: rate("mqtt.rate_bytes", raw.mqtt.rate_bytes, defaults::RATE_BYTES)?,
-            burst: rate("mqtt.burst_bytes", raw.mqtt.burst_bytes, defaults::BURST_BYTES)?,
+            burst: rate(
+                "mqtt.burst_bytes",
+                raw.mqtt.burst_bytes,
+                defaults::BURST_BYTES,
+            )?,
         };
         let mqtt = MqttConfig {
             listen: addr(
@@ -409,7 +427,10 @@ file = "policy.toml"
             ),
             (GOOD.replace("policy.toml", "missing.toml"), "policy.file"),
             (
-                GOOD.replace("key = \"hub.key\"", "key = \"hub.key\"\nmax_pending_connections = 0"),
+                GOOD.replace(
+                    "key = \"hub.key\"",
+                    "key = \"hub.key\"\nmax_pending_connections = 0",
+                ),
                 "mqtt.max_pending_connections",
             ),
             (
@@ -420,11 +441,17 @@ file = "policy.toml"
                 "mqtt.max_pending_per_ip",
             ),
             (
-                GOOD.replace("key = \"hub.key\"", "key = \"hub.key\"\nmax_connect_bytes = 10"),
+                GOOD.replace(
+                    "key = \"hub.key\"",
+                    "key = \"hub.key\"\nmax_connect_bytes = 10",
+                ),
                 "mqtt.max_connect_bytes",
             ),
             (
-                GOOD.replace("key = \"hub.key\"", "key = \"hub.key\"\nrate_messages = 0.5"),
+                GOOD.replace(
+                    "key = \"hub.key\"",
+                    "key = \"hub.key\"\nrate_messages = 0.5",
+                ),
                 "mqtt.rate_messages",
             ),
             (

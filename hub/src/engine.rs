@@ -52,10 +52,7 @@ pub const HELLO_RATE: Rate = Rate {
 #[derive(Debug)]
 pub enum EngineEvent {
     /// An operator write was queued for `agent` up to `last`.
-    Enqueued {
-        agent: AgentId,
-        last: Seq,
-    },
+    Enqueued { agent: AgentId, last: Seq },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -330,11 +327,7 @@ impl<S: HubStore> Engine<S> {
         payload: &[u8],
         started: Instant,
     ) -> Result<(), EngineError> {
-        let Some(l) = state
-            .links
-            .get_mut(agent)
-            .filter(|l| l.conn == Some(conn))
-        else {
+        let Some(l) = state.links.get_mut(agent).filter(|l| l.conn == Some(conn)) else {
             // The transport announces every connection before its messages,
             // so this one's connection is already gone or replaced.
             Metrics::inc(&self.metrics.ghost_messages);

@@ -30,8 +30,7 @@ use fieldsync_shared::tls::peer_agent_id;
 use fieldsync_shared::wire::{down_topic, up_topic, MAX_MESSAGE_BYTES};
 use fieldsync_shared::AgentId;
 use rumqttc::{
-    ConnAck, ConnectReturnCode, Packet, PubAck, Publish, QoS, SubAck, SubscribeReasonCode,
-    UnsubAck,
+    ConnAck, ConnectReturnCode, Packet, PubAck, Publish, QoS, SubAck, SubscribeReasonCode, UnsubAck,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
