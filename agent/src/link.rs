@@ -572,6 +572,7 @@ impl Driver<'_> {
                 tracing::warn!(%upto, "the hub acknowledged entries this agent never queued")
             }
             Report::PeerError { code } => tracing::debug!(?code, "the hub reported an error"),
+            Report::Duplicate => tracing::debug!("a downstream batch came again; acknowledged again"),
             Report::IdentityRefused => tracing::error!(
                 "the hub refused this agent's store: another device uses this agent's certificate, or this store was replaced earlier; nothing is synced until an operator resolves it"
             ),

@@ -552,6 +552,7 @@ impl<S: HubStore> Engine<S> {
                 tracing::debug!(%agent, ?code, "the agent reported an error")
             }
             Report::IdentityRefused => {}
+            Report::Duplicate => Metrics::inc(&self.metrics.upstream_duplicates),
         }
     }
 

@@ -654,11 +654,9 @@ async fn upstream_batches_are_acked_after_their_commit_and_in_order() {
 }
 
 /// The hub counts re-sent upstream batches it recognises as applied
-/// (`upstream_duplicates`, served at `/v1/metrics`). Since protocol v2 the
-/// session answers a duplicate with a plain `Send(Ack)` and reports nothing,
-/// so the engine never counts one: the counter stays 0.
+/// (`upstream_duplicates`, served at `/v1/metrics`): the session reports each
+/// duplicate it acknowledges again.
 #[tokio::test(start_paused = true)]
-#[ignore = "known bug: since protocol v2 nothing increments `upstream_duplicates`"]
 async fn a_re_sent_upstream_batch_is_counted_as_a_duplicate() {
     let hub = Hub::start();
     let mut a = Agent::new("gw-a", 0xa);

@@ -234,6 +234,9 @@ pub enum Report {
     ClockRefused { seq: Option<Seq>, ahead_ms: u64 },
     /// Go-back-N after an acknowledgement timeout.
     Resend,
+    /// A batch we already hold came again (a resend): acknowledged again,
+    /// applied once.
+    Duplicate,
     /// The peer reported a gap: the stream restarts from its watermark.
     PeerGap,
     /// The peer acknowledged something we never sent.
@@ -1051,10 +1054,13 @@ impl Session {
                     }),
                 });
             }
-            Ok(Plan::Duplicate { at }) => self.push(Action::Send(Message::Ack(Ack {
-                upto: at.seq,
-                check: at.check,
-            }))),
+            Ok(Plan::Duplicate { at }) => {
+                self.push(Action::Report(Report::Duplicate));
+                self.push(Action::Send(Message::Ack(Ack {
+                    upto: at.seq,
+                    check: at.check,
+                })))
+            }
             Err(Refusal::NotSynced) => self.push(Action::Send(error(
                 ErrorCode::HelloFirst,
                 "this link is not synced: say hello (and resync) first",

@@ -1039,6 +1039,7 @@ impl Sim {
             }
             Report::ClockRefused { .. } => self.stats.clock_refusals += 1,
             Report::IdentityRefused => self.stats.identity_refused += 1,
+            Report::Duplicate => {}
             _ => {}
         }
         if !matches!(r, Report::Resend) {
