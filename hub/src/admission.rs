@@ -7,32 +7,38 @@
 //! slot, never an agent's slot, and one source IP only a few of those; a
 //! pending slot lasts at most the handshake and CONNECT timeouts.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-/// The pending-connection budget.
+/// The pending-connection budget: slots for connections still in TLS or
+/// CONNECT, in all and per source IP. The accept loop takes a slot before it
+/// accepts (so when all are held, new connections wait in the listen backlog
+/// instead of being turned away) and, when none frees for a while, evicts
+/// the oldest holder that has stalled past `min_age`.
 #[derive(Debug)]
 pub struct Pending {
-    max_total: usize,
+    slots: Arc<Semaphore>,
     max_per_ip: usize,
     held: Mutex<PendingCounts>,
 }
 
 #[derive(Debug, Default)]
 struct PendingCounts {
-    total: usize,
     by_ip: HashMap<IpAddr, usize>,
+    /// Holders in the order they took their slot.
+    oldest: BTreeMap<u64, (Instant, CancellationToken)>,
+    next: u64,
 }
 
 /// Why a new connection got no pending slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PendingRefusal {
-    /// Every pending slot is taken.
-    Total,
     /// The source IP holds its share already.
     PerIp,
 }
@@ -42,45 +48,82 @@ pub enum PendingRefusal {
 pub struct PendingSlot {
     budget: Arc<Pending>,
     ip: IpAddr,
+    id: u64,
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Pending {
     pub fn new(max_total: usize, max_per_ip: usize) -> Arc<Self> {
         Arc::new(Self {
-            max_total,
+            slots: Arc::new(Semaphore::new(max_total)),
             max_per_ip,
             held: Mutex::default(),
         })
     }
 
-    /// Takes a slot for a connection from `ip`, or says why not.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<PendingSlot, PendingRefusal> {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        if held.total >= self.max_total {
-            return Err(PendingRefusal::Total);
+    /// A free slot now, if there is one.
+    pub fn try_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// Waits for a free slot.
+    pub async fn slot(&self) -> OwnedSemaphorePermit {
+        self.slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the pending semaphore is never closed")
+    }
+
+    /// Closes the oldest holder if it has held its slot for `min_age` or
+    /// more; says whether it did.
+    pub fn evict_oldest(&self, min_age: Duration, now: Instant) -> bool {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        match held.oldest.first_key_value() {
+            Some((_, (since, cancel))) if now.saturating_duration_since(*since) >= min_age => {
+                cancel.cancel();
+                true
+            }
+            _ => false,
         }
+    }
+
+    /// Gives the connection from `ip` the slot `permit`, unless its IP holds
+    /// its share already. `cancel` closes it if it is evicted.
+    pub fn admit(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        permit: OwnedSemaphorePermit,
+        cancel: CancellationToken,
+        now: Instant,
+    ) -> Result<PendingSlot, PendingRefusal> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let n = held.by_ip.entry(ip).or_default();
         if *n >= self.max_per_ip {
             return Err(PendingRefusal::PerIp);
         }
         *n += 1;
-        held.total += 1;
+        held.next += 1;
+        let id = held.next;
+        held.oldest.insert(id, (now, cancel));
         Ok(PendingSlot {
             budget: self.clone(),
             ip,
+            id,
+            _permit: permit,
         })
     }
 
     /// Slots held now.
     pub fn held(&self) -> usize {
-        self.held.lock().map(|h| h.total).unwrap_or(0)
+        self.held.lock().map(|h| h.oldest.len()).unwrap_or(0)
     }
 }
 
 impl Drop for PendingSlot {
     fn drop(&mut self) {
         let mut held = self.budget.held.lock().unwrap_or_else(|p| p.into_inner());
-        held.total = held.total.saturating_sub(1);
+        held.oldest.remove(&self.id);
         if let Some(n) = held.by_ip.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -158,19 +201,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pending_slots_are_bounded_in_total_and_per_ip() {
+    fn pending_slots_are_bounded_in_total_and_per_ip_and_the_oldest_is_evicted() {
         let budget = Pending::new(3, 2);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let s1 = budget.admit(a).unwrap();
-        let _s2 = budget.admit(a).unwrap();
-        assert_eq!(budget.admit(a).unwrap_err(), PendingRefusal::PerIp);
-        let _s3 = budget.admit(b).unwrap();
-        assert_eq!(budget.admit(b).unwrap_err(), PendingRefusal::Total);
+        let t0 = Instant::now();
+        let take = |ip, cancel: &CancellationToken, at| {
+            let permit = budget.try_slot().expect("a free slot");
+            budget.admit(ip, permit, cancel.clone(), at)
+        };
+        let (c1, c2, c3) = (
+            CancellationToken::new(),
+            CancellationToken::new(),
+            CancellationToken::new(),
+        );
+        let s1 = take(a, &c1, t0).unwrap();
+        let _s2 = take(a, &c2, t0 + Duration::from_secs(1)).unwrap();
+        assert_eq!(
+            take(a, &c3, t0).unwrap_err(),
+            PendingRefusal::PerIp,
+            "a third from one IP"
+        );
+        let _s3 = take(b, &c3, t0 + Duration::from_secs(2)).unwrap();
+        assert!(budget.try_slot().is_none(), "all three slots are held");
+        // Nobody has stalled for 5 s yet; at 5 s the oldest has.
+        assert!(!budget.evict_oldest(Duration::from_secs(5), t0 + Duration::from_secs(4)));
+        assert!(budget.evict_oldest(Duration::from_secs(5), t0 + Duration::from_secs(5)));
+        assert!(c1.is_cancelled() && !c2.is_cancelled() && !c3.is_cancelled());
         drop(s1);
         assert_eq!(budget.held(), 2);
-        let _s4 = budget.admit(a).unwrap();
-        assert_eq!(budget.admit(b).unwrap_err(), PendingRefusal::Total);
+        assert!(budget.try_slot().is_some());
     }
 
     #[test]

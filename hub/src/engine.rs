@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use fieldsync_shared::codec;
 use fieldsync_shared::hlc::system_now_ms;
-use fieldsync_shared::session::{error, Action, Now, Report, Session, SessionConfig};
+use fieldsync_shared::session::{
+    error, Action, Mark, Now, Report, ResyncReason, Session, SessionConfig,
+};
 use fieldsync_shared::wire::{Envelope, ErrorCode, Message, MAX_MESSAGE_BYTES};
 use fieldsync_shared::{AgentId, Change, Flow, Hlc, Incarnation, Origin, Policy, Seq};
 use tokio::sync::mpsc;
@@ -278,6 +280,11 @@ impl<S: HubStore> Engine<S> {
             Metrics::add(&self.metrics.upstream_batches_applied, batches);
             Metrics::add(&self.metrics.upstream_changes_applied, changes);
         }
+        if !group.trims.is_empty() {
+            let trims = std::mem::take(&mut group.trims);
+            self.blocking(move |s| s.ack_downstream_group(&trims))
+                .await?;
+        }
         if !group.hellos.is_empty() {
             let hellos = std::mem::take(&mut group.hellos);
             self.blocking(move |s| {
@@ -376,6 +383,7 @@ impl<S: HubStore> Engine<S> {
             // changes and hello planned in this group must be stored first.
             if group.upstream.iter().any(|u| u.agent == *agent)
                 || group.hellos.iter().any(|(a, ..)| a == agent)
+                || group.trims.iter().any(|(a, ..)| a == agent)
             {
                 self.flush(group).await?;
             }
@@ -397,7 +405,10 @@ impl<S: HubStore> Engine<S> {
             let mut note = HelloNote::default();
             match made {
                 Ok((session, identity)) => {
-                    if identity.is_some() {
+                    if identity.is_some() && row.identity.current.is_none() {
+                        Metrics::inc(&self.metrics.incarnations_replaced);
+                        tracing::info!(%agent, incarnation = %hello.incarnation, "first contact");
+                    } else if identity.is_some() {
                         Metrics::inc(&self.metrics.incarnations_replaced);
                         tracing::warn!(
                             %agent,
@@ -512,11 +523,8 @@ impl<S: HubStore> Engine<S> {
                     });
                     group.reply(outlet, agent, then);
                 }
-                Action::Trim { mark, resync } => {
-                    let a = agent.clone();
-                    self.blocking(move |s| s.ack_downstream(&a, mark, resync))
-                        .await?;
-                }
+                // Stored with the group, before anything it sends.
+                Action::Trim { mark, resync } => group.trims.push((agent.clone(), mark, resync)),
                 Action::ClockSkew { skew_ms } => skew = Some(skew_ms),
                 Action::ClockOffset { .. } => {}
                 Action::Report(r) => self.report(agent, r),
@@ -529,7 +537,11 @@ impl<S: HubStore> Engine<S> {
         match report {
             Report::ResyncStarted { reason } => {
                 Metrics::inc(&self.metrics.resyncs_sent);
-                tracing::warn!(%agent, ?reason, "the agent cannot be brought up to date from its queue; sending a snapshot");
+                if reason == ResyncReason::NewReceiver {
+                    tracing::info!(%agent, "a store new to the hub: sending it a snapshot");
+                } else {
+                    tracing::warn!(%agent, ?reason, "the agent cannot be brought up to date from its queue; sending a snapshot");
+                }
             }
             Report::ResyncCompleted => {
                 Metrics::inc(&self.metrics.resyncs_received);
@@ -621,6 +633,8 @@ fn now(started: Instant) -> Now {
 struct Group {
     upstream: Vec<Upstream>,
     hellos: Vec<(AgentId, u64, HelloNote)>,
+    /// Downstream acks to store: (agent, mark, the end of a resync).
+    trims: Vec<(AgentId, Mark, bool)>,
     out: Vec<(Arc<dyn Outlet>, AgentId, Message)>,
     changes: usize,
     messages: usize,

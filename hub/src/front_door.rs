@@ -57,6 +57,11 @@ const WRITE_CHUNK: usize = 256 << 10;
 const IDLE_READ_BUFFER: usize = 16 << 10;
 /// Control packets (acks, pings) one connection may have queued for writing.
 const CONTROL_QUEUE: usize = 64;
+/// With every pending slot held for this long, the accept loop evicts the
+/// oldest holder that has been at it for [`STALLED`]: a handshake plus CONNECT
+/// takes milliseconds, so such a holder is idle or stalling on purpose.
+const EVICT_PATIENCE: Duration = Duration::from_millis(100);
+const STALLED: Duration = Duration::from_secs(1);
 
 /// Settings of the front door (`[mqtt]` in the hub config).
 #[derive(Clone)]
@@ -201,6 +206,26 @@ pub async fn run(
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     let pending = Pending::new(settings.max_pending, settings.max_pending_per_ip);
     loop {
+        // A pending slot first: while all are held, new connections wait in
+        // the listen backlog (TCP's own queue) rather than being turned away,
+        // and a holder that stalled is evicted to make room.
+        let permit = match pending.try_slot() {
+            Some(p) => p,
+            None => {
+                Metrics::inc(&metrics.pending_over_limit);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        p = pending.slot() => break p,
+                        _ = tokio::time::sleep(EVICT_PATIENCE) => {
+                            if pending.evict_oldest(STALLED, Instant::now()) {
+                                Metrics::inc(&metrics.pending_evicted);
+                            }
+                        }
+                    }
+                }
+            }
+        };
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
             a = listener.accept() => a,
@@ -216,19 +241,12 @@ pub async fn run(
         };
         Metrics::inc(&metrics.connections_accepted);
         // Before any TLS work: a refused socket costs an accept and a close.
-        let pending_slot = match pending.admit(peer.ip()) {
+        let cancel = shutdown.child_token();
+        let pending_slot = match pending.admit(peer.ip(), permit, cancel.clone(), Instant::now()) {
             Ok(slot) => slot,
-            Err(why) => {
-                let (counter, what) = match why {
-                    PendingRefusal::Total => {
-                        (&metrics.pending_over_limit, "mqtt.max_pending_connections")
-                    }
-                    PendingRefusal::PerIp => {
-                        (&metrics.pending_over_ip_limit, "mqtt.max_pending_per_ip")
-                    }
-                };
-                Metrics::inc(counter);
-                tracing::debug!(%peer, limit = what, "too many connections not yet authenticated; closing");
+            Err(PendingRefusal::PerIp) => {
+                Metrics::inc(&metrics.pending_over_ip_limit);
+                tracing::debug!(%peer, "mqtt.max_pending_per_ip connections from this address are not yet authenticated; closing");
                 continue;
             }
         };
@@ -240,7 +258,7 @@ pub async fn run(
             inlet: inlet.clone(),
             metrics: metrics.clone(),
             peer,
-            cancel: shutdown.child_token(),
+            cancel,
         };
         tasks.spawn(job.serve(tcp, pending_slot));
     }

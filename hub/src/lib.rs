@@ -73,11 +73,32 @@ impl Listeners {
                 .await
                 .map_err(|source| RunError::Listen { key, addr, source })
         };
+        let mqtt = config.mqtt.listen;
         Ok(Self {
-            mqtt: bind("mqtt.listen", config.mqtt.listen).await?,
+            mqtt: listen_with_backlog(mqtt, MQTT_BACKLOG).map_err(|source| RunError::Listen {
+                key: "mqtt.listen",
+                addr: mqtt,
+                source,
+            })?,
             api: bind("api.listen", config.api.listen).await?,
         })
     }
+}
+
+/// The MQTT listener's backlog: connections wait there while every pending
+/// slot is held (a reconnect storm), so it is deeper than the usual 1,024
+/// (the kernel caps it at `net.core.somaxconn`).
+const MQTT_BACKLOG: u32 = 8192;
+
+fn listen_with_backlog(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// Binds the configured addresses and serves until `shutdown` completes.

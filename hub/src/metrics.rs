@@ -35,9 +35,13 @@ counters!(
     /// Authenticated connections refused because `mqtt.max_connections` agents
     /// were connected.
     connections_over_limit,
-    /// Connections closed at accept because `mqtt.max_pending_connections`
-    /// connections were still in TLS or CONNECT.
+    /// Times the front door stopped accepting because
+    /// `mqtt.max_pending_connections` connections were still in TLS or
+    /// CONNECT (new ones wait in the listen backlog meanwhile).
     pending_over_limit,
+    /// Connections closed because they held a pending slot for over a second
+    /// while others waited for one (idle or stalled before CONNECT).
+    pending_evicted,
     /// Connections closed at accept because their source IP held
     /// `mqtt.max_pending_per_ip` connections still in TLS or CONNECT.
     pending_over_ip_limit,

@@ -258,6 +258,15 @@ pub trait HubStore: Send + Sync + 'static {
     /// repaired by the agent's next hello, whose cursor acknowledges those
     /// entries again before anything is sent; nothing is applied twice.
     fn ack_downstream(&self, agent: &AgentId, mark: Mark, resync: bool) -> Result<(), StoreError>;
+    /// [`HubStore::ack_downstream`] for several acks (of several agents, or
+    /// of one in order), in as few transactions as the backend can: durable
+    /// if any of them is a resync's end.
+    fn ack_downstream_group(&self, acks: &[(AgentId, Mark, bool)]) -> Result<(), StoreError> {
+        for (agent, mark, resync) in acks {
+            self.ack_downstream(agent, *mark, *resync)?;
+        }
+        Ok(())
+    }
     /// Up to `limit` of the agent's records after `after` (from the first when
     /// `None`) in (collection, key) order, and where to continue if there may
     /// be more; stops before the stored bytes pass `max_bytes` (one record is
@@ -521,9 +530,13 @@ impl HubStore for RedbHubStore {
     }
 
     fn ack_downstream(&self, agent: &AgentId, mark: Mark, resync: bool) -> Result<(), StoreError> {
+        self.ack_downstream_group(&[(agent.clone(), mark, resync)])
+    }
+
+    fn ack_downstream_group(&self, acks: &[(AgentId, Mark, bool)]) -> Result<(), StoreError> {
         // The end of a resync is durable: a lost end mark would make the next
         // hello look like another history and resync again.
-        let txn = if resync {
+        let txn = if acks.iter().any(|(_, _, resync)| *resync) {
             self.db.begin_write()?
         } else {
             self.lazy_write()?
@@ -531,16 +544,19 @@ impl HubStore for RedbHubStore {
         {
             let mut agents = txn.open_table(AGENTS)?;
             let mut queue = txn.open_table(DOWN_QUEUE)?;
-            let mut row = read_row(&agents, agent)?.unwrap_or_default();
-            let upto = mark.seq.min(row.down_last);
-            if upto >= row.down_acked {
-                queue.retain_in((agent.as_str(), 0)..=(agent.as_str(), upto.0), |_, _| false)?;
-                row.down_acked = upto;
-                row.down_acked_check = mark.check;
-                if resync {
-                    row.resyncs += 1;
+            for (agent, mark, resync) in acks {
+                let mut row = read_row(&agents, agent)?.unwrap_or_default();
+                let upto = mark.seq.min(row.down_last);
+                if upto >= row.down_acked {
+                    queue
+                        .retain_in((agent.as_str(), 0)..=(agent.as_str(), upto.0), |_, _| false)?;
+                    row.down_acked = upto;
+                    row.down_acked_check = mark.check;
+                    if *resync {
+                        row.resyncs += 1;
+                    }
+                    agents.insert(agent.as_str(), codec::to_bytes(&row)?.as_slice())?;
                 }
-                agents.insert(agent.as_str(), codec::to_bytes(&row)?.as_slice())?;
             }
         }
         txn.commit()?;
