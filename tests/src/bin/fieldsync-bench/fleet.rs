@@ -75,19 +75,19 @@ const FD_SLACK: u64 = 1024;
 const HUB_FDS_PER_AGENT: u64 = 1;
 
 /// One simulated agent's identity: its id and its mutual-TLS configuration.
-struct Identity {
-    id: AgentId,
-    tls: Arc<ClientConfig>,
+pub(crate) struct Identity {
+    pub(crate) id: AgentId,
+    pub(crate) tls: Arc<ClientConfig>,
 }
 
 /// A welcomed agent: the open connection, what it resumes from, and when each
 /// step finished.
-struct Session {
+pub(crate) struct Session {
     /// The agent's store incarnation and its downstream cursor.
     incarnation: Incarnation,
     down: Cursor,
     /// Held open until the hub has counted and measured everyone.
-    mqtt: RawMqtt,
+    pub(crate) mqtt: RawMqtt,
     /// A connect slot was free: TCP connect starts.
     slot: Instant,
     tls_done: Instant,
@@ -320,7 +320,7 @@ fn backoff(failures: u32) -> Duration {
 }
 
 /// The source address of agent `i`.
-fn source(i: usize) -> Option<IpAddr> {
+pub(crate) fn source(i: usize) -> Option<IpAddr> {
     Some(IpAddr::from([127, 0, 1, 1 + (i % SOURCES) as u8]))
 }
 
@@ -443,7 +443,7 @@ async fn connect_fleet(
 /// connect to CONNACK only. Every step ends by `deadline`; an error names the
 /// step. A new agent (`resume` None) gets a fresh store and acknowledges the
 /// hub's resync; one that resumes says hello with its store and cursor.
-async fn session(
+pub(crate) async fn session(
     addr: std::net::SocketAddr,
     from: Option<IpAddr>,
     id: &AgentId,
@@ -545,7 +545,7 @@ async fn session(
 /// Issues `n` agent certificates in memory from the PKI's CA and builds each
 /// agent's client configuration (TLS 1.3, ring, roots = the fleet CA), as
 /// `fieldsync_shared::tls::client_config` does from files.
-fn issue_fleet(pki: &Pki, n: usize) -> anyhow::Result<Vec<Identity>> {
+pub(crate) fn issue_fleet(pki: &Pki, n: usize) -> anyhow::Result<Vec<Identity>> {
     let ca_pem = std::fs::read_to_string(pki.ca()).context("the fleet CA certificate")?;
     let ca_key = std::fs::read_to_string(pki.dir().join("ca.key")).context("the fleet CA key")?;
     let issuer =

@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 
 mod fleet;
 mod latency;
+mod memory;
 mod mosquitto;
 mod raw;
 mod upstream;
@@ -69,6 +70,7 @@ const SCENARIOS: &[&str] = &[
     "mosquitto",
     "latency",
     "fleet",
+    "memory",
 ];
 
 fn main() -> ExitCode {
@@ -132,6 +134,7 @@ async fn run(plan: &Plan, only: Option<&[String]>) -> anyhow::Result<()> {
             "mosquitto" => mosquitto::peer(plan, r).await,
             "latency" => latency::run(plan, r).await,
             "fleet" => fleet::connections(plan, r).await,
+            "memory" => memory::downstream(plan, r).await,
             _ => unreachable!("SCENARIOS lists every arm"),
         }
         .with_context(|| format!("scenario {name}"))?;
