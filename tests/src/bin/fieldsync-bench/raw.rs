@@ -606,6 +606,12 @@ pub(crate) async fn measure(target: &Target, plan: &Plan) -> anyhow::Result<Figu
     })
 }
 
+/// A budget no workload here reaches.
+const UNPACED: Rate = Rate {
+    per_s: 1e12,
+    burst: 1e12,
+};
+
 /// The outlet of the newest connection the consumer saw.
 type Latest = Arc<std::sync::Mutex<Option<Arc<dyn Outlet>>>>;
 
@@ -661,14 +667,9 @@ impl DoorOnly {
                 max_connect_bytes: defaults::MAX_CONNECT_BYTES,
                 handshake_timeout: HUB_HANDSHAKE_TIMEOUT,
                 connect_timeout: HUB_CONNECT_TIMEOUT,
-                messages: Rate {
-                    per_s: defaults::RATE_MESSAGES,
-                    burst: defaults::BURST_MESSAGES,
-                },
-                bytes: Rate {
-                    per_s: defaults::RATE_BYTES,
-                    burst: defaults::BURST_BYTES,
-                },
+                // The transport's limit, not a connection's budget: unpaced.
+                messages: UNPACED,
+                bytes: UNPACED,
             },
             Arc::new(Connections::default()),
             inlet_tx,
