@@ -7,6 +7,11 @@
 //! (`hub_rss_growth_1gb_down`, a fraction: 0.2 is 20%). Values rewrite a few
 //! keys per agent, so the store stays small and what is measured is the
 //! transport's and the engine's memory, not the data's.
+//!
+//! The same for an agent: a real `fieldsync-agent` linked to a real hub takes
+//! 1 GiB (64 MiB quick) of 64 KiB local writes through its API and drains
+//! them upstream; its RSS once warmed up and after the drain
+//! (`agent_rss_growth_1gb_up`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,7 +25,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::fleet::{issue_fleet, session, source};
-use crate::{rss_mib, Plan, Report};
+use crate::{get_json, rss_mib, time_until, Linked, Plan, Report};
 
 /// Bytes of each written value.
 const VALUE_BYTES: usize = 64 << 10;
@@ -152,5 +157,68 @@ pub(crate) async fn downstream(plan: &Plan, report: &mut Report) -> anyhow::Resu
     report.insert("hub_rss_after_down_mib", after);
     report.insert("hub_rss_growth_1gb_down", growth);
     report.insert("down_mib_per_s", mib / took);
+    drop(hub);
+    upstream(total, report).await
+}
+
+/// An agent's RSS across `total` bytes of local writes drained upstream.
+async fn upstream(total: u64, report: &mut Report) -> anyhow::Result<()> {
+    let linked = Linked::start("gw-memory").await?;
+    let agent = &linked.agent;
+    let http = reqwest::Client::new();
+    let status_url = agent.url("/v1/status");
+    let writes = total / VALUE_BYTES as u64;
+    let warm = writes / 20;
+    let value = "x".repeat(VALUE_BYTES - 64);
+    let slots = Arc::new(Semaphore::new(WRITERS));
+    let write_range = |from: u64, to: u64| {
+        let mut tasks = JoinSet::new();
+        for w in from..to {
+            let (http, slots, value) = (http.clone(), slots.clone(), value.clone());
+            let url = agent.url(&format!("/v1/records/patients/p{}", w as usize % KEYS));
+            tasks.spawn(async move {
+                let _slot = slots.acquire_owned().await?;
+                http.put(&url)
+                    .json(&json!({ "initials": format!("{w}{value}") }))
+                    .send()
+                    .await?
+                    .error_for_status()?;
+                anyhow::Ok(())
+            });
+        }
+        tasks
+    };
+    let drained = || async {
+        time_until("the outbox to drain", DRAIN_DEADLINE, || async {
+            Ok(get_json(&http, &status_url, false).await?["outbox_pending"] == 0)
+        })
+        .await
+    };
+    let mut warmup = write_range(0, warm);
+    while let Some(r) = warmup.join_next().await {
+        r??;
+    }
+    drained().await?;
+    let before = rss_mib(agent.pid())?;
+    let started = Instant::now();
+    let mut rest = write_range(warm, writes);
+    while let Some(r) = rest.join_next().await {
+        r??;
+    }
+    drained().await?;
+    let took = started.elapsed().as_secs_f64();
+    let after = rss_mib(agent.pid())?;
+    let growth = (after - before) / before;
+    let mib = (writes - warm) as f64 * VALUE_BYTES as f64 / (1 << 20) as f64;
+    eprintln!(
+        "memory: {mib:.0} MiB of local writes drained upstream in {took:.1} s ({:.1} MiB/s); \
+         agent RSS {before:.1} MiB warmed up, {after:.1} MiB after: {:+.1}%",
+        mib / took,
+        growth * 100.0
+    );
+    report.insert("agent_rss_before_up_mib", before);
+    report.insert("agent_rss_after_up_mib", after);
+    report.insert("agent_rss_growth_1gb_up", growth);
+    report.insert("up_mib_per_s", mib / took);
     Ok(())
 }
