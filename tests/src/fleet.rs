@@ -105,6 +105,8 @@ pub struct TempHub {
     dir: PathBuf,
     config: PathBuf,
     policy: String,
+    /// Extra `key = value` lines for the `[mqtt]` section.
+    extra_mqtt: String,
     child: Option<(Child, std::thread::JoinHandle<()>)>,
     mqtt: SocketAddr,
     api: String,
@@ -114,10 +116,24 @@ pub struct TempHub {
 impl TempHub {
     /// Writes `hub.toml` into `dir` (ports chosen by the OS) and starts the hub.
     pub fn start(dir: &Path, pki: &Pki, policy: &str) -> anyhow::Result<Self> {
+        Self::start_with(dir, pki, policy, "")
+    }
+
+    /// [`TempHub::start`] with `extra_mqtt` (TOML `key = value` lines, such as
+    /// `max_connections = 8`) added to the `[mqtt]` section, for every start.
+    /// `listen`, `ca`, `cert`, `key`, `handshake_timeout_ms` and
+    /// `connect_timeout_ms` are set already (TOML refuses a key twice).
+    pub fn start_with(
+        dir: &Path,
+        pki: &Pki,
+        policy: &str,
+        extra_mqtt: &str,
+    ) -> anyhow::Result<Self> {
         let mut hub = Self {
             dir: dir.to_owned(),
             config: dir.join("hub.toml"),
             policy: policy.to_owned(),
+            extra_mqtt: extra_mqtt.trim().to_owned(),
             child: None,
             mqtt: "127.0.0.1:0".parse()?,
             api: String::new(),
@@ -135,13 +151,18 @@ impl TempHub {
         let text = format!(
             "[hub]\ndata_dir = \"hub-data\"\n\n\
              [mqtt]\nlisten = \"{}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
-             handshake_timeout_ms = 3000\nconnect_timeout_ms = 3000\n\n\
+             handshake_timeout_ms = 3000\nconnect_timeout_ms = 3000\n{}\n\
              [api]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n\n\
              [policy]\nfile = \"hub-policy.toml\"\n",
             self.mqtt,
             pki.ca(),
             pki.hub_cert(),
-            pki.hub_key()
+            pki.hub_key(),
+            if self.extra_mqtt.is_empty() {
+                String::new()
+            } else {
+                format!("{}\n", self.extra_mqtt)
+            }
         );
         std::fs::write(&self.config, text)?;
         Ok(())

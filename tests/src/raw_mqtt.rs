@@ -235,6 +235,12 @@ impl RawMqtt {
         }
     }
 
+    /// The TLS stream and the bytes read from it but not yet parsed, for a
+    /// test that drives the connection itself (a flood, say).
+    pub fn into_parts(self) -> (TlsStream<TcpStream>, BytesMut) {
+        (self.stream, self.buf)
+    }
+
     /// Reads until the hub closes the connection; returns every packet it sent
     /// before closing and how it closed. An error if it is still open after
     /// `within`.
@@ -255,6 +261,24 @@ impl RawMqtt {
             }
         }
     }
+}
+
+/// A plain TCP connection to `addr` from the source address `from` (any
+/// loopback address 127.x.y.z works on Linux), with TCP_NODELAY.
+pub async fn tcp_from(from: IpAddr, addr: SocketAddr) -> anyhow::Result<TcpStream> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket
+        .bind(SocketAddr::new(from, 0))
+        .with_context(|| format!("cannot bind to {from}"))?;
+    let tcp = socket
+        .connect(addr)
+        .await
+        .with_context(|| format!("cannot connect to {addr} from {from}"))?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
 }
 
 /// A CONNECT for `client_id`: clean session, 60 s keep-alive, no will, no login.
