@@ -42,7 +42,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admission::{Bucket, Pending, PendingRefusal, PendingSlot, Rate};
 use crate::metrics::Metrics;
-use crate::transport::{ConnId, InletSender, Outlet, SendError};
+use crate::transport::{ConnId, InletSender, InletShare, Outlet, SendError};
 
 /// Largest MQTT packet accepted once connected: one envelope plus the topic
 /// and headers.
@@ -62,6 +62,13 @@ const CONTROL_QUEUE: usize = 64;
 /// takes milliseconds, so such a holder is idle or stalling on purpose.
 const EVICT_PATIENCE: Duration = Duration::from_millis(100);
 const STALLED: Duration = Duration::from_secs(1);
+/// How long a connection that replaces its agent's older one on a full hub
+/// waits for the older one's slot.
+const REPLACE_WAIT: Duration = Duration::from_secs(2);
+/// What one connection may have queued for the engine at once: its share of
+/// the inlet, so a flooding agent waits for its own messages, not everyone.
+const INLET_SHARE_MESSAGES: usize = 64;
+const INLET_SHARE_BYTES: usize = 4 << 20;
 
 /// Settings of the front door (`[mqtt]` in the hub config).
 #[derive(Clone)]
@@ -145,6 +152,21 @@ impl Connections {
             if m.by_agent.get(agent).is_some_and(|(c, _)| *c == conn) {
                 m.by_agent.remove(agent);
             }
+        }
+    }
+
+    /// Closes the agent's current connection as replaced, if it has one;
+    /// says whether.
+    fn close_current(&self, agent: &AgentId) -> bool {
+        let Ok(mut m) = self.live.lock() else {
+            return false;
+        };
+        match m.by_agent.remove(agent) {
+            Some((_, cancel)) => {
+                cancel.cancel();
+                true
+            }
+            None => false,
         }
     }
 
@@ -299,6 +321,12 @@ impl Connection {
         drop(pending);
         let admitted = match admitted {
             Ok(admitted) => admitted,
+            // Gone between the handshake and a CONNECT.
+            Err(Refusal::Io(e)) => {
+                Metrics::inc(&self.metrics.connect_refused);
+                tracing::info!(peer = %self.peer, error = %e, "connection closed before CONNECT");
+                return;
+            }
             Err(refusal) => {
                 self.count(&refusal);
                 tracing::info!(peer = %self.peer, reason = %refusal, "connection refused");
@@ -388,9 +416,28 @@ impl Connection {
             let _ = write_packet(&mut tls, refuse(ConnectReturnCode::NotAuthorized)).await;
             return Err(Refusal::Will);
         }
-        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-            let _ = write_packet(&mut tls, refuse(ConnectReturnCode::ServiceUnavailable)).await;
-            return Err(Refusal::Full);
+        let slot = match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            // The newest connection of an agent wins even on a full hub: its
+            // older one (often half-open after a network change) gives its
+            // slot back as it closes.
+            Err(_) if self.connections.close_current(&agent) => {
+                Metrics::inc(&self.metrics.connections_replaced);
+                tracing::info!(%agent, "a new connection replaces the agent's older one on a full hub");
+                match tokio::time::timeout(REPLACE_WAIT, self.slots.clone().acquire_owned()).await {
+                    Ok(Ok(slot)) => slot,
+                    _ => {
+                        let _ =
+                            write_packet(&mut tls, refuse(ConnectReturnCode::ServiceUnavailable))
+                                .await;
+                        return Err(Refusal::Full);
+                    }
+                }
+            }
+            Err(_) => {
+                let _ = write_packet(&mut tls, refuse(ConnectReturnCode::ServiceUnavailable)).await;
+                return Err(Refusal::Full);
+            }
         };
         Ok(Admitted {
             agent,
@@ -497,6 +544,7 @@ impl Reader<'_> {
         let now = Instant::now();
         let mut messages = Bucket::new(settings.messages, now);
         let mut bytes = Bucket::new(settings.bytes, now);
+        let share = InletShare::new(INLET_SHARE_MESSAGES, INLET_SHARE_BYTES);
         // MQTT 3.1.1 §3.1.2.10: one and a half keep-alive periods.
         let idle_limit = (!self.keep_alive.is_zero()).then(|| self.keep_alive * 3 / 2);
         loop {
@@ -528,7 +576,7 @@ impl Reader<'_> {
                     let qos = publish.qos;
                     self.conn
                         .inlet
-                        .message(self.agent.clone(), self.id, publish.payload)
+                        .message(self.agent.clone(), self.id, publish.payload, &share)
                         .await
                         .map_err(|_| Refusal::Stopping)?;
                     // The transport's ack: the engine holds the message. The

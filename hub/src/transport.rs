@@ -81,14 +81,36 @@ pub trait Outlet: Send + Sync + std::fmt::Debug {
 /// Bytes of the inlet's budget held by one queued message.
 #[derive(Debug)]
 pub struct Credit {
-    /// Returned to the budget when dropped.
-    _held: Option<OwnedSemaphorePermit>,
+    /// Returned to the budgets when dropped: the inlet's bytes, the
+    /// connection's share in messages and in bytes.
+    _held: Vec<OwnedSemaphorePermit>,
 }
 
 impl Credit {
     /// A credit that holds nothing (for transports without a byte budget).
     pub fn none() -> Self {
-        Self { _held: None }
+        Self { _held: Vec::new() }
+    }
+}
+
+/// One connection's share of the inlet: what it may have queued at once, in
+/// messages and in bytes. A connection over its share waits for the engine
+/// to take its own messages; other connections' messages go on.
+#[derive(Debug, Clone)]
+pub struct InletShare {
+    messages: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    max_bytes: usize,
+}
+
+impl InletShare {
+    pub fn new(messages: usize, bytes: usize) -> Self {
+        let bytes = bytes.clamp(1, u32::MAX as usize);
+        Self {
+            messages: Arc::new(Semaphore::new(messages.max(1))),
+            bytes: Arc::new(Semaphore::new(bytes)),
+            max_bytes: bytes,
+        }
     }
 }
 
@@ -151,28 +173,36 @@ impl InletSender {
         .await
     }
 
-    /// Queues one message, waiting while the inlet is at its bounds.
+    /// Queues one message, waiting while its connection's `share` or the
+    /// inlet is at its bounds (the share first, so a connection waiting on
+    /// itself holds none of the inlet's budget meanwhile).
     pub async fn message(
         &self,
         agent: AgentId,
         conn: ConnId,
         payload: Bytes,
+        share: &InletShare,
     ) -> Result<(), EngineGone> {
-        // A message larger than the whole budget takes all of it.
-        let size = payload.len().clamp(1, self.max_credit);
-        let permit = self
-            .bytes
-            .clone()
-            .acquire_many_owned(u32::try_from(size).unwrap_or(u32::MAX))
-            .await
-            .map_err(|_| EngineGone)?;
+        let take = |sem: &Arc<Semaphore>, n: usize, max: usize| {
+            // A message larger than a whole budget takes all of it.
+            let n = u32::try_from(n.clamp(1, max)).unwrap_or(u32::MAX);
+            sem.clone().acquire_many_owned(n)
+        };
+        let len = payload.len();
+        let held = vec![
+            take(&share.messages, 1, 1).await.map_err(|_| EngineGone)?,
+            take(&share.bytes, len, share.max_bytes)
+                .await
+                .map_err(|_| EngineGone)?,
+            take(&self.bytes, len, self.max_credit)
+                .await
+                .map_err(|_| EngineGone)?,
+        ];
         self.send(Inbound::Message {
             agent,
             conn,
             payload,
-            credit: Credit {
-                _held: Some(permit),
-            },
+            credit: Credit { _held: held },
         })
         .await
     }
@@ -195,5 +225,63 @@ impl InletSender {
     /// Sends any event as is (the in-memory transport of the crate tests).
     pub async fn send(&self, event: Inbound) -> Result<(), EngineGone> {
         self.tx.send(event).await.map_err(|_| EngineGone)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(id: &str) -> AgentId {
+        AgentId::new(id).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_over_its_share_waits_alone() {
+        let (tx, mut rx) = inlet(16, 1 << 20);
+        let (a, b) = (InletShare::new(2, 1 << 20), InletShare::new(2, 1 << 20));
+        let msg = || Bytes::from_static(b"m");
+        tx.message(agent("a"), 1, msg(), &a).await.unwrap();
+        tx.message(agent("a"), 1, msg(), &a).await.unwrap();
+        // A third from `a` waits for the engine to take one of its own...
+        let third = tx.message(agent("a"), 1, msg(), &a);
+        let mut third = std::pin::pin!(third);
+        assert!(
+            futures_poll(&mut third).is_none(),
+            "a third message is queued"
+        );
+        // ...while `b` is not held up by it.
+        tx.message(agent("b"), 2, msg(), &b).await.unwrap();
+        let first = rx.recv().await.unwrap();
+        drop(first);
+        third.await.unwrap();
+        let mut from = Vec::new();
+        while let Some(Inbound::Message { agent, .. }) = rx.try_recv() {
+            from.push(agent.as_str().to_owned());
+        }
+        assert_eq!(from, ["a", "b", "a"]);
+    }
+
+    #[tokio::test]
+    async fn the_inlet_bounds_bytes_across_connections() {
+        let (tx, mut rx) = inlet(16, 10);
+        let (a, b) = (InletShare::new(8, 1 << 20), InletShare::new(8, 1 << 20));
+        tx.message(agent("a"), 1, Bytes::from(vec![0; 8]), &a)
+            .await
+            .unwrap();
+        let more = tx.message(agent("b"), 2, Bytes::from(vec![0; 8]), &b);
+        let mut more = std::pin::pin!(more);
+        assert!(futures_poll(&mut more).is_none(), "over the inlet's bytes");
+        drop(rx.recv().await.unwrap());
+        more.await.unwrap();
+    }
+
+    /// Polls a future once without a waker that does anything.
+    fn futures_poll<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
+        let waker = std::task::Waker::noop();
+        match std::pin::Pin::new(f).poll(&mut std::task::Context::from_waker(waker)) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }
     }
 }

@@ -21,7 +21,7 @@ use fieldsync_hub::engine::{Engine, EngineError, EngineEvent, HELLO_RATE};
 use fieldsync_hub::metrics::{Metrics, MetricsSnapshot};
 use fieldsync_hub::store::{AgentRow, HubStore, RedbHubStore};
 use fieldsync_hub::transport::{
-    self, ConnId, Inbound, InletSender, Outlet, SendError, INLET_BYTES, INLET_EVENTS,
+    self, ConnId, Inbound, InletSender, InletShare, Outlet, SendError, INLET_BYTES, INLET_EVENTS,
 };
 use fieldsync_shared::codec;
 use fieldsync_shared::hlc::{system_now_ms, DEFAULT_MAX_DRIFT_MS};
@@ -362,8 +362,10 @@ impl Hub {
     }
 
     async fn send_raw(&self, agent: &AgentId, conn: ConnId, bytes: Vec<u8>) {
+        // One share per call: these tests never fill a connection's share.
+        let share = InletShare::new(64, 4 << 20);
         self.inlet
-            .message(agent.clone(), conn, bytes.into())
+            .message(agent.clone(), conn, bytes.into(), &share)
             .await
             .unwrap();
     }
