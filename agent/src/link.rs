@@ -295,8 +295,9 @@ pub async fn supervise(
     }
 }
 
-/// Delay before reconnect attempt `failures + 1`: exponential with full jitter.
-fn backoff(failures: u32) -> Duration {
+/// Delay before reconnect attempt `failures + 1`: exponential with full jitter
+/// (public so the bench's simulated fleet reconnects exactly as agents do).
+pub fn backoff(failures: u32) -> Duration {
     let cap = BACKOFF_MIN
         .saturating_mul(1u32 << failures.min(16))
         .min(BACKOFF_MAX);

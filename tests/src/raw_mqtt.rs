@@ -13,9 +13,14 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use bytes::BytesMut;
 use fieldsync_shared::codec;
-use fieldsync_shared::wire::{Envelope, Message};
+use fieldsync_shared::hlc::system_now_ms;
+use fieldsync_shared::wire::{
+    down_topic, up_topic, Envelope, Hello, Message, Snapshot, SnapshotAck, Welcome,
+};
+use fieldsync_shared::{AgentId, Cursor, Incarnation, Mark, Seq};
 use rumqttc::{
     ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, QoS, SubAck, Subscribe,
+    SubscribeReasonCode,
 };
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
@@ -232,6 +237,86 @@ impl RawMqtt {
                 .with_context(|| format!("undecodable message on {}", p.topic))?
                 .msg),
             None => bail!("no message from the hub within {within:?}"),
+        }
+    }
+
+    /// The next message that is not the hub's clock (`Time`).
+    pub async fn next_non_time(&mut self, within: Duration) -> anyhow::Result<Message> {
+        loop {
+            match self.next_msg(within).await? {
+                Message::Time(_) => {}
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// Subscribes to `agent`'s down topic (failing unless granted) and says
+    /// hello as store `incarnation`, following no hub stream; the welcome.
+    pub async fn say_hello(
+        &mut self,
+        agent: &AgentId,
+        incarnation: Incarnation,
+        within: Duration,
+    ) -> anyhow::Result<Welcome> {
+        let ack = self.subscribe(&down_topic(agent), within).await?;
+        if !matches!(ack.return_codes[..], [SubscribeReasonCode::Success(_)]) {
+            bail!("own down topic refused: {ack:?}");
+        }
+        let hello = Message::Hello(Hello {
+            agent: agent.clone(),
+            incarnation,
+            down: Cursor::default(),
+            time_ms: system_now_ms(),
+            correction_ms: 0,
+        });
+        self.publish_msg(&up_topic(agent), hello).await?;
+        match self.next_non_time(within).await? {
+            Message::Welcome(w) => Ok(w),
+            other => bail!("expected a welcome, got {other:?}"),
+        }
+    }
+
+    /// After the welcome (protocol v2): takes the hub's resync (the store
+    /// follows no hub stream) and, unless the hub already follows this
+    /// incarnation's stream, resyncs the hub with an empty snapshot. Returns
+    /// the upstream position batches continue after.
+    pub async fn finish_link(
+        &mut self,
+        agent: &AgentId,
+        incarnation: Incarnation,
+        welcome: &Welcome,
+        within: Duration,
+    ) -> anyhow::Result<Seq> {
+        let up = up_topic(agent);
+        loop {
+            match self.next_non_time(within).await? {
+                Message::Snapshot(s) => {
+                    let last = s.end.is_some();
+                    let ack = SnapshotAck {
+                        resync: s.resync,
+                        part: s.part,
+                    };
+                    self.publish_msg(&up, Message::SnapshotAck(ack)).await?;
+                    if last {
+                        break;
+                    }
+                }
+                other => bail!("expected the hub's snapshot, got {other:?}"),
+            }
+        }
+        if welcome.up.source == Some(incarnation) {
+            return Ok(welcome.up.at.seq);
+        }
+        let empty = Snapshot {
+            resync: 1,
+            part: 1,
+            changes: vec![],
+            end: Some(Mark::default()),
+        };
+        self.publish_msg(&up, Message::Snapshot(empty)).await?;
+        match self.next_non_time(within).await? {
+            Message::SnapshotAck(_) => Ok(Seq(0)),
+            other => bail!("expected a snapshot ack, got {other:?}"),
         }
     }
 

@@ -27,15 +27,14 @@ use fieldsync_e2e::raw_mqtt::{connect_packet, mtls_config, tcp_from, Next, RawMq
 use fieldsync_shared::codec;
 use fieldsync_shared::hlc::system_now_ms;
 use fieldsync_shared::wire::{
-    down_topic, up_topic, Ack, Batch, Entry, Envelope, Hello, Message, Snapshot, SnapshotAck,
-    Welcome,
+    down_topic, up_topic, Ack, Batch, Entry, Envelope, Hello, Message, Welcome,
 };
 use fieldsync_shared::{
-    AgentId, Change, CollectionName, Cursor, FieldName, FieldState, FieldValue, Incarnation, Mark,
+    AgentId, Change, CollectionName, Cursor, FieldName, FieldState, FieldValue, Incarnation,
     Origin, RecordKey, RecordState, Seq, Stamp, Version,
 };
 use reqwest::StatusCode;
-use rumqttc::{ConnectReturnCode, Login, Packet, Publish, QoS, SubscribeReasonCode};
+use rumqttc::{ConnectReturnCode, Login, Packet, Publish, QoS};
 use rustls::ClientConfig;
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -222,74 +221,24 @@ async fn next_msg(client: &mut RawMqtt) -> Message {
 /// Subscribes to the agent's down topic and says hello as store
 /// `incarnation` (following no hub stream); returns the welcome.
 async fn say_hello(client: &mut RawMqtt, agent: &str, incarnation: Incarnation) -> Welcome {
-    let ack = client
-        .subscribe(&down(agent), ANSWER)
-        .await
-        .expect("SUBACK");
-    assert!(
-        matches!(ack.return_codes[..], [SubscribeReasonCode::Success(_)]),
-        "own down topic refused: {ack:?}"
-    );
     client
-        .publish_msg(&up(agent), hello_msg(agent, incarnation))
+        .say_hello(&name(AgentId::new, agent), incarnation, ANSWER)
         .await
-        .expect("publish hello");
-    match next_msg(client).await {
-        Message::Welcome(w) => w,
-        other => panic!("expected a welcome, got {other:?}"),
-    }
+        .expect("hello -> welcome")
 }
 
-/// After the welcome (protocol v2): takes the hub's resync (the store follows
-/// no hub stream) and, unless the hub already follows this incarnation's
-/// stream, resyncs the hub with an empty snapshot. Returns the upstream
-/// position batches continue after.
+/// Takes the hub's resync and resyncs the hub (see
+/// [`RawMqtt::finish_link`]); the upstream position batches continue after.
 async fn finish_link(
     client: &mut RawMqtt,
     agent: &str,
     incarnation: Incarnation,
     welcome: &Welcome,
 ) -> Seq {
-    loop {
-        match next_msg(client).await {
-            Message::Snapshot(s) => {
-                let last = s.end.is_some();
-                client
-                    .publish_msg(
-                        &up(agent),
-                        Message::SnapshotAck(SnapshotAck {
-                            resync: s.resync,
-                            part: s.part,
-                        }),
-                    )
-                    .await
-                    .expect("publish snapshot ack");
-                if last {
-                    break;
-                }
-            }
-            other => panic!("expected the hub's snapshot, got {other:?}"),
-        }
-    }
-    if welcome.up.source == Some(incarnation) {
-        return welcome.up.at.seq;
-    }
     client
-        .publish_msg(
-            &up(agent),
-            Message::Snapshot(Snapshot {
-                resync: 1,
-                part: 1,
-                changes: vec![],
-                end: Some(Mark::default()),
-            }),
-        )
+        .finish_link(&name(AgentId::new, agent), incarnation, welcome, ANSWER)
         .await
-        .expect("publish snapshot");
-    match next_msg(client).await {
-        Message::SnapshotAck(_) => Seq(0),
-        other => panic!("expected a snapshot ack, got {other:?}"),
-    }
+        .expect("both resyncs")
 }
 
 /// Hello, welcome and both resyncs as a new store; returns the incarnation

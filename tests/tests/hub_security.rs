@@ -17,15 +17,14 @@ use fieldsync_e2e::tap::{Tap, TapCerts};
 use fieldsync_e2e::TempAgent;
 use fieldsync_shared::hlc::system_now_ms;
 use fieldsync_shared::wire::{
-    down_topic, up_topic, Ack, Batch, Entry, Envelope, ErrorCode, Hello, Message, Snapshot,
-    SnapshotAck,
+    down_topic, up_topic, Ack, Batch, Entry, Envelope, ErrorCode, Hello, Message,
 };
 use fieldsync_shared::{
-    AgentId, Change, CollectionName, Cursor, FieldName, FieldState, FieldValue, Incarnation, Mark,
+    AgentId, Change, CollectionName, Cursor, FieldName, FieldState, FieldValue, Incarnation,
     Origin, RecordKey, RecordState, Seq, Stamp, Version,
 };
 use reqwest::StatusCode;
-use rumqttc::{ConnectReturnCode, LastWill, Packet, Publish, QoS, SubscribeReasonCode};
+use rumqttc::{ConnectReturnCode, LastWill, Packet, Publish, QoS};
 use rustls::ClientConfig;
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -206,72 +205,16 @@ fn down(agent: &str) -> String {
 /// then resync the hub with an empty snapshot (the hub follows no stream of
 /// this incarnation). Returns the upstream position batches continue after.
 async fn hello(client: &mut RawMqtt, agent: &str) -> Seq {
-    let ack = client
-        .subscribe(&down(agent), ANSWER)
-        .await
-        .expect("SUBACK");
-    assert!(
-        matches!(ack.return_codes[..], [SubscribeReasonCode::Success(_)]),
-        "own down topic refused: {ack:?}"
-    );
+    let id = name(AgentId::new, agent);
     let incarnation = Incarnation(system_now_ms() ^ 0x5eed_0000_0000_0000);
-    client
-        .publish_msg(
-            &up(agent),
-            Message::Hello(Hello {
-                agent: name(AgentId::new, agent),
-                incarnation,
-                down: Cursor::default(),
-                time_ms: system_now_ms(),
-                correction_ms: 0,
-            }),
-        )
+    let welcome = client
+        .say_hello(&id, incarnation, ANSWER)
         .await
-        .expect("publish hello");
-    let welcome = match client.next_msg(ANSWER).await.expect("welcome") {
-        Message::Welcome(w) => w,
-        other => panic!("expected a welcome, got {other:?}"),
-    };
-    loop {
-        match client.next_msg(ANSWER).await.expect("the hub's resync") {
-            Message::Snapshot(s) => {
-                let last = s.end.is_some();
-                client
-                    .publish_msg(
-                        &up(agent),
-                        Message::SnapshotAck(SnapshotAck {
-                            resync: s.resync,
-                            part: s.part,
-                        }),
-                    )
-                    .await
-                    .expect("publish snapshot ack");
-                if last {
-                    break;
-                }
-            }
-            other => panic!("expected the hub's snapshot, got {other:?}"),
-        }
-    }
-    if welcome.up.source == Some(incarnation) {
-        return welcome.up.at.seq;
-    }
+        .expect("hello -> welcome");
     client
-        .publish_msg(
-            &up(agent),
-            Message::Snapshot(Snapshot {
-                resync: 1,
-                part: 1,
-                changes: vec![],
-                end: Some(Mark::default()),
-            }),
-        )
+        .finish_link(&id, incarnation, &welcome, ANSWER)
         .await
-        .expect("publish snapshot");
-    match client.next_msg(ANSWER).await.expect("snapshot ack") {
-        Message::SnapshotAck(_) => Seq(0),
-        other => panic!("expected a snapshot ack, got {other:?}"),
-    }
+        .expect("both resyncs")
 }
 
 // --- agent's local API ------------------------------------------------------

@@ -58,9 +58,7 @@ const IN_FLIGHT: usize = 128;
 const SOURCES: usize = 200;
 /// Every agent must be welcomed again within this long after the storm began.
 const STORM_DEADLINE: Duration = Duration::from_secs(60);
-/// The agent's reconnect backoff (agent/src/link.rs): first and largest cap.
-const BACKOFF_MIN: Duration = Duration::from_millis(250);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
 /// Every agent must be welcomed within this long after the first attempt.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(120);
 /// How long the hub may take to count every agent once all are welcomed.
@@ -260,7 +258,7 @@ async fn storm(hub: &TempHub, fleet: &[Identity], sessions: Vec<Session>) -> any
                     Err(_) if tokio::time::Instant::now() >= deadline => return None,
                     Err(_) => {
                         refused.fetch_add(1, Ordering::Relaxed);
-                        let wait = backoff(failures);
+                        let wait = fieldsync_agent::link::backoff(failures);
                         failures = failures.saturating_add(1);
                         tokio::time::sleep_until(
                             (tokio::time::Instant::now() + wait).min(deadline),
@@ -307,16 +305,6 @@ async fn storm(hub: &TempHub, fleet: &[Identity], sessions: Vec<Session>) -> any
         failed,
         counters,
     })
-}
-
-/// The agent's reconnect delay after `failures` failed attempts.
-fn backoff(failures: u32) -> Duration {
-    use rand::Rng;
-    let cap = BACKOFF_MIN
-        .saturating_mul(1u32 << failures.min(16))
-        .min(BACKOFF_MAX);
-    let millis = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
-    Duration::from_millis(rand::rng().random_range(millis / 2..=millis))
 }
 
 /// The source address of agent `i`.
