@@ -405,17 +405,19 @@ impl<S: HubStore> Engine<S> {
             let mut note = HelloNote::default();
             match made {
                 Ok((session, identity)) => {
-                    if identity.is_some() && row.identity.current.is_none() {
+                    if identity.is_some() {
                         Metrics::inc(&self.metrics.incarnations_replaced);
-                        tracing::info!(%agent, incarnation = %hello.incarnation, "first contact");
-                    } else if identity.is_some() {
-                        Metrics::inc(&self.metrics.incarnations_replaced);
-                        tracing::warn!(
-                            %agent,
-                            incarnation = %hello.incarnation,
-                            previous = ?row.identity.current.map(|i| i.to_string()),
-                            "agent store is new to the hub (first contact, or the device was re-imaged); resyncing"
-                        );
+                        match row.identity.current {
+                            None => {
+                                tracing::info!(%agent, incarnation = %hello.incarnation, "first contact")
+                            }
+                            Some(previous) => tracing::warn!(
+                                %agent,
+                                incarnation = %hello.incarnation,
+                                %previous,
+                                "agent store is new to the hub (the device was re-imaged or its store replaced); resyncing"
+                            ),
+                        }
                     }
                     note.identity = identity;
                     l.session = Some(session);
