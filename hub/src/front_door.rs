@@ -55,6 +55,8 @@ const WRITE_CHUNK: usize = 256 << 10;
 /// A read buffer that grew past this for a large packet is given back once
 /// empty, so an idle connection holds little memory.
 const IDLE_READ_BUFFER: usize = 16 << 10;
+/// A write buffer that grew past this is given back after the write.
+const IDLE_WRITE_BUFFER: usize = 4 << 10;
 /// Control packets (acks, pings) one connection may have queued for writing.
 const CONTROL_QUEUE: usize = 64;
 /// With every pending slot held for this long, the accept loop evicts the
@@ -494,11 +496,7 @@ impl Connection {
             control: control_tx,
             keep_alive,
         };
-        control_send(
-            &reader.control,
-            Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
-        )
-        .await?;
+        control_send(&reader.control, Control::ConnAck).await?;
         let result = tokio::select! {
             r = reader.run(rd, rest) => r,
             r = writer.run(wr, control_rx, data_rx) => r,
@@ -518,7 +516,33 @@ impl Connection {
 
 const NOT_SUBSCRIBED: u8 = u8::MAX;
 
-async fn control_send(control: &mpsc::Sender<Packet>, packet: Packet) -> Result<(), Refusal> {
+/// A packet the front door answers with, kept small: every connection has a
+/// queue of them.
+#[derive(Debug, Clone, Copy)]
+enum Control {
+    ConnAck,
+    PubAck(u16),
+    SubAck { pkid: u16, qos: QoS, filters: usize },
+    UnsubAck(u16),
+    PingResp,
+}
+
+impl Control {
+    fn packet(self) -> Packet {
+        match self {
+            Control::ConnAck => Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
+            Control::PubAck(pkid) => Packet::PubAck(PubAck::new(pkid)),
+            Control::SubAck { pkid, qos, filters } => Packet::SubAck(SubAck::new(
+                pkid,
+                vec![SubscribeReasonCode::Success(qos); filters],
+            )),
+            Control::UnsubAck(pkid) => Packet::UnsubAck(UnsubAck::new(pkid)),
+            Control::PingResp => Packet::PingResp,
+        }
+    }
+}
+
+async fn control_send(control: &mpsc::Sender<Control>, packet: Control) -> Result<(), Refusal> {
     control
         .send(packet)
         .await
@@ -533,7 +557,7 @@ struct Reader<'a> {
     up: String,
     down: String,
     granted: &'a AtomicU8,
-    control: mpsc::Sender<Packet>,
+    control: mpsc::Sender<Control>,
     keep_alive: Duration,
 }
 
@@ -582,7 +606,7 @@ impl Reader<'_> {
                     // The transport's ack: the engine holds the message. The
                     // protocol's own ack follows its commit.
                     if qos == QoS::AtLeastOnce {
-                        control_send(&self.control, Packet::PubAck(PubAck::new(pkid))).await?;
+                        control_send(&self.control, Control::PubAck(pkid)).await?;
                     }
                 }
                 Packet::Subscribe(subscribe) => {
@@ -598,26 +622,15 @@ impl Reader<'_> {
                         QoS::AtLeastOnce
                     };
                     self.granted.store(qos as u8, Ordering::Relaxed);
-                    let codes = subscribe
-                        .filters
-                        .iter()
-                        .map(|_| SubscribeReasonCode::Success(qos))
-                        .collect();
-                    control_send(
-                        &self.control,
-                        Packet::SubAck(SubAck::new(subscribe.pkid, codes)),
-                    )
-                    .await?;
+                    let filters = subscribe.filters.len();
+                    let pkid = subscribe.pkid;
+                    control_send(&self.control, Control::SubAck { pkid, qos, filters }).await?;
                 }
                 Packet::Unsubscribe(unsubscribe) => {
                     self.granted.store(NOT_SUBSCRIBED, Ordering::Relaxed);
-                    control_send(
-                        &self.control,
-                        Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)),
-                    )
-                    .await?;
+                    control_send(&self.control, Control::UnsubAck(unsubscribe.pkid)).await?;
                 }
-                Packet::PingReq => control_send(&self.control, Packet::PingResp).await?,
+                Packet::PingReq => control_send(&self.control, Control::PingResp).await?,
                 Packet::Disconnect => return Ok(()),
                 // Acks of the hub's QoS 1 publishes: the protocol's own acks
                 // are what count, so nothing waits on these.
@@ -641,17 +654,19 @@ impl Writer<'_> {
     async fn run<W: AsyncWrite + Unpin>(
         self,
         mut wr: W,
-        mut control: mpsc::Receiver<Packet>,
+        mut control: mpsc::Receiver<Control>,
         mut data: mpsc::UnboundedReceiver<Bytes>,
     ) -> Result<(), Refusal> {
-        let mut out = BytesMut::with_capacity(4096);
+        // Grown on first use and given back after a large write: most
+        // connections are idle most of the time.
+        let mut out = BytesMut::new();
         let mut pkid: u16 = 0;
         let mut data_open = true;
         loop {
             tokio::select! {
                 biased;
                 p = control.recv() => match p {
-                    Some(p) => encode(&mut out, p)?,
+                    Some(p) => encode(&mut out, p.packet())?,
                     None => return Ok(()),
                 },
                 m = data.recv(), if data_open => match m {
@@ -661,7 +676,7 @@ impl Writer<'_> {
             }
             while out.len() < WRITE_CHUNK {
                 if let Ok(p) = control.try_recv() {
-                    encode(&mut out, p)?;
+                    encode(&mut out, p.packet())?;
                 } else if let Ok(m) = data.try_recv() {
                     self.publish(&mut out, &mut pkid, m)?;
                 } else {
@@ -671,8 +686,8 @@ impl Writer<'_> {
             wr.write_all(&out).await.map_err(Refusal::Io)?;
             wr.flush().await.map_err(Refusal::Io)?;
             out.clear();
-            if out.capacity() > WRITE_CHUNK * 2 {
-                out = BytesMut::with_capacity(4096);
+            if out.capacity() > IDLE_WRITE_BUFFER {
+                out = BytesMut::new();
             }
         }
     }
