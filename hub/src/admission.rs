@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 /// CONNECT, in all and per source IP. The accept loop takes a slot before it
 /// accepts (so when all are held, new connections wait in the listen backlog
 /// instead of being turned away) and, when none frees for a while, evicts
-/// the oldest holder that has stalled past `min_age`.
+/// every holder that has stalled past `min_age`.
 #[derive(Debug)]
 pub struct Pending {
     slots: Arc<Semaphore>,
@@ -75,17 +75,21 @@ impl Pending {
             .expect("the pending semaphore is never closed")
     }
 
-    /// Closes the oldest holder if it has held its slot for `min_age` or
-    /// more; says whether it did.
-    pub fn evict_oldest(&self, min_age: Duration, now: Instant) -> bool {
+    /// Closes every holder that has held its slot for `min_age` or more
+    /// (oldest first; each closes once); returns how many it closed.
+    pub fn evict_stalled(&self, min_age: Duration, now: Instant) -> usize {
         let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        match held.oldest.first_key_value() {
-            Some((_, (since, cancel))) if now.saturating_duration_since(*since) >= min_age => {
-                cancel.cancel();
-                true
+        let mut closed = 0;
+        for (since, cancel) in held.oldest.values() {
+            if now.saturating_duration_since(*since) < min_age {
+                break;
             }
-            _ => false,
+            if !cancel.is_cancelled() {
+                cancel.cancel();
+                closed += 1;
+            }
         }
+        closed
     }
 
     /// Gives the connection from `ip` the slot `permit`, unless its IP holds
@@ -201,7 +205,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pending_slots_are_bounded_in_total_and_per_ip_and_the_oldest_is_evicted() {
+    fn pending_slots_are_bounded_in_total_and_per_ip_and_stalled_holders_are_evicted() {
         let budget = Pending::new(3, 2);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
@@ -224,10 +228,12 @@ mod tests {
         );
         let _s3 = take(b, &c3, t0 + Duration::from_secs(2)).unwrap();
         assert!(budget.try_slot().is_none(), "all three slots are held");
-        // Nobody has stalled for 5 s yet; at 5 s the oldest has.
-        assert!(!budget.evict_oldest(Duration::from_secs(5), t0 + Duration::from_secs(4)));
-        assert!(budget.evict_oldest(Duration::from_secs(5), t0 + Duration::from_secs(5)));
-        assert!(c1.is_cancelled() && !c2.is_cancelled() && !c3.is_cancelled());
+        // Nobody has stalled for 5 s yet; at 6 s the two oldest have, once.
+        let five = Duration::from_secs(5);
+        assert_eq!(budget.evict_stalled(five, t0 + Duration::from_secs(4)), 0);
+        assert_eq!(budget.evict_stalled(five, t0 + Duration::from_secs(6)), 2);
+        assert!(c1.is_cancelled() && c2.is_cancelled() && !c3.is_cancelled());
+        assert_eq!(budget.evict_stalled(five, t0 + Duration::from_secs(6)), 0);
         drop(s1);
         assert_eq!(budget.held(), 2);
         assert!(budget.try_slot().is_some());

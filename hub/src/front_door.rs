@@ -59,9 +59,9 @@ const IDLE_READ_BUFFER: usize = 16 << 10;
 const IDLE_WRITE_BUFFER: usize = 4 << 10;
 /// Control packets (acks, pings) one connection may have queued for writing.
 const CONTROL_QUEUE: usize = 64;
-/// With every pending slot held for this long, the accept loop evicts the
-/// oldest holder that has been at it for [`STALLED`]: a handshake plus CONNECT
-/// takes milliseconds, so such a holder is idle or stalling on purpose.
+/// With every pending slot held for this long, the accept loop evicts every
+/// holder that has been at it for [`STALLED`]: a handshake plus CONNECT takes
+/// milliseconds, so such a holder is idle or stalling on purpose.
 const EVICT_PATIENCE: Duration = Duration::from_millis(100);
 const STALLED: Duration = Duration::from_secs(1);
 /// How long a connection that replaces its agent's older one on a full hub
@@ -242,9 +242,8 @@ pub async fn run(
                         _ = shutdown.cancelled() => return,
                         p = pending.slot() => break p,
                         _ = tokio::time::sleep(EVICT_PATIENCE) => {
-                            if pending.evict_oldest(STALLED, Instant::now()) {
-                                Metrics::inc(&metrics.pending_evicted);
-                            }
+                            let evicted = pending.evict_stalled(STALLED, Instant::now());
+                            Metrics::add(&metrics.pending_evicted, evicted as u64);
                         }
                     }
                 }
