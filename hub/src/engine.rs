@@ -261,39 +261,36 @@ impl<S: HubStore> Engine<S> {
         }
     }
 
-    /// Commits the group's upstream changes in one durable transaction, then
-    /// sends the messages that waited for it, in the order they were made.
+    /// Stores what the group planned — its upstream changes in one durable
+    /// transaction, its downstream acks, its hellos — in one trip to the
+    /// store, then sends the messages that waited for it, in the order they
+    /// were made.
     async fn flush(&self, group: &mut Group) -> Result<(), EngineError> {
-        if !group.upstream.is_empty() {
-            let upstream = std::mem::take(&mut group.upstream);
+        let upstream = std::mem::take(&mut group.upstream);
+        let trims = std::mem::take(&mut group.trims);
+        let hellos = std::mem::take(&mut group.hellos);
+        if !(upstream.is_empty() && trims.is_empty() && hellos.is_empty()) {
             let batches = upstream.iter().filter(|u| !u.snapshot).count() as u64;
-            let changes = self
-                .blocking(move |s| {
-                    s.apply_upstream_group(&upstream, system_now_ms())?;
-                    Ok(upstream
-                        .iter()
-                        .filter(|u| !u.snapshot)
-                        .map(|u| u.changes.len() as u64)
-                        .sum())
-                })
-                .await?;
-            Metrics::add(&self.metrics.upstream_batches_applied, batches);
-            Metrics::add(&self.metrics.upstream_changes_applied, changes);
-        }
-        if !group.trims.is_empty() {
-            let trims = std::mem::take(&mut group.trims);
-            self.blocking(move |s| s.ack_downstream_group(&trims))
-                .await?;
-        }
-        if !group.hellos.is_empty() {
-            let hellos = std::mem::take(&mut group.hellos);
+            let changes: u64 = upstream
+                .iter()
+                .filter(|u| !u.snapshot)
+                .map(|u| u.changes.len() as u64)
+                .sum();
             self.blocking(move |s| {
+                if !upstream.is_empty() {
+                    s.apply_upstream_group(&upstream, system_now_ms())?;
+                }
+                if !trims.is_empty() {
+                    s.ack_downstream_group(&trims)?;
+                }
                 for (agent, at, note) in &hellos {
                     s.hello(agent, *at, note)?;
                 }
                 Ok(())
             })
             .await?;
+            Metrics::add(&self.metrics.upstream_batches_applied, batches);
+            Metrics::add(&self.metrics.upstream_changes_applied, changes);
         }
         for (outlet, agent, msg) in group.out.drain(..) {
             send(&*outlet, &agent, msg);

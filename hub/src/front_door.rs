@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -418,27 +418,23 @@ impl Connection {
             return Err(Refusal::Will);
         }
         let slot = match self.slots.clone().try_acquire_owned() {
-            Ok(slot) => slot,
+            Ok(slot) => Some(slot),
             // The newest connection of an agent wins even on a full hub: its
             // older one (often half-open after a network change) gives its
             // slot back as it closes.
             Err(_) if self.connections.close_current(&agent) => {
                 Metrics::inc(&self.metrics.connections_replaced);
                 tracing::info!(%agent, "a new connection replaces the agent's older one on a full hub");
-                match tokio::time::timeout(REPLACE_WAIT, self.slots.clone().acquire_owned()).await {
-                    Ok(Ok(slot)) => slot,
-                    _ => {
-                        let _ =
-                            write_packet(&mut tls, refuse(ConnectReturnCode::ServiceUnavailable))
-                                .await;
-                        return Err(Refusal::Full);
-                    }
-                }
+                tokio::time::timeout(REPLACE_WAIT, self.slots.clone().acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
             }
-            Err(_) => {
-                let _ = write_packet(&mut tls, refuse(ConnectReturnCode::ServiceUnavailable)).await;
-                return Err(Refusal::Full);
-            }
+            Err(_) => None,
+        };
+        let Some(slot) = slot else {
+            let _ = write_packet(&mut tls, refuse(ConnectReturnCode::ServiceUnavailable)).await;
+            return Err(Refusal::Full);
         };
         Ok(Admitted {
             agent,
@@ -463,9 +459,9 @@ impl Connection {
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let outlet = Arc::new(ConnOutlet {
             tx: data_tx,
-            queued: Arc::new(AtomicUsize::new(0)),
+            queued: AtomicUsize::new(0),
             cancel: self.cancel.clone(),
-            slow: Arc::new(AtomicU8::new(0)),
+            slow: AtomicBool::new(false),
         });
         // Announced before anything it sends, in one ordered stream; a
         // connection already replaced while it got here is not announced.
@@ -476,11 +472,12 @@ impl Connection {
             .connected(agent.clone(), conn, outlet.clone())
             .await
             .map_err(|_| Refusal::Stopping)?;
-        let granted = Arc::new(AtomicU8::new(NOT_SUBSCRIBED));
+        let granted = AtomicU8::new(NOT_SUBSCRIBED);
+        let down = down_topic(&agent);
         let (rd, wr) = tokio::io::split(tls);
         let writer = Writer {
             agent: &agent,
-            topic: down_topic(&agent),
+            topic: &down,
             granted: &granted,
             queued: &outlet.queued,
             metrics: &self.metrics,
@@ -490,17 +487,17 @@ impl Connection {
             id: conn,
             agent: &agent,
             up: up_topic(&agent),
-            down: down_topic(&agent),
+            down: &down,
             granted: &granted,
             control: control_tx,
             keep_alive,
         };
         control_send(&reader.control, Control::ConnAck).await?;
-        let result = tokio::select! {
+        tokio::select! {
             r = reader.run(rd, rest) => r,
             r = writer.run(wr, control_rx, data_rx) => r,
             _ = self.cancel.cancelled() => Err(
-                if outlet.slow.load(Ordering::Relaxed) != 0 {
+                if outlet.slow.load(Ordering::Relaxed) {
                     Refusal::SlowReader
                 } else if self.connections.is_current(&agent, conn) {
                     Refusal::Stopping
@@ -508,8 +505,7 @@ impl Connection {
                     Refusal::Replaced
                 },
             ),
-        };
-        result
+        }
     }
 }
 
@@ -554,7 +550,7 @@ struct Reader<'a> {
     id: ConnId,
     agent: &'a AgentId,
     up: String,
-    down: String,
+    down: &'a str,
     granted: &'a AtomicU8,
     control: mpsc::Sender<Control>,
     keep_alive: Duration,
@@ -584,7 +580,7 @@ impl Reader<'_> {
             if buf.is_empty() && buf.capacity() > IDLE_READ_BUFFER {
                 buf = BytesMut::with_capacity(IDLE_READ_BUFFER);
             }
-            check_packet(&packet, &self.up, &self.down)?;
+            check_packet(&packet, &self.up, self.down)?;
             match packet {
                 Packet::Publish(publish) => {
                     let now = Instant::now();
@@ -609,13 +605,8 @@ impl Reader<'_> {
                     }
                 }
                 Packet::Subscribe(subscribe) => {
-                    let qos = subscribe
-                        .filters
-                        .iter()
-                        .map(|f| f.qos)
-                        .max_by_key(|q| *q as u8)
-                        .unwrap_or(QoS::AtMostOnce);
-                    let qos = if qos == QoS::AtMostOnce {
+                    // QoS 1 at most: the hub never sends QoS 2.
+                    let qos = if subscribe.filters.iter().all(|f| f.qos == QoS::AtMostOnce) {
                         QoS::AtMostOnce
                     } else {
                         QoS::AtLeastOnce
@@ -643,7 +634,7 @@ impl Reader<'_> {
 /// what is queued into few TLS writes.
 struct Writer<'a> {
     agent: &'a AgentId,
-    topic: String,
+    topic: &'a str,
     granted: &'a AtomicU8,
     queued: &'a AtomicUsize,
     metrics: &'a Metrics,
@@ -704,7 +695,7 @@ impl Writer<'_> {
                 return Ok(());
             }
         };
-        let mut publish = Publish::from_bytes(&self.topic, qos, payload);
+        let mut publish = Publish::from_bytes(self.topic, qos, payload);
         if qos == QoS::AtLeastOnce {
             *pkid = pkid.checked_add(1).unwrap_or(1);
             publish.pkid = *pkid;
@@ -725,10 +716,10 @@ fn encode(out: &mut BytesMut, packet: Packet) -> Result<(), Refusal> {
 struct ConnOutlet {
     tx: mpsc::UnboundedSender<Bytes>,
     /// Bytes queued and not yet taken by the writer.
-    queued: Arc<AtomicUsize>,
+    queued: AtomicUsize,
     cancel: CancellationToken,
     /// Set when the queue overflowed (the close is the peer's fault).
-    slow: Arc<AtomicU8>,
+    slow: AtomicBool,
 }
 
 impl Outlet for ConnOutlet {
@@ -738,7 +729,7 @@ impl Outlet for ConnOutlet {
         }
         let len = payload.len();
         if self.queued.load(Ordering::Relaxed) + len > OUTBOUND_QUEUE_BYTES {
-            self.slow.store(1, Ordering::Relaxed);
+            self.slow.store(true, Ordering::Relaxed);
             return Err(SendError::Full);
         }
         self.queued.fetch_add(len, Ordering::Relaxed);

@@ -13,11 +13,12 @@
 //! them upstream; its RSS once warmed up and after the drain
 //! (`agent_rss_growth_1gb_up`).
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context};
+use anyhow::{ensure, Context};
 use fieldsync_e2e::fleet::{Pki, TempHub, FLEET_POLICY};
 use fieldsync_shared::wire::{up_topic, Ack, Message};
 use serde_json::json;
@@ -31,7 +32,7 @@ use crate::{get_json, rss_mib, time_until, Linked, Plan, Report};
 const VALUE_BYTES: usize = 64 << 10;
 /// Keys each agent's values rotate over.
 const KEYS: usize = 4;
-/// Operator writes in flight at once.
+/// Writes in flight at once (operator or local).
 const WRITERS: usize = 8;
 /// Every write must be acknowledged by its agent within this long of the last.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(120);
@@ -86,77 +87,54 @@ pub(crate) async fn downstream(plan: &Plan, report: &mut Report) -> anyhow::Resu
         });
     }
 
-    let writes = total / VALUE_BYTES as u64;
-    let warm = writes / 20;
-    let value = "x".repeat(VALUE_BYTES - 64);
+    let value = Arc::new("x".repeat(VALUE_BYTES - 64));
     let operator = hub.operator();
-    let http_slots = Arc::new(Semaphore::new(WRITERS));
-    let write_range = |from: u64, to: u64| {
-        let mut tasks = JoinSet::new();
-        for w in from..to {
-            let (operator, slots, value) = (operator.clone(), http_slots.clone(), value.clone());
-            let agent = fleet[(w as usize) % agents].id.clone();
-            tasks.spawn(async move {
-                let _slot = slots.acquire_owned().await?;
-                let path = format!(
-                    "/v1/agents/{agent}/records/orders/k{}",
-                    (w as usize / agents) % KEYS
-                );
-                let (status, body) = operator
-                    .put(&path, &json!({ "dose": format!("{w}{value}") }))
-                    .await?;
-                ensure!(
-                    status.is_success(),
-                    "operator write refused: {status} {body}"
-                );
-                anyhow::Ok(())
-            });
-        }
-        tasks
-    };
-    let drain = |upto: u64| {
-        let acked = acked.clone();
+    let write = |w: u64| {
+        let (operator, value) = (operator.clone(), value.clone());
+        let path = format!(
+            "/v1/agents/{}/records/orders/k{}",
+            fleet[(w as usize) % agents].id,
+            (w as usize / agents) % KEYS
+        );
         async move {
-            let t = Instant::now();
-            while acked.load(Ordering::Relaxed) < upto {
-                if t.elapsed() > DRAIN_DEADLINE {
-                    bail!(
-                        "agents acknowledged {} of {upto} writes within {DRAIN_DEADLINE:?}",
-                        acked.load(Ordering::Relaxed)
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            let (status, body) = operator
+                .put(&path, &json!({ "dose": format!("{w}{value}") }))
+                .await?;
+            ensure!(
+                status.is_success(),
+                "operator write refused: {status} {body}"
+            );
             anyhow::Ok(())
         }
     };
-    let mut warmup = write_range(0, warm);
-    while let Some(r) = warmup.join_next().await {
-        r??;
-    }
-    drain(warm).await?;
-    let before = rss_mib(hub.pid())?;
-    let started = Instant::now();
-    let mut rest = write_range(warm, writes);
-    while let Some(r) = rest.join_next().await {
-        r??;
-    }
-    drain(writes).await?;
-    let took = started.elapsed().as_secs_f64();
-    let after = rss_mib(hub.pid())?;
+    let drained = |upto: u64| {
+        let acked = acked.clone();
+        async move {
+            time_until(
+                "the agents to acknowledge every write",
+                DRAIN_DEADLINE,
+                || async { Ok(acked.load(Ordering::Relaxed) >= upto) },
+            )
+            .await
+            .map(|_| ())
+        }
+    };
+    let g = around(total, write, drained, || rss_mib(hub.pid())).await?;
     readers.abort_all();
-    let growth = (after - before) / before;
-    let mib = (writes - warm) as f64 * VALUE_BYTES as f64 / (1 << 20) as f64;
     eprintln!(
-        "memory: {mib:.0} MiB of operator writes down to {agents} agents in {took:.1} s \
-         ({:.1} MiB/s); hub RSS {before:.1} MiB warmed up, {after:.1} MiB after: {:+.1}%",
-        mib / took,
-        growth * 100.0
+        "memory: {:.0} MiB of operator writes down to {agents} agents in {:.1} s \
+         ({:.1} MiB/s); hub RSS {:.1} MiB warmed up, {:.1} MiB after: {:+.1}%",
+        g.mib,
+        g.took,
+        g.mib / g.took,
+        g.before,
+        g.after,
+        g.growth() * 100.0
     );
-    report.insert("hub_rss_before_down_mib", before);
-    report.insert("hub_rss_after_down_mib", after);
-    report.insert("hub_rss_growth_1gb_down", growth);
-    report.insert("down_mib_per_s", mib / took);
+    report.insert("hub_rss_before_down_mib", g.before);
+    report.insert("hub_rss_after_down_mib", g.after);
+    report.insert("hub_rss_growth_1gb_down", g.growth());
+    report.insert("down_mib_per_s", g.mib / g.took);
     drop(hub);
     upstream(total, report).await
 }
@@ -167,58 +145,109 @@ async fn upstream(total: u64, report: &mut Report) -> anyhow::Result<()> {
     let agent = &linked.agent;
     let http = reqwest::Client::new();
     let status_url = agent.url("/v1/status");
-    let writes = total / VALUE_BYTES as u64;
-    let warm = writes / 20;
-    let value = "x".repeat(VALUE_BYTES - 64);
-    let slots = Arc::new(Semaphore::new(WRITERS));
-    let write_range = |from: u64, to: u64| {
-        let mut tasks = JoinSet::new();
-        for w in from..to {
-            let (http, slots, value) = (http.clone(), slots.clone(), value.clone());
-            let url = agent.url(&format!("/v1/records/patients/p{}", w as usize % KEYS));
-            tasks.spawn(async move {
-                let _slot = slots.acquire_owned().await?;
-                http.put(&url)
-                    .json(&json!({ "initials": format!("{w}{value}") }))
-                    .send()
-                    .await?
-                    .error_for_status()?;
-                anyhow::Ok(())
-            });
+    let value = Arc::new("x".repeat(VALUE_BYTES - 64));
+    let write = |w: u64| {
+        let (http, value) = (http.clone(), value.clone());
+        let url = agent.url(&format!("/v1/records/patients/p{}", w as usize % KEYS));
+        async move {
+            http.put(&url)
+                .json(&json!({ "initials": format!("{w}{value}") }))
+                .send()
+                .await?
+                .error_for_status()?;
+            anyhow::Ok(())
         }
-        tasks
     };
-    let drained = || async {
+    let drained = |_upto: u64| async {
         time_until("the outbox to drain", DRAIN_DEADLINE, || async {
             Ok(get_json(&http, &status_url, false).await?["outbox_pending"] == 0)
         })
         .await
+        .map(|_| ())
     };
-    let mut warmup = write_range(0, warm);
-    while let Some(r) = warmup.join_next().await {
-        r??;
-    }
-    drained().await?;
-    let before = rss_mib(agent.pid())?;
-    let started = Instant::now();
-    let mut rest = write_range(warm, writes);
-    while let Some(r) = rest.join_next().await {
-        r??;
-    }
-    drained().await?;
-    let took = started.elapsed().as_secs_f64();
-    let after = rss_mib(agent.pid())?;
-    let growth = (after - before) / before;
-    let mib = (writes - warm) as f64 * VALUE_BYTES as f64 / (1 << 20) as f64;
+    let g = around(total, write, drained, || rss_mib(agent.pid())).await?;
     eprintln!(
-        "memory: {mib:.0} MiB of local writes drained upstream in {took:.1} s ({:.1} MiB/s); \
-         agent RSS {before:.1} MiB warmed up, {after:.1} MiB after: {:+.1}%",
-        mib / took,
-        growth * 100.0
+        "memory: {:.0} MiB of local writes drained upstream in {:.1} s ({:.1} MiB/s); \
+         agent RSS {:.1} MiB warmed up, {:.1} MiB after: {:+.1}%",
+        g.mib,
+        g.took,
+        g.mib / g.took,
+        g.before,
+        g.after,
+        g.growth() * 100.0
     );
-    report.insert("agent_rss_before_up_mib", before);
-    report.insert("agent_rss_after_up_mib", after);
-    report.insert("agent_rss_growth_1gb_up", growth);
-    report.insert("up_mib_per_s", mib / took);
+    report.insert("agent_rss_before_up_mib", g.before);
+    report.insert("agent_rss_after_up_mib", g.after);
+    report.insert("agent_rss_growth_1gb_up", g.growth());
+    report.insert("up_mib_per_s", g.mib / g.took);
+    Ok(())
+}
+
+/// A process's RSS once warmed up and after the rest of the traffic.
+struct Growth {
+    before: f64,
+    after: f64,
+    /// Seconds and MiB of the measured (post-warm-up) traffic.
+    took: f64,
+    mib: f64,
+}
+
+impl Growth {
+    fn growth(&self) -> f64 {
+        (self.after - self.before) / self.before
+    }
+}
+
+/// `total` bytes of writes (`write(w)` makes write `w`): the first 5% as a
+/// warm-up, then `rss` before, the rest, and `rss` after; each part ends
+/// once `drained(writes so far)` says it went through.
+async fn around<W, WF, D, DF>(
+    total: u64,
+    write: W,
+    drained: D,
+    rss: impl Fn() -> anyhow::Result<f64>,
+) -> anyhow::Result<Growth>
+where
+    W: Fn(u64) -> WF,
+    WF: Future<Output = anyhow::Result<()>> + Send + 'static,
+    D: Fn(u64) -> DF,
+    DF: Future<Output = anyhow::Result<()>>,
+{
+    let writes = total / VALUE_BYTES as u64;
+    let warm = writes / 20;
+    write_all(0..warm, &write).await?;
+    drained(warm).await?;
+    let before = rss()?;
+    let started = Instant::now();
+    write_all(warm..writes, &write).await?;
+    drained(writes).await?;
+    let took = started.elapsed().as_secs_f64();
+    Ok(Growth {
+        before,
+        after: rss()?,
+        took,
+        mib: (writes - warm) as f64 * VALUE_BYTES as f64 / (1 << 20) as f64,
+    })
+}
+
+/// Runs `write(w)` for every `w` in `range`, [`WRITERS`] at once; the first
+/// failure ends it.
+async fn write_all<W, WF>(range: std::ops::Range<u64>, write: &W) -> anyhow::Result<()>
+where
+    W: Fn(u64) -> WF,
+    WF: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(WRITERS));
+    let mut tasks = JoinSet::new();
+    for w in range {
+        let (slots, one) = (slots.clone(), write(w));
+        tasks.spawn(async move {
+            let _slot = slots.acquire_owned().await?;
+            one.await
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
     Ok(())
 }
