@@ -1,6 +1,10 @@
 //! The operator API (JSON over HTTP, `Authorization: Bearer TOKEN`): the fleet's
 //! agents, the hub's copy of their records, and downstream writes, which are
-//! queued durably and accepted (202) whether or not the agent is connected.
+//! queued durably and accepted (202) whether or not the agent is connected;
+//! the change feed ([`feed`]) and the webhook endpoints ([`hooks`]).
+
+mod feed;
+mod hooks;
 
 use std::sync::{Arc, Mutex};
 
@@ -26,6 +30,7 @@ use crate::engine::EngineEvent;
 use crate::front_door::Connections;
 use crate::metrics::Metrics;
 use crate::store::{HubStore, StoreError};
+use crate::webhooks::Dispatcher;
 
 /// Largest request body.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -40,6 +45,9 @@ pub struct ApiState<S: HubStore> {
     pub events: mpsc::UnboundedSender<EngineEvent>,
     pub metrics: Arc<Metrics>,
     pub token: String,
+    pub webhooks: Arc<Dispatcher<S>>,
+    /// `[webhooks] allow_http`.
+    pub webhook_allow_http: bool,
 }
 
 /// The API's routes.
@@ -52,6 +60,17 @@ pub fn router<S: HubStore>(state: Arc<ApiState<S>>) -> Router {
         )
         .route("/v1/agents/{agent}/batch", post(batch::<S>))
         .route("/v1/metrics", get(metrics::<S>))
+        .route("/v1/changes", get(feed::changes::<S>))
+        .route(
+            "/v1/webhooks",
+            get(hooks::list::<S>).post(hooks::create::<S>),
+        )
+        .route(
+            "/v1/webhooks/{id}",
+            get(hooks::show::<S>).delete(hooks::delete::<S>),
+        )
+        .route("/v1/webhooks/{id}/deliveries", get(hooks::deliveries::<S>))
+        .route("/v1/webhooks/{id}/replay", post(hooks::replay::<S>))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             require_token::<S>,

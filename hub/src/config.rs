@@ -43,6 +43,34 @@ struct RawConfig {
     #[serde(default)]
     api: RawApi,
     policy: RawPolicy,
+    #[serde(default)]
+    webhooks: RawWebhooks,
+    #[serde(default)]
+    events: RawEvents,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhooks {
+    /// Allow `http://` endpoints that are not loopback.
+    allow_http: Option<bool>,
+    /// PEM of extra CAs trusted for `https://` endpoints (besides the system's).
+    ca: Option<String>,
+    /// Time allowed for one delivery attempt, in milliseconds.
+    timeout_ms: Option<u64>,
+    /// Wait after the first failed attempt, and the longest wait, in milliseconds.
+    retry_initial_ms: Option<u64>,
+    retry_max_ms: Option<u64>,
+    /// Attempts at one event before it is given up.
+    max_attempts: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEvents {
+    /// Hours the event log keeps an event (longer while an enabled webhook
+    /// endpoint has not had it).
+    retention_hours: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +139,34 @@ pub struct HubConfig {
     pub api: ApiConfig,
     /// `[policy] file`, parsed.
     pub policy: Policy,
+    /// `[webhooks]`.
+    pub webhooks: WebhookSettings,
+    /// `[events] retention_hours`.
+    pub event_retention: Duration,
+}
+
+/// How webhooks are delivered (`[webhooks]`; README, "Webhooks").
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookSettings {
+    pub allow_http: bool,
+    pub ca: Option<PathBuf>,
+    pub timeout: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub max_attempts: u32,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        Self {
+            allow_http: false,
+            ca: None,
+            timeout: Duration::from_millis(defaults::WEBHOOK_TIMEOUT_MS),
+            retry_initial: Duration::from_millis(defaults::WEBHOOK_RETRY_INITIAL_MS),
+            retry_max: Duration::from_millis(defaults::WEBHOOK_RETRY_MAX_MS),
+            max_attempts: defaults::WEBHOOK_MAX_ATTEMPTS,
+        }
+    }
 }
 
 /// The front door's settings.
@@ -152,6 +208,15 @@ pub mod defaults {
     /// connection's TLS carries on these machines (~64 MiB/s measured).
     pub const RATE_BYTES: f64 = 128.0 * 1024.0 * 1024.0;
     pub const BURST_BYTES: f64 = 128.0 * 1024.0 * 1024.0;
+    /// One webhook attempt.
+    pub const WEBHOOK_TIMEOUT_MS: u64 = 10_000;
+    /// Webhook retries: 5 s, doubling, capped at 1 h, 20 attempts in all
+    /// (about 16 h from the first failure to giving up).
+    pub const WEBHOOK_RETRY_INITIAL_MS: u64 = 5_000;
+    pub const WEBHOOK_RETRY_MAX_MS: u64 = 3_600_000;
+    pub const WEBHOOK_MAX_ATTEMPTS: u32 = 20;
+    /// The event log keeps events a week.
+    pub const EVENT_RETENTION_HOURS: u64 = 168;
 }
 
 /// The operator API's settings.
@@ -346,11 +411,64 @@ impl HubConfig {
             path: shown.to_owned(),
             source,
         })?;
+        let span = |key: &'static str, value: Option<u64>, default: u64, max: u64| match value
+            .unwrap_or(default)
+        {
+            ms if (1..=max).contains(&ms) => Ok(Duration::from_millis(ms)),
+            ms => Err(invalid(key, format!("{ms} is outside 1..={max}"))),
+        };
+        let w = raw.webhooks;
+        let webhooks = WebhookSettings {
+            allow_http: w.allow_http.unwrap_or(false),
+            ca: w
+                .ca
+                .map(|ca| existing_file(base, &ca).map_err(|m| invalid("webhooks.ca", m)))
+                .transpose()?,
+            timeout: span(
+                "webhooks.timeout_ms",
+                w.timeout_ms,
+                defaults::WEBHOOK_TIMEOUT_MS,
+                600_000,
+            )?,
+            retry_initial: span(
+                "webhooks.retry_initial_ms",
+                w.retry_initial_ms,
+                defaults::WEBHOOK_RETRY_INITIAL_MS,
+                86_400_000,
+            )?,
+            retry_max: span(
+                "webhooks.retry_max_ms",
+                w.retry_max_ms,
+                defaults::WEBHOOK_RETRY_MAX_MS,
+                86_400_000,
+            )?,
+            max_attempts: match w.max_attempts.unwrap_or(defaults::WEBHOOK_MAX_ATTEMPTS) {
+                n @ 1..=1000 => n,
+                n => {
+                    return Err(invalid(
+                        "webhooks.max_attempts",
+                        format!("{n} is outside 1..=1000"),
+                    ))
+                }
+            },
+        };
+        let hours = raw
+            .events
+            .retention_hours
+            .unwrap_or(defaults::EVENT_RETENTION_HOURS);
+        if !(1..=24 * 366).contains(&hours) {
+            return Err(invalid(
+                "events.retention_hours",
+                format!("{hours} is outside 1..=8784"),
+            ));
+        }
         Ok(Self {
             data_dir,
             mqtt,
             api,
             policy,
+            webhooks,
+            event_retention: Duration::from_secs(hours * 3600),
         })
     }
 }
@@ -461,6 +579,22 @@ file = "policy.toml"
                 "mqtt.burst_bytes",
             ),
             (format!("{GOOD}\n[extra]\nx = 1\n"), "extra"),
+            (
+                format!("{GOOD}\n[webhooks]\nmax_attempts = 0\n"),
+                "webhooks.max_attempts",
+            ),
+            (
+                format!("{GOOD}\n[webhooks]\nca = \"nope.pem\"\n"),
+                "webhooks.ca",
+            ),
+            (
+                format!("{GOOD}\n[webhooks]\ntimeout_ms = 0\n"),
+                "webhooks.timeout_ms",
+            ),
+            (
+                format!("{GOOD}\n[events]\nretention_hours = 0\n"),
+                "events.retention_hours",
+            ),
         ];
         for (config, key) in cases {
             let e = error_of(&config);

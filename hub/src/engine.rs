@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::{Bucket, Rate};
+use crate::events::EventKind;
 use crate::metrics::Metrics;
 use crate::store::{HelloNote, HubStore, StoreError, Upstream};
 use crate::transport::{ConnId, Inbound, Inlet, Outlet, SendError};
@@ -241,6 +242,11 @@ impl<S: HubStore> Engine<S> {
                     return Ok(());
                 };
                 if l.conn == Some(conn) {
+                    if l.session.is_some() && !replaced {
+                        group.events.push(EventKind::AgentDisconnected {
+                            agent: agent.clone(),
+                        });
+                    }
                     if replaced {
                         // The newer connection's announcement is on its way:
                         // remember whose store this one carried.
@@ -269,7 +275,8 @@ impl<S: HubStore> Engine<S> {
         let upstream = std::mem::take(&mut group.upstream);
         let trims = std::mem::take(&mut group.trims);
         let hellos = std::mem::take(&mut group.hellos);
-        if !(upstream.is_empty() && trims.is_empty() && hellos.is_empty()) {
+        let events = std::mem::take(&mut group.events);
+        if !(upstream.is_empty() && trims.is_empty() && hellos.is_empty() && events.is_empty()) {
             let batches = upstream.iter().filter(|u| !u.snapshot).count() as u64;
             let changes: u64 = upstream
                 .iter()
@@ -286,6 +293,7 @@ impl<S: HubStore> Engine<S> {
                 for (agent, at, note) in &hellos {
                     s.hello(agent, *at, note)?;
                 }
+                s.append_events(&events, system_now_ms())?;
                 Ok(())
             })
             .await?;
@@ -417,6 +425,11 @@ impl<S: HubStore> Engine<S> {
                         }
                     }
                     note.identity = identity;
+                    if l.session.is_none() {
+                        group.events.push(EventKind::AgentConnected {
+                            agent: agent.clone(),
+                        });
+                    }
                     l.session = Some(session);
                 }
                 Err(refusal) => {
@@ -512,7 +525,7 @@ impl<S: HubStore> Engine<S> {
                     snapshot,
                     then,
                 } => {
-                    let changes = self.admit_upstream(agent, changes, snapshot);
+                    let changes = self.admit_upstream(agent, changes, snapshot, &mut group.events);
                     group.changes += changes.len();
                     group.upstream.push(Upstream {
                         agent: agent.clone(),
@@ -573,7 +586,13 @@ impl<S: HubStore> Engine<S> {
     /// policy does not permit upstream are dropped, counted and logged by
     /// name, never by value. Stamps advance the hub clock (the session has
     /// already refused any beyond the drift bound).
-    fn admit_upstream(&self, agent: &AgentId, changes: Vec<Change>, snapshot: bool) -> Vec<Change> {
+    fn admit_upstream(
+        &self,
+        agent: &AgentId,
+        changes: Vec<Change>,
+        snapshot: bool,
+        events: &mut Vec<EventKind>,
+    ) -> Vec<Change> {
         let now = system_now_ms();
         let own = Origin::agent(agent);
         let mut out = Vec::with_capacity(changes.len());
@@ -604,6 +623,12 @@ impl<S: HubStore> Engine<S> {
                     whole_collection = filtered.collection_denied,
                     "dropped fields the hub policy does not permit upstream"
                 );
+                events.push(EventKind::PolicyDenied {
+                    agent: agent.clone(),
+                    collection: change.collection.clone(),
+                    fields: filtered.denied.clone(),
+                    whole_collection: filtered.collection_denied,
+                });
             }
             if let Some(change) = filtered.permitted {
                 if let Some(v) = change.state.max_version() {
@@ -634,6 +659,8 @@ struct Group {
     hellos: Vec<(AgentId, u64, HelloNote)>,
     /// Downstream acks to store: (agent, mark, the end of a resync).
     trims: Vec<(AgentId, Mark, bool)>,
+    /// Link and policy events to log.
+    events: Vec<EventKind>,
     out: Vec<(Arc<dyn Outlet>, AgentId, Message)>,
     changes: usize,
     messages: usize,

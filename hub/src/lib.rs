@@ -11,11 +11,13 @@ pub mod admission;
 pub mod api;
 pub mod config;
 pub mod engine;
+pub mod events;
 pub mod front_door;
 pub mod metrics;
 pub mod pki;
 pub mod store;
 pub mod transport;
+pub mod webhooks;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -57,6 +59,8 @@ pub enum RunError {
     Engine(#[from] EngineError),
     #[error("operator API failed: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Webhooks(#[from] webhooks::ClientError),
 }
 
 /// Listeners the hub serves on; tests bind `127.0.0.1:0`.
@@ -167,6 +171,16 @@ pub async fn serve_with_store<S: HubStore>(
         tasks.clone(),
     ));
 
+    let webhooks = webhooks::Dispatcher::new(
+        store.clone(),
+        config.webhooks.clone(),
+        config.event_retention,
+        metrics.clone(),
+        tasks.clone(),
+        cancel.clone(),
+    )?;
+    webhooks.start()?;
+
     let api_state = Arc::new(api::ApiState {
         store: store.clone(),
         policy,
@@ -176,6 +190,8 @@ pub async fn serve_with_store<S: HubStore>(
         events: events_tx,
         metrics,
         token: config.api.token.clone(),
+        webhooks,
+        webhook_allow_http: config.webhooks.allow_http,
     });
     let api_addr = listeners.api.local_addr().map_err(RunError::Serve)?;
     tracing::info!(mqtt = %mqtt_addr, api = %api_addr, "hub listening");

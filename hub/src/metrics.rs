@@ -109,6 +109,17 @@ counters!(
     downstream_batches_sent,
     /// Downstream resends after an acknowledgement timeout.
     downstream_resends,
+    /// Webhook events delivered (answered 2xx).
+    webhook_deliveries,
+    /// Webhook delivery attempts that failed (timeout, refused, non-2xx).
+    webhook_failures,
+    /// Webhook events given up after `webhooks.max_attempts` failures (a
+    /// replay can send them again).
+    webhook_events_given_up,
+    /// Webhook endpoints disabled because they answered 410 Gone.
+    webhook_endpoints_disabled,
+    /// Events dropped from the event log past its retention.
+    events_trimmed,
 );
 
 impl Metrics {

@@ -3,12 +3,17 @@
 //! batch apply once, and the per-agent downstream queue. [`RedbHubStore`] is the
 //! embedded implementation; a PostgreSQL one can follow without touching callers.
 //!
-//! **Architecture invariant:** `apply_upstream_group` commits the merged records and
-//! the new watermarks in one transaction, and the hub acknowledges only after it
-//! returns; `enqueue_downstream` commits the hub's copy and the queue entry in one
-//! transaction; queue entries leave only through `ack_downstream`.
+//! It also holds the event log ([`crate::events`]) and the webhook endpoints
+//! with their delivery progress.
+//!
+//! **Architecture invariant:** `apply_upstream_group` commits the merged records,
+//! the new watermarks and a `record.changed` event per record it changed in one
+//! transaction, and the hub acknowledges only after it returns;
+//! `enqueue_downstream` commits the hub's copy, the queue entry and the events in
+//! one transaction; queue entries leave only through `ack_downstream`.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use fieldsync_shared::codec::{self, CodecError, SnapshotPage};
@@ -20,6 +25,10 @@ use fieldsync_shared::{
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::events::{Event, EventBounds, EventKind, Prior, RecordChanged};
+use crate::webhooks::{Attempt, Endpoint, Progress};
 
 #[doc(hidden)]
 pub mod conformance;
@@ -40,11 +49,20 @@ const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
 const RECORDS: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("records");
 /// (agent, seq) → CBOR [`Change`] waiting for the agent.
 const DOWN_QUEUE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("down_queue");
+/// event seq → CBOR [`Event`].
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+/// webhook endpoint id → CBOR [`Endpoint`].
+const WEBHOOKS: TableDefinition<&str, &[u8]> = TableDefinition::new("webhooks");
+/// (endpoint id, attempt number) → CBOR [`Attempt`].
+const ATTEMPTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("webhook_attempts");
+/// Delivery attempts kept per endpoint (the oldest are dropped).
+pub const ATTEMPTS_KEPT: u64 = 1000;
 
 const K_SCHEMA: &str = "schema_version";
 const K_HLC_WALL: &str = "hlc_wall_ms";
 const K_HLC_LOGICAL: &str = "hlc_logical";
 const K_INCARNATION: &str = "incarnation";
+const K_EVENTS_LAST: &str = "events_last";
 
 /// What the hub keeps per agent besides its records. Fields added after
 /// schema 1 default when absent, so version-1 rows still decode.
@@ -287,12 +305,130 @@ pub trait HubStore: Send + Sync + 'static {
     ) -> Result<Option<RecordState>, StoreError>;
     /// The hub clock state persisted with the last downstream write.
     fn hlc_last(&self) -> Result<Stamp, StoreError>;
+
+    // The event log (see `crate::events`). Upstream applies and downstream
+    // enqueues append their `record.changed` events themselves.
+
+    /// Appends events that need no fsync of their own (link and policy
+    /// events): they become durable, and readable, with the next durable
+    /// commit ([`HubStore::sync_events`] makes one if none comes).
+    fn append_events(&self, events: &[EventKind], now_ms: u64) -> Result<(), StoreError>;
+    /// Up to `limit` durable events after `after`, in order.
+    fn events_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, Event)>, StoreError>;
+    /// The durable event at `seq`, if the log still holds it.
+    fn event(&self, seq: u64) -> Result<Option<Event>, StoreError>;
+    /// The readable part of the log.
+    fn event_bounds(&self) -> Result<EventBounds, StoreError>;
+    /// Makes every appended event durable; whether that took a commit.
+    fn sync_events(&self) -> Result<bool, StoreError>;
+    /// Sees the durable head move.
+    fn watch_events(&self) -> watch::Receiver<u64>;
+    /// Drops up to `limit` of the oldest events that are at or before `upto`
+    /// and were committed before `before_ms`; returns how many.
+    fn trim_events(&self, upto: u64, before_ms: u64, limit: usize) -> Result<usize, StoreError>;
+
+    // Webhook endpoints (see `crate::webhooks`).
+
+    /// Stores a new endpoint (durable).
+    fn put_webhook(&self, endpoint: &Endpoint) -> Result<(), StoreError>;
+    fn webhook(&self, id: &str) -> Result<Option<Endpoint>, StoreError>;
+    /// Every endpoint, ordered by id.
+    fn webhooks(&self) -> Result<Vec<Endpoint>, StoreError>;
+    /// Deletes an endpoint and its attempts (durable); whether it existed.
+    fn delete_webhook(&self, id: &str) -> Result<bool, StoreError>;
+    /// Makes delivery resume after `cursor` (a replay), re-enabled, with a
+    /// new epoch (durable). The endpoint, or `None` if there is none.
+    fn rewind_webhook(&self, id: &str, cursor: u64) -> Result<Option<Endpoint>, StoreError>;
+    /// Records an endpoint's progress and an attempt, if the endpoint still
+    /// exists at `epoch`; false if it was deleted or rewound meanwhile. Need
+    /// not be durable: a lost cursor move re-sends events (same ids).
+    fn webhook_progress(
+        &self,
+        id: &str,
+        epoch: u64,
+        progress: &Progress,
+        attempt: Option<&Attempt>,
+    ) -> Result<bool, StoreError>;
+    /// Up to `limit` of an endpoint's attempts, newest first.
+    fn webhook_attempts(&self, id: &str, limit: usize) -> Result<Vec<Attempt>, StoreError>;
+}
+
+/// Where the event log's head is: committed, and durable. Readers are
+/// woken when the durable head moves.
+struct EventHeads {
+    committed: AtomicU64,
+    durable: AtomicU64,
+    notify: watch::Sender<u64>,
+}
+
+impl EventHeads {
+    fn new(head: u64) -> Self {
+        Self {
+            committed: AtomicU64::new(head),
+            durable: AtomicU64::new(head),
+            notify: watch::Sender::new(head),
+        }
+    }
+
+    /// A commit that left the log's head at `head` returned.
+    fn committed(&self, head: u64, durable: bool) {
+        self.committed.fetch_max(head, Ordering::AcqRel);
+        if durable {
+            let before = self.durable.fetch_max(head, Ordering::AcqRel);
+            if head > before {
+                self.notify.send_if_modified(|h| {
+                    let moved = head > *h;
+                    *h = (*h).max(head);
+                    moved
+                });
+            }
+        }
+    }
+
+    fn durable(&self) -> u64 {
+        self.durable.load(Ordering::Acquire)
+    }
+}
+
+/// Appends events inside a write transaction; returns the new head.
+struct EventWriter<'t> {
+    table: redb::Table<'t, u64, &'static [u8]>,
+    last: u64,
+}
+
+impl<'t> EventWriter<'t> {
+    fn open(txn: &'t redb::WriteTransaction) -> Result<Self, StoreError> {
+        let meta = txn.open_table(META)?;
+        let last = meta.get(K_EVENTS_LAST)?.map_or(0, |v| v.value());
+        drop(meta);
+        Ok(Self {
+            table: txn.open_table(EVENTS)?,
+            last,
+        })
+    }
+
+    fn push(&mut self, at_ms: u64, kind: EventKind) -> Result<(), StoreError> {
+        self.last += 1;
+        let event = Event { at_ms, kind };
+        self.table
+            .insert(self.last, codec::to_bytes(&event)?.as_slice())?;
+        Ok(())
+    }
+
+    /// Persists the head; returns it.
+    fn close(self, txn: &redb::WriteTransaction) -> Result<u64, StoreError> {
+        let last = self.last;
+        drop(self);
+        txn.open_table(META)?.insert(K_EVENTS_LAST, last)?;
+        Ok(last)
+    }
 }
 
 /// [`HubStore`] on one redb file.
 #[derive(Clone)]
 pub struct RedbHubStore {
     db: Arc<Database>,
+    heads: Arc<EventHeads>,
 }
 
 impl RedbHubStore {
@@ -346,9 +482,20 @@ impl RedbHubStore {
             txn.open_table(AGENTS)?;
             txn.open_table(RECORDS)?;
             txn.open_table(DOWN_QUEUE)?;
+            txn.open_table(EVENTS)?;
+            txn.open_table(WEBHOOKS)?;
+            txn.open_table(ATTEMPTS)?;
         }
+        // Whatever survived to this open is durable.
+        let head = txn
+            .open_table(META)?
+            .get(K_EVENTS_LAST)?
+            .map_or(0, |v| v.value());
         txn.commit()?;
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self {
+            db: Arc::new(db),
+            heads: Arc::new(EventHeads::new(head)),
+        })
     }
 }
 
@@ -362,11 +509,12 @@ fn read_row(
     })
 }
 
+/// Merges `change` into the agent's record; what it changed, if anything.
 fn merge_into(
     records: &mut redb::Table<(&'static str, &'static str, &'static str), &'static [u8]>,
     agent: &AgentId,
     change: &Change,
-) -> Result<(), StoreError> {
+) -> Result<Option<RecordChanged>, StoreError> {
     let key = (
         agent.as_str(),
         change.collection.as_str(),
@@ -376,10 +524,29 @@ fn merge_into(
         Some(bytes) => codec::from_bytes(bytes.value())?,
         None => RecordState::default(),
     };
-    if state.merge(&change.state) {
-        records.insert(key, codec::to_bytes(&state)?.as_slice())?;
+    let prior = Prior::of(&state, &change.state);
+    if !state.merge(&change.state) {
+        return Ok(None);
     }
-    Ok(())
+    records.insert(key, codec::to_bytes(&state)?.as_slice())?;
+    Ok(RecordChanged::of(
+        agent,
+        &change.collection,
+        &change.key,
+        &prior,
+        &state,
+        &change.state,
+    ))
+}
+
+fn read_endpoint(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    id: &str,
+) -> Result<Option<Endpoint>, StoreError> {
+    Ok(match table.get(id)? {
+        Some(bytes) => Some(codec::from_bytes(bytes.value())?),
+        None => None,
+    })
 }
 
 impl HubStore for RedbHubStore {
@@ -410,6 +577,7 @@ impl HubStore for RedbHubStore {
 
     fn apply_upstream_group(&self, group: &[Upstream], now_ms: u64) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
+        let mut events = EventWriter::open(&txn)?;
         {
             let mut agents = txn.open_table(AGENTS)?;
             let mut records = txn.open_table(RECORDS)?;
@@ -422,7 +590,9 @@ impl HubStore for RedbHubStore {
             {
                 let mut row = read_row(&agents, agent)?.unwrap_or_default();
                 for change in changes {
-                    merge_into(&mut records, agent, change)?;
+                    if let Some(changed) = merge_into(&mut records, agent, change)? {
+                        events.push(now_ms, EventKind::RecordChanged(changed))?;
+                    }
                 }
                 if let Some(c) = cursor {
                     row.up_source = c.source;
@@ -439,7 +609,9 @@ impl HubStore for RedbHubStore {
                 agents.insert(agent.as_str(), codec::to_bytes(&row)?.as_slice())?;
             }
         }
+        let head = events.close(&txn)?;
         txn.commit()?;
+        self.heads.committed(head, true);
         Ok(())
     }
 
@@ -471,6 +643,8 @@ impl HubStore for RedbHubStore {
         hlc_last: Stamp,
     ) -> Result<Seq, StoreError> {
         let txn = self.db.begin_write()?;
+        let mut events = EventWriter::open(&txn)?;
+        let now_ms = fieldsync_shared::hlc::system_now_ms();
         let last = {
             let mut agents = txn.open_table(AGENTS)?;
             let mut records = txn.open_table(RECORDS)?;
@@ -478,7 +652,9 @@ impl HubStore for RedbHubStore {
             let mut meta = txn.open_table(META)?;
             let mut row = read_row(&agents, agent)?.unwrap_or_default();
             for change in changes {
-                merge_into(&mut records, agent, change)?;
+                if let Some(changed) = merge_into(&mut records, agent, change)? {
+                    events.push(now_ms, EventKind::RecordChanged(changed))?;
+                }
                 row.down_last = row.down_last.next();
                 queue.insert(
                     (agent.as_str(), row.down_last.0),
@@ -490,7 +666,9 @@ impl HubStore for RedbHubStore {
             meta.insert(K_HLC_LOGICAL, u64::from(hlc_last.logical))?;
             row.down_last
         };
+        let head = events.close(&txn)?;
         txn.commit()?;
+        self.heads.committed(head, true);
         Ok(last)
     }
 
@@ -610,5 +788,210 @@ impl HubStore for RedbHubStore {
         let wall = meta.get(K_HLC_WALL)?.map_or(0, |v| v.value());
         let logical = meta.get(K_HLC_LOGICAL)?.map_or(0, |v| v.value());
         Ok(Stamp::new(wall, u32::try_from(logical).unwrap_or(u32::MAX)))
+    }
+
+    fn append_events(&self, events: &[EventKind], now_ms: u64) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let txn = self.lazy_write()?;
+        let mut log = EventWriter::open(&txn)?;
+        for kind in events {
+            log.push(now_ms, kind.clone())?;
+        }
+        let head = log.close(&txn)?;
+        txn.commit()?;
+        self.heads.committed(head, false);
+        Ok(())
+    }
+
+    fn events_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, Event)>, StoreError> {
+        let durable = self.heads.durable();
+        if after >= durable {
+            return Ok(Vec::new());
+        }
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(EVENTS)?;
+        let mut out = Vec::new();
+        for item in table.range(after + 1..=durable)?.take(limit) {
+            let (k, bytes) = item?;
+            out.push((k.value(), codec::from_bytes(bytes.value())?));
+        }
+        Ok(out)
+    }
+
+    fn event(&self, seq: u64) -> Result<Option<Event>, StoreError> {
+        if seq > self.heads.durable() {
+            return Ok(None);
+        }
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(EVENTS)?;
+        let found = table.get(seq)?;
+        Ok(match found {
+            Some(bytes) => Some(codec::from_bytes(bytes.value())?),
+            None => None,
+        })
+    }
+
+    fn event_bounds(&self) -> Result<EventBounds, StoreError> {
+        let head = self.heads.durable();
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(EVENTS)?;
+        let oldest = match table.first()? {
+            Some((k, _)) if k.value() <= head => k.value(),
+            _ => head + 1,
+        };
+        Ok(EventBounds { oldest, head })
+    }
+
+    fn sync_events(&self) -> Result<bool, StoreError> {
+        if self.heads.committed.load(Ordering::Acquire) <= self.heads.durable() {
+            return Ok(false);
+        }
+        // A durable commit makes every earlier commit durable; it rewrites
+        // the head it sees, so it is never empty.
+        let txn = self.db.begin_write()?;
+        let head = {
+            let mut meta = txn.open_table(META)?;
+            let head = meta.get(K_EVENTS_LAST)?.map_or(0, |v| v.value());
+            meta.insert(K_EVENTS_LAST, head)?;
+            head
+        };
+        txn.commit()?;
+        self.heads.committed(head, true);
+        Ok(true)
+    }
+
+    fn watch_events(&self) -> watch::Receiver<u64> {
+        self.heads.notify.subscribe()
+    }
+
+    fn trim_events(&self, upto: u64, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let txn = self.lazy_write()?;
+        let mut dropped = 0;
+        {
+            let mut table = txn.open_table(EVENTS)?;
+            let mut last = None;
+            for item in table.range(..=upto)?.take(limit) {
+                let (k, bytes) = item?;
+                let event: Event = codec::from_bytes(bytes.value())?;
+                if event.at_ms >= before_ms {
+                    break;
+                }
+                last = Some(k.value());
+                dropped += 1;
+            }
+            if let Some(last) = last {
+                table.retain_in(..=last, |_, _| false)?;
+            }
+        }
+        txn.commit()?;
+        Ok(dropped)
+    }
+
+    fn put_webhook(&self, endpoint: &Endpoint) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(WEBHOOKS)?
+            .insert(endpoint.id.as_str(), codec::to_bytes(endpoint)?.as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn webhook(&self, id: &str) -> Result<Option<Endpoint>, StoreError> {
+        let txn = self.db.begin_read()?;
+        read_endpoint(&txn.open_table(WEBHOOKS)?, id)
+    }
+
+    fn webhooks(&self) -> Result<Vec<Endpoint>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(WEBHOOKS)?;
+        let mut out = Vec::new();
+        for item in table.iter()? {
+            let (_, bytes) = item?;
+            out.push(codec::from_bytes(bytes.value())?);
+        }
+        Ok(out)
+    }
+
+    fn delete_webhook(&self, id: &str) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        let existed = {
+            let existed = txn.open_table(WEBHOOKS)?.remove(id)?.is_some();
+            txn.open_table(ATTEMPTS)?
+                .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+            existed
+        };
+        txn.commit()?;
+        Ok(existed)
+    }
+
+    fn rewind_webhook(&self, id: &str, cursor: u64) -> Result<Option<Endpoint>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let found = {
+            let mut table = txn.open_table(WEBHOOKS)?;
+            let found = read_endpoint(&table, id)?;
+            match found {
+                Some(mut endpoint) => {
+                    endpoint.epoch += 1;
+                    endpoint.progress = Progress {
+                        cursor,
+                        ..Progress::default()
+                    };
+                    table.insert(id, codec::to_bytes(&endpoint)?.as_slice())?;
+                    Some(endpoint)
+                }
+                None => None,
+            }
+        };
+        txn.commit()?;
+        Ok(found)
+    }
+
+    fn webhook_progress(
+        &self,
+        id: &str,
+        epoch: u64,
+        progress: &Progress,
+        attempt: Option<&Attempt>,
+    ) -> Result<bool, StoreError> {
+        let txn = self.lazy_write()?;
+        let current = {
+            let mut table = txn.open_table(WEBHOOKS)?;
+            let Some(mut endpoint) = read_endpoint(&table, id)? else {
+                return Ok(false);
+            };
+            let current = endpoint.epoch == epoch;
+            if current {
+                endpoint.progress = progress.clone();
+                table.insert(id, codec::to_bytes(&endpoint)?.as_slice())?;
+            }
+            if let Some(attempt) = attempt {
+                let mut attempts = txn.open_table(ATTEMPTS)?;
+                let next = attempts
+                    .range((id, 0)..=(id, u64::MAX))?
+                    .next_back()
+                    .transpose()?
+                    .map_or(1, |(k, _)| k.value().1 + 1);
+                attempts.insert((id, next), codec::to_bytes(attempt)?.as_slice())?;
+                if next > ATTEMPTS_KEPT {
+                    let keep_from = next - ATTEMPTS_KEPT;
+                    attempts.retain_in((id, 0)..(id, keep_from), |_, _| false)?;
+                }
+            }
+            current
+        };
+        txn.commit()?;
+        Ok(current)
+    }
+
+    fn webhook_attempts(&self, id: &str, limit: usize) -> Result<Vec<Attempt>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(ATTEMPTS)?;
+        let mut out = Vec::new();
+        for item in table.range((id, 0)..=(id, u64::MAX))?.rev().take(limit) {
+            let (_, bytes) = item?;
+            out.push(codec::from_bytes(bytes.value())?);
+        }
+        Ok(out)
     }
 }

@@ -33,6 +33,8 @@ use fieldsync_shared::{
 use serde_json::json;
 
 use super::{HelloNote, HubStore, Upstream};
+use crate::events::{EventFilter, EventKind};
+use crate::webhooks::{Attempt, Endpoint, Outcome, Progress};
 
 /// Expands to one `#[test]` per suite test for the backend that `$factory`
 /// opens (see the module docs of `store::conformance`). Every `pub fn`
@@ -51,6 +53,9 @@ macro_rules! hub_store_suite {
             the_incarnation_is_drawn_once_and_kept,
             cursors_identity_and_trim_marks_persist_per_agent,
             snapshot_reads_page_through_one_agents_records_only,
+            record_changes_are_logged_with_their_commit_once_in_order,
+            link_events_become_readable_once_durable_and_the_log_trims_from_the_old_end,
+            webhook_endpoints_keep_progress_per_epoch_and_attempts_newest_first,
             // suite: end
         );
     };
@@ -464,6 +469,155 @@ pub fn snapshot_reads_page_through_one_agents_records_only<S: HubStore>(open: &d
         .records_after(&agent("gw-unknown"), None, 4, usize::MAX)
         .unwrap();
     assert!(none.is_empty() && next.is_none());
+}
+
+pub fn record_changes_are_logged_with_their_commit_once_in_order<S: HubStore>(
+    open: &dyn Fn() -> S,
+) {
+    let store = open();
+    let a = agent("gw-1");
+    let batch = [
+        change("p1", "ward", json!(3), 10, "gw-1"),
+        change("p2", "ward", json!(4), 11, "gw-1"),
+    ];
+    store.apply_upstream(&a, &batch, cur(2), 1_000).unwrap();
+    // A re-sent batch changes nothing, so it logs nothing.
+    store.apply_upstream(&a, &batch, cur(2), 2_000).unwrap();
+    let hub = Origin::hub("hub").unwrap();
+    store
+        .enqueue_downstream(&a, &[setting("p1", 7, &hub)], Stamp::new(20, 0))
+        .unwrap();
+    let events = store.events_after(0, 100).unwrap();
+    let seen: Vec<(u64, String, serde_json::Value)> = events
+        .iter()
+        .map(|(seq, e)| match &e.kind {
+            EventKind::RecordChanged(c) => (*seq, c.key.to_string(), json!(c.fields)),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (1, "p1".into(), json!({"ward": 3})),
+            (2, "p2".into(), json!({"ward": 4})),
+            (3, "p1".into(), json!({"threshold": 7})),
+        ]
+    );
+    assert_eq!(events[0].1.at_ms, 1_000);
+    assert_eq!(store.events_after(2, 100).unwrap().len(), 1);
+    assert_eq!(store.event_bounds().unwrap().head, 3);
+    drop(store);
+    // The log and its numbering survive a reopen.
+    let store = open();
+    assert_eq!(store.events_after(0, 100).unwrap().len(), 3);
+    store
+        .apply_upstream(
+            &a,
+            &[change("p3", "ward", json!(5), 30, "gw-1")],
+            cur(3),
+            3_000,
+        )
+        .unwrap();
+    assert_eq!(store.events_after(3, 100).unwrap()[0].0, 4);
+}
+
+pub fn link_events_become_readable_once_durable_and_the_log_trims_from_the_old_end<S: HubStore>(
+    open: &dyn Fn() -> S,
+) {
+    let store = open();
+    let a = agent("gw-1");
+    let mut head = store.watch_events();
+    store
+        .append_events(&[EventKind::AgentConnected { agent: a.clone() }], 500)
+        .unwrap();
+    // Not yet durable: not readable.
+    assert!(store.events_after(0, 10).unwrap().is_empty());
+    assert!(store.sync_events().unwrap());
+    assert!(!store.sync_events().unwrap(), "nothing left to sync");
+    assert!(head.has_changed().unwrap());
+    assert_eq!(*head.borrow_and_update(), 1);
+    assert_eq!(store.events_after(0, 10).unwrap().len(), 1);
+    // A durable commit carries earlier appended events with it.
+    store
+        .append_events(&[EventKind::AgentDisconnected { agent: a.clone() }], 600)
+        .unwrap();
+    store
+        .apply_upstream(
+            &a,
+            &[change("p1", "ward", json!(1), 10, "gw-1")],
+            cur(1),
+            700,
+        )
+        .unwrap();
+    assert_eq!(store.events_after(0, 10).unwrap().len(), 3);
+    assert_eq!(
+        store.event_bounds().unwrap(),
+        crate::events::EventBounds { oldest: 1, head: 3 }
+    );
+    // Trimming stops at the first event too young or past `upto`.
+    assert_eq!(store.trim_events(3, 650, 100).unwrap(), 2);
+    assert_eq!(store.event_bounds().unwrap().oldest, 3);
+    assert_eq!(store.trim_events(2, 10_000, 100).unwrap(), 0);
+    assert!(store.event(2).unwrap().is_none());
+    assert_eq!(store.event(3).unwrap().unwrap().at_ms, 700);
+}
+
+pub fn webhook_endpoints_keep_progress_per_epoch_and_attempts_newest_first<S: HubStore>(
+    open: &dyn Fn() -> S,
+) {
+    let store = open();
+    let endpoint = Endpoint {
+        id: "wh_1".into(),
+        url: "https://example.com/hook".into(),
+        filter: EventFilter::default(),
+        secret: "whsec_AAAA".into(),
+        created_ms: 1,
+        epoch: 0,
+        progress: Progress::default(),
+    };
+    store.put_webhook(&endpoint).unwrap();
+    let attempt = |n: u32| Attempt {
+        event_id: format!("evt_{n}"),
+        event_type: "record.changed".into(),
+        seq: u64::from(n),
+        at_ms: u64::from(n),
+        attempt: 1,
+        status: Some(200),
+        error: None,
+        duration_ms: 1,
+        outcome: Outcome::Delivered,
+    };
+    let moved = Progress {
+        cursor: 5,
+        ..Progress::default()
+    };
+    assert!(store
+        .webhook_progress("wh_1", 0, &moved, Some(&attempt(1)))
+        .unwrap());
+    assert!(store
+        .webhook_progress("wh_1", 0, &moved, Some(&attempt(2)))
+        .unwrap());
+    assert_eq!(store.webhook("wh_1").unwrap().unwrap().progress.cursor, 5);
+    // A replay rewinds under a new epoch: older progress no longer lands.
+    let rewound = store.rewind_webhook("wh_1", 1).unwrap().unwrap();
+    assert_eq!((rewound.epoch, rewound.progress.cursor), (1, 1));
+    assert!(!store.webhook_progress("wh_1", 0, &moved, None).unwrap());
+    assert_eq!(store.webhook("wh_1").unwrap().unwrap().progress.cursor, 1);
+    let ids: Vec<String> = store
+        .webhook_attempts("wh_1", 10)
+        .unwrap()
+        .into_iter()
+        .map(|a| a.event_id)
+        .collect();
+    assert_eq!(ids, ["evt_2", "evt_1"]);
+    drop(store);
+    let store = open();
+    assert_eq!(store.webhooks().unwrap().len(), 1);
+    assert!(store.delete_webhook("wh_1").unwrap());
+    assert!(!store.delete_webhook("wh_1").unwrap());
+    assert!(store.webhook_attempts("wh_1", 10).unwrap().is_empty());
+    assert!(store.rewind_webhook("wh_1", 0).unwrap().is_none());
+    assert!(!store.webhook_progress("wh_1", 1, &moved, None).unwrap());
 }
 
 #[cfg(test)]
