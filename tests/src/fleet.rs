@@ -107,6 +107,8 @@ pub struct TempHub {
     policy: String,
     /// Extra `key = value` lines for the `[mqtt]` section.
     extra_mqtt: String,
+    /// Extra sections (`[webhooks]`, `[events]`) at the end of the file.
+    extra_sections: String,
     child: Option<(Child, std::thread::JoinHandle<()>)>,
     mqtt: SocketAddr,
     api: String,
@@ -129,11 +131,24 @@ impl TempHub {
         policy: &str,
         extra_mqtt: &str,
     ) -> anyhow::Result<Self> {
+        Self::start_configured(dir, pki, policy, extra_mqtt, "")
+    }
+
+    /// [`TempHub::start_with`] plus `extra_sections` (whole TOML sections such
+    /// as `[webhooks]`) at the end of the config, for every start.
+    pub fn start_configured(
+        dir: &Path,
+        pki: &Pki,
+        policy: &str,
+        extra_mqtt: &str,
+        extra_sections: &str,
+    ) -> anyhow::Result<Self> {
         let mut hub = Self {
             dir: dir.to_owned(),
             config: dir.join("hub.toml"),
             policy: policy.to_owned(),
             extra_mqtt: extra_mqtt.trim().to_owned(),
+            extra_sections: extra_sections.trim().to_owned(),
             child: None,
             mqtt: "127.0.0.1:0".parse()?,
             api: String::new(),
@@ -153,7 +168,7 @@ impl TempHub {
              [mqtt]\nlisten = \"{}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
              handshake_timeout_ms = 3000\nconnect_timeout_ms = 3000\n{}\n\
              [api]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n\n\
-             [policy]\nfile = \"hub-policy.toml\"\n",
+             [policy]\nfile = \"hub-policy.toml\"\n\n{}\n",
             self.mqtt,
             pki.ca(),
             pki.hub_cert(),
@@ -162,7 +177,8 @@ impl TempHub {
                 String::new()
             } else {
                 format!("{}\n", self.extra_mqtt)
-            }
+            },
+            self.extra_sections,
         );
         std::fs::write(&self.config, text)?;
         Ok(())
@@ -376,6 +392,29 @@ impl Operator {
             .send()
             .await?;
         Ok((r.status(), r.json().await?))
+    }
+
+    /// `POST path` with a JSON body and the token.
+    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<(StatusCode, Value)> {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(TOKEN)
+            .json(body)
+            .send()
+            .await?;
+        Ok((r.status(), r.json().await?))
+    }
+
+    /// `DELETE path` with the token; the status.
+    pub async fn delete(&self, path: &str) -> anyhow::Result<StatusCode> {
+        let r = self
+            .http
+            .delete(format!("{}{path}", self.base))
+            .bearer_auth(TOKEN)
+            .send()
+            .await?;
+        Ok(r.status())
     }
 
     /// The `GET /v1/agents` entry for `agent`, if the hub knows it.

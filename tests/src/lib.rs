@@ -8,6 +8,7 @@ pub mod durability;
 pub mod fleet;
 pub mod raw_mqtt;
 pub mod tap;
+pub mod webhook_receiver;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
