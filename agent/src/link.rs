@@ -15,10 +15,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fieldsync_shared::codec;
-use fieldsync_shared::session::{Action, Now, Report, Session, SessionConfig};
+use fieldsync_shared::session::{Action, Now, OutboxHealth, Report, Session, SessionConfig};
 use fieldsync_shared::tls::{client_config, TlsError};
 use fieldsync_shared::wire::{down_topic, up_topic, Envelope, Message, MAX_MESSAGE_BYTES};
-use fieldsync_shared::{AgentId, Change, Flow, Mark, Policy};
+use fieldsync_shared::{AgentId, Change, Flow, Mark, Policy, Seq};
 use rand::Rng;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, Event, MqttOptions, NetworkOptions, Packet, QoS,
@@ -499,7 +499,23 @@ impl Driver<'_> {
                 }
             }
             Action::ClockOffset { offset_ms } => self.correct_clock(offset_ms).await?,
-            Action::ClockSkew { .. } => {}
+            Action::LoadHealth => {
+                let stats = tokio::task::spawn_blocking(move || store.outbox_health()).await??;
+                let now = self.now();
+                let acked = self.setup.status.acked_seq.load(Ordering::Relaxed);
+                self.session.health_loaded(
+                    OutboxHealth {
+                        pending: stats.pending,
+                        bytes: stats.bytes,
+                        oldest_pending_ms: stats
+                            .oldest_wall_ms
+                            .map(|at| now.wall_ms.saturating_sub(at)),
+                        acked: Seq(acked.max(stats.acked.0)),
+                    },
+                    now,
+                );
+            }
+            Action::ClockSkew { .. } | Action::Health(_) => {}
             Action::Report(report) => self.report(report),
         }
         Ok(())

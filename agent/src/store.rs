@@ -161,6 +161,17 @@ pub struct OutboxBounds {
     pub last: Seq,
 }
 
+/// What a health report says of the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxStats {
+    pub pending: u64,
+    pub bytes: u64,
+    /// The oldest pending entry's stamp (wall ms), if any.
+    pub oldest_wall_ms: Option<u64>,
+    /// The trim point (the hub's last acknowledgement the store holds).
+    pub acked: Seq,
+}
+
 /// What a clock re-stamp changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Restamped {
@@ -291,6 +302,28 @@ impl Store {
     pub fn outbox_len(&self) -> Result<u64, StoreError> {
         let txn = self.db.begin_read()?;
         Ok(txn.open_table(OUTBOX)?.len()?)
+    }
+
+    /// The outbox for a health report: entries, the bytes they take (redb's
+    /// table statistics: a walk of the outbox's pages, so once per report,
+    /// not per write), and the stamp (wall ms) of the oldest entry.
+    pub fn outbox_health(&self) -> Result<OutboxStats, StoreError> {
+        let txn = self.db.begin_read()?;
+        let outbox = txn.open_table(OUTBOX)?;
+        let oldest_wall_ms = match outbox.first()? {
+            Some((_, bytes)) => {
+                let change: Change = codec::from_bytes(bytes.value())?;
+                change.state.max_version().map(|v| v.stamp.wall_ms)
+            }
+            None => None,
+        };
+        let acked = Seq(get_u64(&txn.open_table(META)?, K_OUTBOX_ACKED)?);
+        Ok(OutboxStats {
+            pending: outbox.len()?,
+            bytes: outbox.stats()?.stored_bytes(),
+            oldest_wall_ms,
+            acked,
+        })
     }
 
     pub fn outbox_bounds(&self) -> Result<OutboxBounds, StoreError> {

@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 
 use crate::engine::EngineEvent;
 use crate::front_door::Connections;
+use crate::health::FleetHealth;
 use crate::metrics::Metrics;
 use crate::store::{HubStore, StoreError};
 use crate::webhooks::Dispatcher;
@@ -48,6 +49,8 @@ pub struct ApiState<S: HubStore> {
     pub webhooks: Arc<Dispatcher<S>>,
     /// `[webhooks] allow_http`.
     pub webhook_allow_http: bool,
+    /// Agents' sync health.
+    pub health: Arc<FleetHealth>,
 }
 
 /// The API's routes.
@@ -185,12 +188,23 @@ async fn list_agents<S: HubStore>(
     State(state): State<Arc<ApiState<S>>>,
 ) -> Result<Json<Value>, ApiError> {
     let rows = blocking(&state.store, |s| s.agents()).await?;
+    let now = system_now_ms();
     let agents: Vec<Value> = rows
         .into_iter()
         .map(|(id, row)| {
+            let connected = state.connections.is_connected(&id);
+            let (sync_state, health) = state.health.state(&id, connected, now);
+            let report = health.and_then(|h| h.report.map(|r| (r, h.report_at_ms)));
             json!({
                 "id": id,
-                "connected": state.connections.is_connected(&id),
+                "connected": connected,
+                "state": sync_state,
+                "outbox_pending": report.map(|(r, _)| r.outbox_pending),
+                "outbox_bytes": report.map(|(r, _)| r.outbox_bytes),
+                "oldest_pending_ms": report.and_then(|(r, _)| r.oldest_pending_ms),
+                "drain_per_s": report.map(|(r, _)| r.drain_per_s),
+                "agent_clock_offset_ms": report.map(|(r, _)| r.clock_offset_ms),
+                "health_reported": report.map(|(_, at)| format_ms(at)),
                 "last_seen": row.last_seen_ms.map(format_ms),
                 "queue_pending": row.queue_pending(),
                 "up_applied": row.up_applied,
@@ -503,6 +517,10 @@ async fn batch<S: HubStore>(
 async fn metrics<S: HubStore>(State(state): State<Arc<ApiState<S>>>) -> Json<Value> {
     let mut snapshot = json!(state.metrics.snapshot());
     snapshot["agents_connected"] = json!(state.connections.count());
+    let connections = &state.connections;
+    snapshot["agents_stalled"] = json!(state
+        .health
+        .stalled(|a| connections.is_connected(a), system_now_ms()));
     Json(snapshot)
 }
 

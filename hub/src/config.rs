@@ -47,6 +47,16 @@ struct RawConfig {
     webhooks: RawWebhooks,
     #[serde(default)]
     events: RawEvents,
+    #[serde(default)]
+    health: RawHealth,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    /// An agent connected with a backlog and no upstream applied for this
+    /// long is `stalled`, in milliseconds.
+    stall_after_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -143,6 +153,8 @@ pub struct HubConfig {
     pub webhooks: WebhookSettings,
     /// `[events] retention_hours`.
     pub event_retention: Duration,
+    /// `[health] stall_after_ms`.
+    pub stall_after_ms: u64,
 }
 
 /// How webhooks are delivered (`[webhooks]`; README, "Webhooks").
@@ -217,6 +229,9 @@ pub mod defaults {
     pub const WEBHOOK_MAX_ATTEMPTS: u32 = 20;
     /// The event log keeps events a week.
     pub const EVENT_RETENTION_HOURS: u64 = 168;
+    /// Two minutes without upstream progress on a backlog is a stall: well
+    /// above an agent's report interval (10 s) and its ack timeout (5 s).
+    pub const STALL_AFTER_MS: u64 = 120_000;
 }
 
 /// The operator API's settings.
@@ -462,11 +477,22 @@ impl HubConfig {
                 format!("{hours} is outside 1..=8784"),
             ));
         }
+        let stall_after_ms = raw
+            .health
+            .stall_after_ms
+            .unwrap_or(defaults::STALL_AFTER_MS);
+        if !(1_000..=86_400_000).contains(&stall_after_ms) {
+            return Err(invalid(
+                "health.stall_after_ms",
+                format!("{stall_after_ms} is outside 1000..=86400000"),
+            ));
+        }
         Ok(Self {
             data_dir,
             mqtt,
             api,
             policy,
+            stall_after_ms,
             webhooks,
             event_retention: Duration::from_secs(hours * 3600),
         })
@@ -594,6 +620,10 @@ file = "policy.toml"
             (
                 format!("{GOOD}\n[events]\nretention_hours = 0\n"),
                 "events.retention_hours",
+            ),
+            (
+                format!("{GOOD}\n[health]\nstall_after_ms = 5\n"),
+                "health.stall_after_ms",
             ),
         ];
         for (config, key) in cases {

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::{Bucket, Rate};
 use crate::events::EventKind;
+use crate::health::FleetHealth;
 use crate::metrics::Metrics;
 use crate::store::{HelloNote, HubStore, StoreError, Upstream};
 use crate::transport::{ConnId, Inbound, Inlet, Outlet, SendError};
@@ -50,6 +51,12 @@ pub const HELLO_RATE: Rate = Rate {
     per_s: 0.5,
     burst: 5.0,
 };
+
+/// Set (to anything) in the hub's environment, the engine drops every
+/// upstream batch unanswered: a test fault that makes agents stall.
+pub const DROP_UPSTREAM_ENV: &str = "FIELDSYNC_TEST_DROP_UPSTREAM";
+/// How often (in ticks) stalls are looked for.
+const STALL_CHECK_TICKS: u32 = 4;
 
 /// What the operator API tells the engine.
 #[derive(Debug)]
@@ -82,6 +89,10 @@ struct AgentLink {
 /// The engine's shared parts.
 pub struct Engine<S: HubStore> {
     pub store: Arc<S>,
+    /// Agents' sync health, fed here and shown by the API.
+    pub health: Arc<FleetHealth>,
+    /// The [`DROP_UPSTREAM_ENV`] test fault.
+    pub drop_upstream: bool,
     pub policy: Arc<Policy>,
     pub hlc: Arc<Mutex<Hlc>>,
     pub metrics: Arc<Metrics>,
@@ -114,6 +125,7 @@ impl<S: HubStore> Engine<S> {
         let mut state = State::default();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks = 0u32;
         loop {
             let mut group = Group::default();
             let mut all = false;
@@ -134,6 +146,10 @@ impl<S: HubStore> Engine<S> {
                     let at = Instant::now();
                     state.hellos.retain(|_, b| !b.is_full(at));
                     all = true;
+                    ticks = ticks.wrapping_add(1);
+                    if ticks % STALL_CHECK_TICKS == 0 {
+                        self.look_for_stalls(&state, &mut group);
+                    }
                 }
                 first = inlet.recv() => {
                     // Group commit: take what the inlet already holds, apply
@@ -311,6 +327,19 @@ impl<S: HubStore> Engine<S> {
         Ok(())
     }
 
+    /// Announces agents that became stalled: an event, a count, a warning.
+    fn look_for_stalls(&self, state: &State, group: &mut Group) {
+        let linked = |a: &AgentId| state.links.get(a).is_some_and(|l| l.session.is_some());
+        for (agent, outbox_pending) in self.health.newly_stalled(linked, system_now_ms()) {
+            Metrics::inc(&self.metrics.agent_stalls);
+            tracing::warn!(%agent, outbox_pending, "agent stalled: connected with a backlog and nothing applied");
+            group.events.push(EventKind::AgentStalled {
+                agent,
+                outbox_pending,
+            });
+        }
+    }
+
     fn on_event(&self, state: &mut State, event: EngineEvent) {
         match event {
             EngineEvent::Enqueued { agent, last } => {
@@ -459,6 +488,9 @@ impl<S: HubStore> Engine<S> {
             );
             return Ok(());
         };
+        if self.drop_upstream && matches!(envelope.msg, Message::Batch(_)) {
+            return Ok(());
+        }
         session.on_message(envelope.msg, now);
         self.drive(agent, session, &outlet, group, now).await?;
         Ok(())
@@ -525,6 +557,9 @@ impl<S: HubStore> Engine<S> {
                     snapshot,
                     then,
                 } => {
+                    if !changes.is_empty() || cursor.is_some() {
+                        self.health.progressed(agent, now.wall_ms);
+                    }
                     let changes = self.admit_upstream(agent, changes, snapshot, &mut group.events);
                     group.changes += changes.len();
                     group.upstream.push(Upstream {
@@ -538,7 +573,8 @@ impl<S: HubStore> Engine<S> {
                 // Stored with the group, before anything it sends.
                 Action::Trim { mark, resync } => group.trims.push((agent.clone(), mark, resync)),
                 Action::ClockSkew { skew_ms } => skew = Some(skew_ms),
-                Action::ClockOffset { .. } => {}
+                Action::ClockOffset { .. } | Action::LoadHealth => {}
+                Action::Health(report) => self.health.reported(agent, report, now.wall_ms),
                 Action::Report(r) => self.report(agent, r),
             }
         }

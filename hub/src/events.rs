@@ -2,8 +2,8 @@
 //! (`GET /v1/changes`) and the webhooks (`/v1/webhooks`). A `record.changed`
 //! event is written by the store in the same transaction as the change it
 //! describes, so there is none for an uncommitted change and none is lost in
-//! a crash; link events (`agent.connected`, `agent.disconnected`) and
-//! `policy.denied` are written without an fsync of their own and become
+//! a crash; link events (`agent.connected`, `agent.disconnected`,
+//! `agent.stalled`) and `policy.denied` are written without an fsync of their own and become
 //! visible with the next durable commit (at most about a second later).
 //!
 //! An event's position is its sequence number in the log. A cursor names the
@@ -42,6 +42,9 @@ pub enum EventKind {
     /// A linked agent's connection ended (not a takeover by its own newer
     /// connection).
     AgentDisconnected { agent: AgentId },
+    /// A connected agent reports a backlog and the hub applied nothing of
+    /// its upstream for `[health] stall_after_ms`.
+    AgentStalled { agent: AgentId, outbox_pending: u64 },
     /// The hub dropped fields (or a whole collection) an agent sent that the
     /// hub's policy does not permit upstream. Names only, never values.
     PolicyDenied {
@@ -57,6 +60,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "record.changed",
     "agent.connected",
     "agent.disconnected",
+    "agent.stalled",
     "policy.denied",
 ];
 
@@ -145,6 +149,7 @@ impl Event {
             EventKind::RecordChanged(_) => "record.changed",
             EventKind::AgentConnected { .. } => "agent.connected",
             EventKind::AgentDisconnected { .. } => "agent.disconnected",
+            EventKind::AgentStalled { .. } => "agent.stalled",
             EventKind::PolicyDenied { .. } => "policy.denied",
         }
     }
@@ -155,6 +160,7 @@ impl Event {
             EventKind::RecordChanged(c) => &c.agent,
             EventKind::AgentConnected { agent }
             | EventKind::AgentDisconnected { agent }
+            | EventKind::AgentStalled { agent, .. }
             | EventKind::PolicyDenied { agent, .. } => agent,
         }
     }
@@ -197,6 +203,10 @@ impl Event {
             EventKind::AgentConnected { agent } | EventKind::AgentDisconnected { agent } => {
                 json!({"cursor": cursor, "agent": agent})
             }
+            EventKind::AgentStalled {
+                agent,
+                outbox_pending,
+            } => json!({"cursor": cursor, "agent": agent, "outbox_pending": outbox_pending}),
             EventKind::PolicyDenied {
                 agent,
                 collection,

@@ -13,6 +13,7 @@ pub mod config;
 pub mod engine;
 pub mod events;
 pub mod front_door;
+pub mod health;
 pub mod metrics;
 pub mod pki;
 pub mod store;
@@ -149,8 +150,18 @@ pub async fn serve_with_store<S: HubStore>(
     let tasks = TaskTracker::new();
 
     let origin = Origin::hub(HUB_ORIGIN).expect("a valid constant origin");
+    let health = Arc::new(health::FleetHealth::new(config.stall_after_ms));
+    let drop_upstream = std::env::var_os(engine::DROP_UPSTREAM_ENV).is_some();
+    if drop_upstream {
+        tracing::warn!(
+            "{} is set: this hub drops every upstream batch (a test fault)",
+            engine::DROP_UPSTREAM_ENV
+        );
+    }
     let engine = Engine {
         store: store.clone(),
+        health: health.clone(),
+        drop_upstream,
         policy: policy.clone(),
         hlc: hlc.clone(),
         metrics: metrics.clone(),
@@ -192,6 +203,7 @@ pub async fn serve_with_store<S: HubStore>(
         token: config.api.token.clone(),
         webhooks,
         webhook_allow_http: config.webhooks.allow_http,
+        health,
     });
     let api_addr = listeners.api.local_addr().map_err(RunError::Serve)?;
     tracing::info!(mqtt = %mqtt_addr, api = %api_addr, "hub listening");

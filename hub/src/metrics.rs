@@ -120,6 +120,9 @@ counters!(
     webhook_endpoints_disabled,
     /// Events dropped from the event log past its retention.
     events_trimmed,
+    /// Times a connected agent became `stalled` (a backlog and no upstream
+    /// applied for `health.stall_after_ms`).
+    agent_stalls,
 );
 
 impl Metrics {

@@ -281,6 +281,8 @@ impl Hub {
         let incarnation = store.incarnation().unwrap();
         let engine = Engine {
             store: store.clone(),
+            health: Arc::new(fieldsync_hub::health::FleetHealth::new(120_000)),
+            drop_upstream: false,
             policy: Arc::new(policy()),
             hlc: hlc.clone(),
             metrics: metrics.clone(),

@@ -136,6 +136,18 @@ pub struct SessionConfig {
     /// identity (connecting sooner would take the connection over from the
     /// device the hub accepts, again and again).
     pub refused_retry_ms: u64,
+    /// Agent: how often it reports its sync health to a hub that takes
+    /// reports (the first right after the welcome); 0: never.
+    pub health_interval_ms: u64,
+}
+
+/// What the agent's driver measures of its outbox for a health report.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct OutboxHealth {
+    pub pending: u64,
+    pub bytes: u64,
+    pub oldest_pending_ms: Option<u64>,
+    pub acked: Seq,
 }
 
 impl Default for SessionConfig {
@@ -148,6 +160,7 @@ impl Default for SessionConfig {
             max_drift_ms: crate::hlc::DEFAULT_MAX_DRIFT_MS,
             clock_interval_ms: 60_000,
             refused_retry_ms: 300_000,
+            health_interval_ms: 10_000,
         }
     }
 }
@@ -216,6 +229,11 @@ pub enum Action {
     ClockOffset { offset_ms: i64 },
     /// Hub only: the agent's clock minus ours, measured at its hello.
     ClockSkew { skew_ms: i64 },
+    /// Agent only: measure the outbox ([`OutboxHealth`]), then call
+    /// [`Session::health_loaded`].
+    LoadHealth,
+    /// Hub only: the agent reported its sync health.
+    Health(crate::wire::Health),
     /// Something the operator should see: counted and logged by the driver.
     Report(Report),
 }
@@ -612,6 +630,13 @@ pub struct Session {
     /// Hub: the welcome to send once the downstream is decided (the hub's
     /// wall clock at the hello).
     welcome_at: Option<u64>,
+    /// Agent: the hub takes health reports; when (monotonic) and at which
+    /// acknowledged position the last one was made.
+    peer_health: bool,
+    last_health: Option<(u64, Seq)>,
+    /// Agent: a report is asked for (not yet loaded), or due at once (a new link).
+    health_asked: bool,
+    health_now: bool,
     out: VecDeque<Action>,
 }
 
@@ -650,6 +675,10 @@ impl Session {
             last_clock_ms: 0,
             correction_ms: 0,
             welcome_at: None,
+            peer_health: false,
+            last_health: None,
+            health_asked: false,
+            health_now: false,
             out: VecDeque::new(),
         }
     }
@@ -694,6 +723,10 @@ impl Session {
             last_clock_ms: now.mono_ms,
             correction_ms: 0,
             welcome_at: None,
+            peer_health: false,
+            last_health: None,
+            health_asked: false,
+            health_now: false,
             out: VecDeque::new(),
         };
         s.receiver.peer = Some(hello.incarnation);
@@ -816,16 +849,16 @@ impl Session {
             },
             Message::Snapshot(s) => self.on_snapshot(s, now),
             Message::SnapshotAck(a) => self.on_snapshot_ack(a, now),
+            Message::Health(h) if self.role == Role::Hub => self.push(Action::Health(h)),
             Message::Error(e) => self.on_error(e, now),
             // The hub's driver answers a hello with a new `Session::hub`;
             // anything else here came the wrong way.
-            Message::Hello(_) | Message::Welcome(_) | Message::Time(_) => {
-                self.push(Action::Send(error(
+            Message::Hello(_) | Message::Welcome(_) | Message::Time(_) | Message::Health(_) => self
+                .push(Action::Send(error(
                     ErrorCode::Malformed,
                     "message not valid in this direction",
                     None,
-                )))
-            }
+                ))),
         }
     }
 
@@ -836,6 +869,8 @@ impl Session {
         self.link = LinkState::Linked;
         self.last_progress_ms = now.mono_ms;
         self.receiver.peer = Some(w.incarnation);
+        self.peer_health = w.health;
+        self.health_now = true;
         // The hub read its clock about half-way between our hello and now:
         // half the round trip (on the monotonic clock, so that a wall clock
         // set right meanwhile does not skew the estimate) before now.
@@ -854,6 +889,31 @@ impl Session {
             }
             None => self.decide(peer, None),
         }
+    }
+
+    /// The outbox measured for [`Action::LoadHealth`]: sends the report, with
+    /// the drain rate since the previous one and the clock correction.
+    pub fn health_loaded(&mut self, outbox: OutboxHealth, now: Now) {
+        self.health_asked = false;
+        if !self.is_linked() {
+            return;
+        }
+        self.health_now = false;
+        let drain_per_s = match self.last_health {
+            Some((at, acked)) if now.mono_ms > at => {
+                (outbox.acked.0.saturating_sub(acked.0)) as f64 * 1000.0 / (now.mono_ms - at) as f64
+            }
+            _ => 0.0,
+        };
+        self.last_health = Some((now.mono_ms, outbox.acked));
+        self.push(Action::Send(Message::Health(crate::wire::Health {
+            outbox_pending: outbox.pending,
+            outbox_bytes: outbox.bytes,
+            oldest_pending_ms: outbox.oldest_pending_ms,
+            acked: outbox.acked,
+            drain_per_s,
+            clock_offset_ms: self.correction_ms,
+        })));
     }
 
     /// The entry a [`Action::Verify`] asked for (`None` if the queue lacks it).
@@ -885,6 +945,7 @@ impl Session {
                     incarnation: self.sender.own,
                     up: cursor,
                     time_ms,
+                    health: true,
                 })
             };
             if went_back {
@@ -1219,6 +1280,19 @@ impl Session {
             self.push(Action::Send(Message::Time(Time {
                 time_ms: now.wall_ms,
             })));
+        }
+        let health_due = self.health_now
+            || self.last_health.is_none_or(|(at, _)| {
+                now.mono_ms.saturating_sub(at) >= self.cfg.health_interval_ms
+            });
+        if self.role == Role::Agent
+            && self.peer_health
+            && self.cfg.health_interval_ms > 0
+            && health_due
+            && !self.health_asked
+        {
+            self.health_asked = true;
+            self.push(Action::LoadHealth);
         }
         if !timed_out {
             return;

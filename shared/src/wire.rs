@@ -109,6 +109,9 @@ pub enum Message {
     SnapshotAck(SnapshotAck),
     /// Hub to agent, on a timer: the hub's wall clock.
     Time(Time),
+    /// Agent to hub, on a timer while linked (only to a hub whose welcome
+    /// said `health`): how the agent's outbox stands.
+    Health(Health),
     /// Either way: a refusal with a reason.
     Error(ErrorMsg),
 }
@@ -137,6 +140,15 @@ pub struct Welcome {
     pub up: Cursor,
     /// The hub's wall clock when it answered.
     pub time_ms: u64,
+    /// The hub takes [`Message::Health`] reports. Absent (false) from hubs
+    /// before it, which would refuse the message; encoded only when true, so
+    /// an older welcome's bytes are unchanged.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub health: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// A run of the sender's queue: every sequence number in `first..=last` is
@@ -183,6 +195,23 @@ pub struct SnapshotAck {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Time {
     pub time_ms: u64,
+}
+
+/// An agent's sync health, as it reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    /// Outbox entries not yet acknowledged by the hub.
+    pub outbox_pending: u64,
+    /// Bytes the outbox takes in the agent's store.
+    pub outbox_bytes: u64,
+    /// Age of the oldest pending entry (by its stamp), if any.
+    pub oldest_pending_ms: Option<u64>,
+    /// The highest outbox sequence number the hub acknowledged.
+    pub acked: Seq,
+    /// Entries acknowledged per second since the previous report.
+    pub drain_per_s: f64,
+    /// The correction the agent applies to its device clock (hub minus device).
+    pub clock_offset_ms: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -141,6 +141,7 @@ fn valid_envelopes() -> Vec<Envelope> {
                 },
             },
             time_ms: 1_733_000_000_500,
+            health: false,
         })),
         batch(
             4,

@@ -71,7 +71,7 @@ const V1_FIXTURES: [&str; 5] = ["hello", "welcome", "batch", "ack", "error"];
 /// Every fixture this file encodes and decodes. A fixture on disk that is not
 /// listed here or in [`V1_FIXTURES`] fails `no_fixture_is_orphaned`: fixtures
 /// are never dropped.
-const FIXTURES: [&str; 9] = [
+const FIXTURES: [&str; 11] = [
     "hello.v2",
     "welcome.v2",
     "batch.v2",
@@ -81,6 +81,8 @@ const FIXTURES: [&str; 9] = [
     "time.v2",
     "error.v2",
     "record_state",
+    "welcome_health.v2",
+    "health.v2",
 ];
 
 /// Compares `encoded` with the fixture `name` and decodes the fixture back to
@@ -184,6 +186,7 @@ fn welcome() {
             incarnation: Incarnation(0xfedc_ba98_7654_3210),
             up: Cursor::default(),
             time_ms: 1_733_000_000_042,
+            health: false,
         }),
     );
 }
@@ -300,6 +303,31 @@ fn snapshot_ack() {
     check_envelope(
         "snapshot_ack.v2",
         Message::SnapshotAck(SnapshotAck { resync: 2, part: 3 }),
+    );
+}
+
+/// A welcome from a hub that takes health reports, and a report.
+#[test]
+fn health() {
+    check_envelope(
+        "welcome_health.v2",
+        Message::Welcome(Welcome {
+            incarnation: Incarnation(0xfedc_ba98_7654_3210),
+            up: Cursor::default(),
+            time_ms: 1_733_000_000_042,
+            health: true,
+        }),
+    );
+    check_envelope(
+        "health.v2",
+        Message::Health(fieldsync_shared::wire::Health {
+            outbox_pending: 42,
+            outbox_bytes: 123_456,
+            oldest_pending_ms: Some(90_000),
+            acked: Seq(1_000),
+            drain_per_s: 12.5,
+            clock_offset_ms: -250,
+        }),
     );
 }
 

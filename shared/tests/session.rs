@@ -9,11 +9,11 @@
 use std::collections::BTreeMap;
 
 use fieldsync_shared::session::{
-    entry_check, Action, Admission, Cursor, Identity, Incarnation, Mark, Now, RecordAddr, Report,
-    ResyncReason, Session, SessionConfig, RETIRED_KEPT,
+    entry_check, Action, Admission, Cursor, Identity, Incarnation, Mark, Now, OutboxHealth,
+    RecordAddr, Report, ResyncReason, Session, SessionConfig, RETIRED_KEPT,
 };
 use fieldsync_shared::wire::{
-    Ack, Batch, Entry, Envelope, ErrorCode, Message, Snapshot, SnapshotAck,
+    Ack, Batch, Entry, Envelope, ErrorCode, Health, Message, Snapshot, SnapshotAck,
 };
 use fieldsync_shared::{AgentId, Change, CollectionName, FieldName, Origin, RecordKey};
 use fieldsync_shared::{Merge, RecordState, Sender, Seq, Stamp, Version};
@@ -41,6 +41,15 @@ fn cfg() -> SessionConfig {
         max_drift_ms: 60_000,
         clock_interval_ms: 30_000,
         refused_retry_ms: 300_000,
+        // Health reports have their own tests (`health_cfg`).
+        health_interval_ms: 0,
+    }
+}
+
+fn health_cfg() -> SessionConfig {
+    SessionConfig {
+        health_interval_ms: 10_000,
+        ..cfg()
     }
 }
 
@@ -97,6 +106,7 @@ struct Side {
     loads: Vec<(Seq, Seq)>,
     reports: Vec<Report>,
     offsets: Vec<i64>,
+    healths: Vec<Health>,
 }
 
 impl Side {
@@ -112,6 +122,7 @@ impl Side {
             loads: Vec::new(),
             reports: Vec::new(),
             offsets: Vec::new(),
+            healths: Vec::new(),
         }
     }
 
@@ -208,6 +219,15 @@ impl Side {
                 }
                 Action::ClockOffset { offset_ms } => self.offsets.push(offset_ms),
                 Action::ClockSkew { .. } => {}
+                Action::LoadHealth => {
+                    let outbox = OutboxHealth {
+                        pending: self.queue.len() as u64,
+                        acked: self.trims.last().map_or(Seq(0), |m| m.seq),
+                        ..OutboxHealth::default()
+                    };
+                    self.s.health_loaded(outbox, now);
+                }
+                Action::Health(h) => self.healths.push(h),
                 Action::Report(r) => self.reports.push(r),
             }
         }
@@ -272,6 +292,76 @@ fn linked(last: u64, cfg: SessionConfig) -> (Side, Side, Vec<Message>) {
     let sent = agent.deliver(welcome, at(10));
     assert!(agent.s.is_linked());
     (agent, hub, sent)
+}
+
+// ---- health reports ------------------------------------------------------
+
+fn healths(msgs: &[Message]) -> Vec<Health> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            Message::Health(h) => Some(*h),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_linked_agent_reports_its_health_on_a_timer_and_the_hub_hands_it_over() {
+    let (mut agent, mut hub, sent) = linked(3, health_cfg());
+    // The first report comes at the first tick after the welcome.
+    let first = agent.tick(at(20));
+    let report = healths(&first);
+    assert_eq!(report.len(), 1, "{first:?}");
+    assert_eq!(report[0].outbox_pending, 3);
+    assert_eq!(report[0].drain_per_s, 0.0);
+    assert!(
+        healths(&agent.tick(at(5_000))).is_empty(),
+        "not before the interval"
+    );
+    hub.deliver(first, at(30));
+    assert_eq!(hub.healths, report);
+    // The hub acknowledges the batch: the next report has the drain rate.
+    let acks = hub.deliver(sent, at(40));
+    agent.deliver(acks, at(50));
+    let next = healths(&agent.tick(at(10_020)));
+    assert_eq!(next.len(), 1);
+    assert_eq!((next[0].outbox_pending, next[0].acked), (0, Seq(3)));
+    assert!((next[0].drain_per_s - 0.3).abs() < 1e-9, "{next:?}");
+}
+
+#[test]
+fn an_agent_sends_no_health_to_a_hub_that_does_not_take_it() {
+    let mut agent = Side::agent(
+        Mark::default(),
+        2,
+        follows(HUB_INC, Mark::default()),
+        health_cfg(),
+    );
+    agent.s.connected(at(0));
+    agent.run(at(0));
+    let welcome = Message::Welcome(fieldsync_shared::wire::Welcome {
+        incarnation: HUB_INC,
+        up: follows(AGENT_INC, Mark::default()),
+        time_ms: WALL,
+        health: false,
+    });
+    agent.deliver(vec![welcome], at(10));
+    for t in [20, 10_020, 20_020] {
+        assert!(healths(&agent.tick(at(t))).is_empty());
+    }
+    // A report sent the wrong way is refused.
+    let mut wrong = agent.deliver(
+        vec![Message::Health(Health {
+            outbox_pending: 0,
+            outbox_bytes: 0,
+            oldest_pending_ms: None,
+            acked: Seq(0),
+            drain_per_s: 0.0,
+            clock_offset_ms: 0,
+        })],
+        at(30),
+    );
+    assert_eq!(error_code(&wrong.remove(0)), Some(ErrorCode::Malformed));
 }
 
 // ---- batching, windows, acks -----------------------------------------------
@@ -1065,6 +1155,7 @@ fn a_wall_clock_set_right_between_hello_and_welcome_does_not_skew_the_offset() {
         incarnation: HUB_INC,
         up: follows(AGENT_INC, Mark::default()),
         time_ms: WALL + 100,
+        health: false,
     });
     agent.deliver(vec![welcome], at(200));
     // The hub read its clock half the round trip before now: no offset left.

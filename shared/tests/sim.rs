@@ -52,8 +52,8 @@ use fieldsync_shared::clock::{self, OFFSET_NOISE_MS};
 use fieldsync_shared::codec;
 use fieldsync_shared::policy::Flow;
 use fieldsync_shared::session::{
-    entry_check, Action, Cursor, Identity, Incarnation, Mark, Now, Plan, Report, Session,
-    SessionConfig,
+    entry_check, Action, Cursor, Identity, Incarnation, Mark, Now, OutboxHealth, Plan, Report,
+    Session, SessionConfig,
 };
 use fieldsync_shared::wire::{Envelope, ErrorCode, Hello, Message};
 use fieldsync_shared::{AgentId, Change, CollectionName, FieldName, FieldValue, Hlc, Merge};
@@ -549,6 +549,7 @@ impl Sim {
             max_drift_ms: 60_000,
             clock_interval_ms: rng.range(10_000, 60_000),
             refused_retry_ms: REFUSED_RETRY_MS,
+            health_interval_ms: rng.range(5_000, 30_000),
         };
         let rates = Rates::draw(&mut rng);
         let n_agents = rng.range(3, 4) as usize;
@@ -1023,6 +1024,15 @@ impl Sim {
                 self.correct_clock(n, offset_ms)
             }
             Action::ClockSkew { .. } => self.fail(format!("node {n}: an agent got ClockSkew")),
+            Action::LoadHealth => {
+                let a = &mut self.agents[n];
+                let outbox = OutboxHealth {
+                    pending: a.store.outbox.len() as u64,
+                    ..OutboxHealth::default()
+                };
+                a.session.as_mut().unwrap().health_loaded(outbox, now);
+            }
+            Action::Health(_) => self.fail(format!("node {n}: an agent got Health")),
             Action::Report(r) => self.report(format!("node {n}"), r),
         }
     }
@@ -1599,7 +1609,8 @@ impl Sim {
             }
             Action::Trim { mark, .. } => self.hub_trim(id, node, mark),
             Action::ClockOffset { .. } => self.fail("the hub got ClockOffset".into()),
-            Action::ClockSkew { .. } => {}
+            Action::ClockSkew { .. } | Action::Health(_) => {}
+            Action::LoadHealth => self.fail("the hub got LoadHealth".into()),
             Action::Report(r) => self.report("hub".into(), r),
         }
     }
@@ -2546,6 +2557,7 @@ fn brief(m: &Message) -> String {
         ),
         Message::SnapshotAck(a) => format!("SnapshotAck {} part {}", a.resync, a.part),
         Message::Time(t) => format!("Time {}", t.time_ms),
+        Message::Health(h) => format!("Health pending {}", h.outbox_pending),
         Message::Error(e) => format!("Error {:?} at {:?}", e.code, e.at),
     }
 }

@@ -109,6 +109,8 @@ pub struct TempHub {
     extra_mqtt: String,
     /// Extra sections (`[webhooks]`, `[events]`) at the end of the file.
     extra_sections: String,
+    /// Extra environment variables for the hub process.
+    env: Vec<(String, String)>,
     child: Option<(Child, std::thread::JoinHandle<()>)>,
     mqtt: SocketAddr,
     api: String,
@@ -131,17 +133,19 @@ impl TempHub {
         policy: &str,
         extra_mqtt: &str,
     ) -> anyhow::Result<Self> {
-        Self::start_configured(dir, pki, policy, extra_mqtt, "")
+        Self::start_configured(dir, pki, policy, extra_mqtt, "", &[])
     }
 
     /// [`TempHub::start_with`] plus `extra_sections` (whole TOML sections such
-    /// as `[webhooks]`) at the end of the config, for every start.
+    /// as `[webhooks]`) at the end of the config and `env` in the process's
+    /// environment, for every start.
     pub fn start_configured(
         dir: &Path,
         pki: &Pki,
         policy: &str,
         extra_mqtt: &str,
         extra_sections: &str,
+        env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
         let mut hub = Self {
             dir: dir.to_owned(),
@@ -149,6 +153,10 @@ impl TempHub {
             policy: policy.to_owned(),
             extra_mqtt: extra_mqtt.trim().to_owned(),
             extra_sections: extra_sections.trim().to_owned(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             child: None,
             mqtt: "127.0.0.1:0".parse()?,
             api: String::new(),
@@ -190,6 +198,7 @@ impl TempHub {
             .append(true)
             .open(self.stderr_log_path())?;
         let mut cmd = hub_command();
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.arg("run")
             .arg("--config")
             .arg(&self.config)

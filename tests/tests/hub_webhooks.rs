@@ -6,7 +6,9 @@
 //! the backlog in order; replay re-sends with the same ids; 410 disables;
 //! bad URLs are refused; the feed pages, long-polls and streams (SSE), and a
 //! consumer resuming from its cursor across hub SIGKILLs sees every change
-//! once, in commit order.
+//! once, in commit order; agents' health reports show in `GET /v1/agents`,
+//! and an agent whose backlog the hub does not apply (an injected fault)
+//! turns `stalled` and fires `agent.stalled`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -30,13 +32,17 @@ struct Setup {
 }
 
 fn setup(extra: &str) -> anyhow::Result<Setup> {
+    setup_env(extra, &[])
+}
+
+fn setup_env(extra: &str, env: &[(&str, &str)]) -> anyhow::Result<Setup> {
     let dir = tempfile::Builder::new()
         .prefix("fieldsync-webhooks-")
         .tempdir()?;
     let pki_dir = dir.path().join("pki");
     std::fs::create_dir(&pki_dir)?;
     let pki = Pki::create(&pki_dir)?;
-    let hub = TempHub::start_configured(dir.path(), &pki, FLEET_POLICY, "", extra)?;
+    let hub = TempHub::start_configured(dir.path(), &pki, FLEET_POLICY, "", extra, env)?;
     Ok(Setup {
         hub,
         pki,
@@ -507,6 +513,97 @@ async fn a_feed_consumer_resuming_across_hub_kills_sees_every_change_once_in_ord
     assert_eq!(
         id_line.trim_start_matches("id:").trim(),
         all[0]["data"]["cursor"].as_str().unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// Polls the hub's row for `agent` until `want` holds.
+async fn wait_agent_row(
+    hub: &TempHub,
+    agent: &str,
+    what: &str,
+    want: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    poll(what, SYNC_TIMEOUT, || async {
+        Ok(match hub.agent_row(agent).await? {
+            Some(row) if want(&row) => Ok(row),
+            other => Err(format!("{other:?}")),
+        })
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_syncing_agent_reports_its_health_and_goes_idle() -> anyhow::Result<()> {
+    let s = setup("")?;
+    let (_agent, api) = linked(&s, "gw-health").await?;
+    for n in 0..5 {
+        api.put(&Write::patient(format!("h{n}"), n)).await?;
+    }
+    wait_agent_row(&s.hub, "gw-health", "the writes applied", |r| {
+        r["changes_applied"] == 5
+    })
+    .await?;
+    let applied = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    // A report made after the writes were applied (one every 10 s); RFC 3339
+    // in UTC with milliseconds sorts as text.
+    let row = wait_agent_row(
+        &s.hub,
+        "gw-health",
+        "an idle report after the writes",
+        |r| {
+            r["state"] == "idle"
+                && r["health_reported"]
+                    .as_str()
+                    .is_some_and(|t| t > applied.as_str())
+        },
+    )
+    .await?;
+    assert!(row["drain_per_s"].as_f64().is_some(), "{row}");
+    assert_eq!(row["outbox_pending"], 0, "{row}");
+    assert!(row["health_reported"].is_string(), "{row}");
+    assert!(row["agent_clock_offset_ms"].is_i64(), "{row}");
+    assert!(row["outbox_bytes"].is_u64(), "{row}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_backlog_is_not_applied_turns_stalled_and_fires_the_event(
+) -> anyhow::Result<()> {
+    let s = setup_env(
+        &format!("{FAST_RETRIES}\n[health]\nstall_after_ms = 2000\n"),
+        &[("FIELDSYNC_TEST_DROP_UPSTREAM", "1")],
+    )?;
+    let receiver = Receiver::start().await?;
+    register(&s.hub, &receiver, json!({"events": ["agent.stalled"]})).await?;
+    let (_agent, api) = linked(&s, "gw-stall").await?;
+    for n in 0..3 {
+        api.put(&Write::patient(format!("s{n}"), n)).await?;
+    }
+    // The hub drops every batch: the outbox keeps its entries, nothing is
+    // applied, and the next report shows the backlog.
+    let row = wait_agent_row(&s.hub, "gw-stall", "state stalled", |r| {
+        r["state"] == "stalled"
+    })
+    .await?;
+    assert_eq!(row["connected"], true, "{row}");
+    assert_eq!(row["outbox_pending"], 3, "{row}");
+    let got = wait_distinct(&receiver, 1, |d| d.body["type"] == "agent.stalled").await?;
+    assert_eq!(got[0].body["data"]["agent"], "gw-stall");
+    assert_eq!(got[0].body["data"]["outbox_pending"], 3);
+    assert!(got[0].signature_ok);
+    let (_, m) = s.hub.get("/v1/metrics").await?;
+    assert_eq!(m["agents_stalled"], 1, "{m}");
+    assert_eq!(m["agent_stalls"], 1, "{m}");
+    assert_eq!(m["upstream_changes_applied"], 0, "{m}");
+    // Announced once per stall.
+    assert_eq!(
+        receiver
+            .deliveries()
+            .iter()
+            .filter(|d| d.body["type"] == "agent.stalled")
+            .count(),
+        1
     );
     Ok(())
 }
