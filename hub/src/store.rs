@@ -339,15 +339,16 @@ pub trait HubStore: Send + Sync + 'static {
     /// Makes delivery resume after `cursor` (a replay), re-enabled, with a
     /// new epoch (durable). The endpoint, or `None` if there is none.
     fn rewind_webhook(&self, id: &str, cursor: u64) -> Result<Option<Endpoint>, StoreError>;
-    /// Records an endpoint's progress and an attempt, if the endpoint still
-    /// exists at `epoch`; false if it was deleted or rewound meanwhile. Need
-    /// not be durable: a lost cursor move re-sends events (same ids).
+    /// Records an endpoint's progress, if the endpoint still exists at
+    /// `epoch` (false if it was deleted or rewound meanwhile), and its
+    /// `attempts` (in order) if it exists at all. Need not be durable: a lost
+    /// cursor move re-sends events (same ids).
     fn webhook_progress(
         &self,
         id: &str,
         epoch: u64,
         progress: &Progress,
-        attempt: Option<&Attempt>,
+        attempts: &[Attempt],
     ) -> Result<bool, StoreError>;
     /// Up to `limit` of an endpoint's attempts, newest first.
     fn webhook_attempts(&self, id: &str, limit: usize) -> Result<Vec<Attempt>, StoreError>;
@@ -952,7 +953,7 @@ impl HubStore for RedbHubStore {
         id: &str,
         epoch: u64,
         progress: &Progress,
-        attempt: Option<&Attempt>,
+        attempts: &[Attempt],
     ) -> Result<bool, StoreError> {
         let txn = self.lazy_write()?;
         let current = {
@@ -965,17 +966,20 @@ impl HubStore for RedbHubStore {
                 endpoint.progress = progress.clone();
                 table.insert(id, codec::to_bytes(&endpoint)?.as_slice())?;
             }
-            if let Some(attempt) = attempt {
-                let mut attempts = txn.open_table(ATTEMPTS)?;
-                let next = attempts
+            if !attempts.is_empty() {
+                let mut table = txn.open_table(ATTEMPTS)?;
+                let mut next = table
                     .range((id, 0)..=(id, u64::MAX))?
                     .next_back()
                     .transpose()?
                     .map_or(1, |(k, _)| k.value().1 + 1);
-                attempts.insert((id, next), codec::to_bytes(attempt)?.as_slice())?;
-                if next > ATTEMPTS_KEPT {
+                for attempt in attempts {
+                    table.insert((id, next), codec::to_bytes(attempt)?.as_slice())?;
+                    next += 1;
+                }
+                if next > ATTEMPTS_KEPT + 1 {
                     let keep_from = next - ATTEMPTS_KEPT;
-                    attempts.retain_in((id, 0)..(id, keep_from), |_, _| false)?;
+                    table.retain_in((id, 0)..(id, keep_from), |_, _| false)?;
                 }
             }
             current

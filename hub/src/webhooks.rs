@@ -51,6 +51,10 @@ const MAX_ERROR_CHARS: usize = 200;
 /// (every `TRIM_EVERY` of these) the log is trimmed.
 const SYNC_EVERY: Duration = Duration::from_secs(1);
 const TRIM_EVERY: u32 = 60;
+/// Successful deliveries recorded together (a store write each would
+/// bound the rate): at most this many, or this long after the first.
+const SAVE_EVERY: usize = 64;
+const SAVE_WITHIN: Duration = Duration::from_millis(100);
 /// Most events dropped from the log per trim transaction.
 const TRIM_BATCH: usize = 10_000;
 
@@ -462,6 +466,10 @@ impl<S: HubStore> Dispatcher<S> {
                 return Ok(());
             };
             let mut buffer: std::collections::VecDeque<(u64, Event)> = Default::default();
+            // Delivered but not yet recorded (the endpoint's progress moves
+            // with them).
+            let mut unsaved: Vec<Attempt> = Vec::new();
+            let mut unsaved_since = std::time::Instant::now();
             loop {
                 if endpoint.progress.disabled.is_some() {
                     tokio::select! {
@@ -484,6 +492,9 @@ impl<S: HubStore> Dispatcher<S> {
                 let mut skipped_to = None;
                 let next = loop {
                     if buffer.is_empty() {
+                        // Seen before the read: a head that moves after it
+                        // wakes the wait below.
+                        head.borrow_and_update();
                         let from = skipped_to.unwrap_or(endpoint.progress.cursor);
                         let read = self
                             .blocking(move |s| s.events_after(from, READ_AHEAD))
@@ -504,12 +515,14 @@ impl<S: HubStore> Dispatcher<S> {
                 let Some((seq, event)) = next else {
                     if let Some(to) = skipped_to {
                         endpoint.progress.cursor = to;
-                        if !self.save(&endpoint, None).await? {
-                            continue 'reload;
-                        }
                     }
-                    // Nothing to send: wait for the log to grow.
-                    head.borrow_and_update();
+                    if (skipped_to.is_some() || !unsaved.is_empty())
+                        && !self.save(&endpoint, std::mem::take(&mut unsaved)).await?
+                    {
+                        continue 'reload;
+                    }
+                    // Nothing to send: wait for the log to grow (past what
+                    // the last read saw).
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(()),
                         _ = poke.notified() => continue 'reload,
@@ -518,7 +531,11 @@ impl<S: HubStore> Dispatcher<S> {
                     continue;
                 };
                 let attempt = tokio::select! {
-                    _ = cancel.cancelled() => return Ok(()),
+                    _ = cancel.cancelled() => {
+                        // What was delivered is recorded on the way out.
+                        let _ = self.save(&endpoint, unsaved).await;
+                        return Ok(());
+                    }
                     a = self.attempt(&endpoint, seq, &event) => a,
                 };
                 let p = &mut endpoint.progress;
@@ -546,26 +563,30 @@ impl<S: HubStore> Dispatcher<S> {
                         buffer.clear();
                     }
                 }
-                if !self.save(&endpoint, Some(attempt)).await? {
+                let delivered = attempt.outcome == Outcome::Delivered;
+                if unsaved.is_empty() {
+                    unsaved_since = std::time::Instant::now();
+                }
+                unsaved.push(attempt);
+                let due = !delivered
+                    || unsaved.len() >= SAVE_EVERY
+                    || unsaved_since.elapsed() >= SAVE_WITHIN;
+                if due && !self.save(&endpoint, std::mem::take(&mut unsaved)).await? {
                     continue 'reload;
                 }
             }
         }
     }
 
-    /// Stores an endpoint's progress (and an attempt); false if the endpoint
-    /// was deleted or rewound meanwhile.
-    async fn save(
-        &self,
-        endpoint: &Endpoint,
-        attempt: Option<Attempt>,
-    ) -> Result<bool, StoreError> {
+    /// Stores an endpoint's progress and attempts; false if the endpoint was
+    /// deleted or rewound meanwhile.
+    async fn save(&self, endpoint: &Endpoint, attempts: Vec<Attempt>) -> Result<bool, StoreError> {
         let (id, epoch, progress) = (
             endpoint.id.clone(),
             endpoint.epoch,
             endpoint.progress.clone(),
         );
-        self.blocking(move |s| s.webhook_progress(&id, epoch, &progress, attempt.as_ref()))
+        self.blocking(move |s| s.webhook_progress(&id, epoch, &progress, &attempts))
             .await
     }
 

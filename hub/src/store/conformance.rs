@@ -592,16 +592,16 @@ pub fn webhook_endpoints_keep_progress_per_epoch_and_attempts_newest_first<S: Hu
         ..Progress::default()
     };
     assert!(store
-        .webhook_progress("wh_1", 0, &moved, Some(&attempt(1)))
+        .webhook_progress("wh_1", 0, &moved, &[attempt(1)])
         .unwrap());
     assert!(store
-        .webhook_progress("wh_1", 0, &moved, Some(&attempt(2)))
+        .webhook_progress("wh_1", 0, &moved, &[attempt(2), attempt(3)])
         .unwrap());
     assert_eq!(store.webhook("wh_1").unwrap().unwrap().progress.cursor, 5);
     // A replay rewinds under a new epoch: older progress no longer lands.
     let rewound = store.rewind_webhook("wh_1", 1).unwrap().unwrap();
     assert_eq!((rewound.epoch, rewound.progress.cursor), (1, 1));
-    assert!(!store.webhook_progress("wh_1", 0, &moved, None).unwrap());
+    assert!(!store.webhook_progress("wh_1", 0, &moved, &[]).unwrap());
     assert_eq!(store.webhook("wh_1").unwrap().unwrap().progress.cursor, 1);
     let ids: Vec<String> = store
         .webhook_attempts("wh_1", 10)
@@ -609,7 +609,7 @@ pub fn webhook_endpoints_keep_progress_per_epoch_and_attempts_newest_first<S: Hu
         .into_iter()
         .map(|a| a.event_id)
         .collect();
-    assert_eq!(ids, ["evt_2", "evt_1"]);
+    assert_eq!(ids, ["evt_3", "evt_2", "evt_1"]);
     drop(store);
     let store = open();
     assert_eq!(store.webhooks().unwrap().len(), 1);
@@ -617,7 +617,7 @@ pub fn webhook_endpoints_keep_progress_per_epoch_and_attempts_newest_first<S: Hu
     assert!(!store.delete_webhook("wh_1").unwrap());
     assert!(store.webhook_attempts("wh_1", 10).unwrap().is_empty());
     assert!(store.rewind_webhook("wh_1", 0).unwrap().is_none());
-    assert!(!store.webhook_progress("wh_1", 1, &moved, None).unwrap());
+    assert!(!store.webhook_progress("wh_1", 1, &moved, &[]).unwrap());
 }
 
 #[cfg(test)]

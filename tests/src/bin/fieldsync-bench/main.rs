@@ -23,6 +23,7 @@ mod memory;
 mod mosquitto;
 mod raw;
 mod upstream;
+mod webhooks;
 
 /// Sizes of one run.
 pub(crate) struct Plan {
@@ -57,6 +58,8 @@ const REQUIRED: &[&str] = &[
     "agent_binary_mib",
     "hub_binary_mib",
     "mosquitto_publish_msgs_per_s",
+    "webhook_events_per_s",
+    "upstream_webhook_ratio",
 ];
 
 /// Scenario names, in the order a run takes them (`--only a,b` picks some).
@@ -71,6 +74,7 @@ const SCENARIOS: &[&str] = &[
     "latency",
     "fleet",
     "memory",
+    "webhooks",
 ];
 
 fn main() -> ExitCode {
@@ -135,6 +139,7 @@ async fn run(plan: &Plan, only: Option<&[String]>) -> anyhow::Result<()> {
             "latency" => latency::run(plan, r).await,
             "fleet" => fleet::connections(plan, r).await,
             "memory" => memory::downstream(plan, r).await,
+            "webhooks" => webhooks::run(plan, r).await,
             _ => unreachable!("SCENARIOS lists every arm"),
         }
         .with_context(|| format!("scenario {name}"))?;

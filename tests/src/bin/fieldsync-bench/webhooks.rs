@@ -1,0 +1,121 @@
+//! Webhooks under load: the upstream figure without and with one webhook
+//! endpoint subscribed to every change (measured in this scenario, one after
+//! the other, on the same hub and agent, so their ratio is what to trust),
+//! and the delivery rate to a loopback receiver (the test receiver, which
+//! checks every signature).
+//!
+//! Each run: four writers post 1,000-write batches to the agent; the clock
+//! runs until the agent holds the hub's acknowledgement of every write. With
+//! the endpoint, delivery is timed from the first write until the receiver
+//! has one event per write.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use fieldsync_e2e::webhook_receiver::Receiver;
+use serde_json::{json, Value};
+
+use crate::{get_json, time_until, Plan, Report};
+
+const WRITERS: u64 = 4;
+const BATCH: u64 = 1000;
+
+/// Writes `total` new records (keys prefixed `tag`) and waits for the hub's
+/// acknowledgement of all; the elapsed time.
+async fn upstream(
+    http: &reqwest::Client,
+    agent: &fieldsync_e2e::TempAgent,
+    tag: &str,
+    total: u64,
+) -> anyhow::Result<Duration> {
+    let status_url = agent.url("/v1/status");
+    let base = get_json(http, &status_url, false).await?["outbox_last_seq"]
+        .as_u64()
+        .context("outbox_last_seq")?;
+    let start = Instant::now();
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..WRITERS {
+        let (http, url, tag) = (http.clone(), agent.url("/v1/batch"), tag.to_owned());
+        writers.spawn(async move {
+            let mut i = w * BATCH;
+            while i < total {
+                let writes: Vec<Value> = (i..(i + BATCH).min(total))
+                    .map(|n| {
+                        json!({"collection": "patients", "key": format!("{tag}-{n}"),
+                        "fields": {"ward": n, "initials": "WH", "ssn": "local-only"}})
+                    })
+                    .collect();
+                http.post(&url)
+                    .json(&json!({ "writes": writes }))
+                    .send()
+                    .await?
+                    .error_for_status()?;
+                i += WRITERS * BATCH;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = writers.join_next().await {
+        r??;
+    }
+    let last = base + total;
+    time_until(
+        "the hub to acknowledge every write",
+        Duration::from_secs(300),
+        || async {
+            let status = get_json(http, &status_url, false).await?;
+            Ok(status["outbox_acked_seq"] == last)
+        },
+    )
+    .await?;
+    Ok(start.elapsed())
+}
+
+pub(crate) async fn run(plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
+    let linked = crate::Linked::start("gw-webhooks").await?;
+    let (hub, agent) = (&linked.hub, &linked.agent);
+    let http = reqwest::Client::new();
+    let total = if plan.quick { 20_000 } else { 100_000 };
+
+    let without = upstream(&http, agent, "plain", total).await?;
+    let without_per_s = total as f64 / without.as_secs_f64();
+
+    let receiver = Receiver::start().await?;
+    let (status, created) = hub
+        .operator()
+        .post(
+            "/v1/webhooks",
+            &json!({"url": receiver.url(), "events": ["record.changed"]}),
+        )
+        .await?;
+    ensure!(status.is_success(), "POST /v1/webhooks: {status} {created}");
+    receiver.set_secret(created["secret"].as_str().unwrap_or_default())?;
+
+    let started = Instant::now();
+    let with = upstream(&http, agent, "hooked", total).await?;
+    let with_per_s = total as f64 / with.as_secs_f64();
+    time_until(
+        "the receiver to hold every event",
+        Duration::from_secs(600),
+        || async { Ok(receiver.deliveries().len() as u64 >= total) },
+    )
+    .await?;
+    let delivered = started.elapsed();
+    let got = receiver.deliveries();
+    ensure!(
+        got.iter().all(|d| d.signature_ok),
+        "a delivery failed its signature check"
+    );
+    let events_per_s = got.len() as f64 / delivered.as_secs_f64();
+    eprintln!(
+        "  upstream {without_per_s:.0} changes/s without a webhook, {with_per_s:.0} with; \
+         {} events delivered in {:.1} s ({events_per_s:.0}/s)",
+        got.len(),
+        delivered.as_secs_f64()
+    );
+    report.insert("upstream_changes_per_s_no_webhook", without_per_s);
+    report.insert("upstream_changes_per_s_webhook", with_per_s);
+    report.insert("upstream_webhook_ratio", with_per_s / without_per_s);
+    report.insert("webhook_events_per_s", events_per_s);
+    Ok(())
+}
