@@ -167,6 +167,7 @@ pub async fn serve_with_store<S: HubStore>(
         tasks.clone(),
     ));
 
+    let prometheus = metrics::registry(metrics.clone(), connections.clone());
     let api_state = Arc::new(api::ApiState {
         store: store.clone(),
         policy,
@@ -175,6 +176,7 @@ pub async fn serve_with_store<S: HubStore>(
         connections,
         events: events_tx,
         metrics,
+        prometheus,
         token: config.api.token.clone(),
     });
     let api_addr = listeners.api.local_addr().map_err(RunError::Serve)?;
