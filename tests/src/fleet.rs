@@ -107,6 +107,8 @@ pub struct TempHub {
     policy: String,
     /// Extra `key = value` lines for the `[mqtt]` section.
     extra_mqtt: String,
+    /// Extra environment variables for `fieldsync-hub run`.
+    env: Vec<(String, String)>,
     child: Option<(Child, std::thread::JoinHandle<()>)>,
     mqtt: SocketAddr,
     api: String,
@@ -129,11 +131,27 @@ impl TempHub {
         policy: &str,
         extra_mqtt: &str,
     ) -> anyhow::Result<Self> {
+        Self::start_with_env(dir, pki, policy, extra_mqtt, &[])
+    }
+
+    /// [`TempHub::start_with`], with `env` set for every start after the
+    /// clean environment (so `FIELDSYNC__SECTION__KEY` overrides apply).
+    pub fn start_with_env(
+        dir: &Path,
+        pki: &Pki,
+        policy: &str,
+        extra_mqtt: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let mut hub = Self {
             dir: dir.to_owned(),
             config: dir.join("hub.toml"),
             policy: policy.to_owned(),
             extra_mqtt: extra_mqtt.trim().to_owned(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
             mqtt: "127.0.0.1:0".parse()?,
             api: String::new(),
@@ -174,7 +192,8 @@ impl TempHub {
             .append(true)
             .open(self.stderr_log_path())?;
         let mut cmd = hub_command();
-        cmd.arg("run")
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
+            .arg("run")
             .arg("--config")
             .arg(&self.config)
             .stdout(Stdio::piped())
