@@ -1,5 +1,6 @@
 //! The agent's local HTTP API (JSON): what applications on the device use to
-//! write and read records. Every error is a JSON body
+//! write and read records, the agent's status, and `GET /metrics` for
+//! Prometheus. Every error is a JSON body
 //! `{"error": {"code": "...", "message": "..."}}` with a fitting status, and a
 //! rejected request changes nothing.
 
@@ -9,7 +10,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -18,10 +19,12 @@ use fieldsync_shared::wire::{write_fits, MAX_CHANGE_BYTES};
 use fieldsync_shared::{
     AgentId, CollectionName, FieldName, Incarnation, Origin, RecordKey, Seq, Value,
 };
+use prometheus_client::encoding::prometheus_text;
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::link::LinkStatus;
+use crate::metrics::{self, Sources, StoreReadings};
 use crate::store::{RecordView, Store, WriteOp, WriteOutcome};
 use crate::writer::{CorrectedClock, WriteError, Writer};
 
@@ -51,6 +54,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/v1/batch", post(batch))
         .route("/v1/status", get(status))
         .route("/v1/outbox", get(outbox))
+        .route("/metrics", get(prometheus))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -388,6 +392,31 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
         "clock_refused": link.clock_refused.load(Ordering::Relaxed),
         "identity_conflict": link.identity_refused.load(Ordering::Relaxed),
     })))
+}
+
+/// `GET /metrics`: the agent's metrics in the Prometheus text format (0.0.4),
+/// see [`crate::metrics`].
+async fn prometheus(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    let store = read(&state.store, |s| {
+        Ok(StoreReadings {
+            outbox_pending: s.outbox_len()?,
+            resyncs_received: s.resyncs()?,
+        })
+    })
+    .await?;
+    let text = metrics::encode(&Sources {
+        stats: state.writer.stats(),
+        link: &state.link,
+        clock_offset_ms: state.clock.offset_ms(),
+        queued: state.writer.queued(),
+        store,
+    })
+    .map_err(ApiError::internal)?;
+    Ok((
+        [(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)],
+        text,
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use fieldsync_shared::files::{existing_file, resolve};
+use fieldsync_shared::logging::LogFormat;
 use fieldsync_shared::{AgentId, Policy, PolicyError};
 use serde::Deserialize;
 
@@ -41,6 +42,8 @@ struct RawConfig {
     #[serde(default)]
     api: RawApi,
     policy: RawPolicy,
+    #[serde(default)]
+    log: RawLog,
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,6 +77,13 @@ struct RawApi {
     max_body_bytes: Option<usize>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    /// How log lines are written: `text` (default) or `json`.
+    format: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
@@ -96,6 +106,8 @@ pub struct AgentConfig {
     pub policy_file: PathBuf,
     /// The parsed policy.
     pub policy: Policy,
+    /// How log lines are written (`[log] format`).
+    pub log: LogFormat,
 }
 
 /// Where and how to reach the hub.
@@ -198,6 +210,10 @@ impl AgentConfig {
             path: shown.to_owned(),
             source,
         })?;
+        let log = match raw.log.format.as_deref() {
+            None => LogFormat::default(),
+            Some(text) => LogFormat::parse(text).map_err(|m| invalid("log.format", m))?,
+        };
 
         Ok(Self {
             id,
@@ -209,6 +225,7 @@ impl AgentConfig {
             },
             policy_file,
             policy,
+            log,
         })
     }
 }
@@ -295,6 +312,25 @@ mod tests {
         assert_eq!(c.id.as_str(), "gw-2");
     }
 
+    #[test]
+    fn the_log_format_comes_from_the_file_or_the_environment() {
+        let (_dir, path) = setup(GOOD);
+        let c = AgentConfig::load_with_env(&path, no_env()).unwrap();
+        assert_eq!(c.log, LogFormat::Text);
+        let (_dir, path) = setup(&format!("{GOOD}[log]\nformat = \"json\"\n"));
+        let c = AgentConfig::load_with_env(&path, no_env()).unwrap();
+        assert_eq!(c.log, LogFormat::Json);
+        // The documented override, through the same FIELDSYNC__SECTION__KEY
+        // mechanism as every other key; it beats the file.
+        let (_dir, path) = setup(&format!("{GOOD}[log]\nformat = \"text\"\n"));
+        let vars = [("FIELDSYNC__LOG__FORMAT".to_owned(), "json".to_owned())];
+        let env = config::Environment::with_prefix(ENV_PREFIX)
+            .separator("__")
+            .source(Some(vars.into_iter().collect()));
+        let c = AgentConfig::load_with_env(&path, env).unwrap();
+        assert_eq!(c.log, LogFormat::Json);
+    }
+
     fn error_of(config: &str) -> String {
         let (_dir, path) = setup(config);
         AgentConfig::load_with_env(&path, no_env())
@@ -311,6 +347,8 @@ mod tests {
             (format!("{GOOD}[api]\nlisten = \"0.0.0.0:7070\"\n"), "api.listen"),
             (format!("{GOOD}[api]\nlisten = \"localhost\"\n"), "api.listen"),
             (format!("{GOOD}[api]\nmax_body_bytes = 1\n"), "api.max_body_bytes"),
+            (format!("{GOOD}[log]\nformat = \"xml\"\n"), "log.format"),
+            (format!("{GOOD}[log]\nlevel = \"debug\"\n"), "level"),
             (
                 format!("{GOOD}[hub]\nurl = \"mqtt://h:1883\"\nca = \"policy.toml\"\ncert = \"policy.toml\"\nkey = \"policy.toml\"\n"),
                 "hub.url",

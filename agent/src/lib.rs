@@ -7,6 +7,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod link;
+pub mod metrics;
 pub mod store;
 pub mod writer;
 

@@ -66,7 +66,7 @@ pub enum LinkError {
     Restart,
 }
 
-/// What the link shows in `GET /v1/status`.
+/// What the link shows in `GET /v1/status` and `GET /metrics`.
 #[derive(Debug, Default)]
 pub struct LinkStatus {
     /// The hub welcomed this agent on a live connection.
@@ -82,6 +82,8 @@ pub struct LinkStatus {
     pub clock_refused: AtomicU64,
     /// The hub refused this store's identity (cloned certificate).
     pub identity_refused: AtomicBool,
+    /// Upstream batches published to the hub (resends included).
+    pub batches_sent: AtomicU64,
 }
 
 /// What the link needs.
@@ -435,6 +437,10 @@ impl Driver<'_> {
                             }
                         });
                         self.publish(Message::Batch(batch)).await;
+                        self.setup
+                            .status
+                            .batches_sent
+                            .fetch_add(1, Ordering::Relaxed);
                     }
                     None if self.session.is_paused() => {
                         tracing::error!(%first, "outbox is missing entries; not sending")

@@ -7,6 +7,7 @@ use anyhow::{anyhow, Context};
 use clap::Parser;
 use fieldsync_agent::cli::{parse_fields, record_url, Cli, Command};
 use fieldsync_agent::config::AgentConfig;
+use fieldsync_shared::logging::{self, LogFormat};
 use serde_json::Value;
 
 fn main() -> ExitCode {
@@ -18,7 +19,13 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("fieldsync-agent: {}", report(&e));
+            let line = report(&e);
+            // Once the log format is set, a fatal error is a log line like
+            // every other (one JSON object with `[log] format = "json"`).
+            match logging::active() {
+                Some(LogFormat::Json) => tracing::error!(error = %line, "fieldsync-agent stopped"),
+                _ => eprintln!("fieldsync-agent: {line}"),
+            }
             ExitCode::FAILURE
         }
     }
@@ -45,16 +52,12 @@ fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// `fieldsync-agent run`. Logging starts once the configuration is read, in
+/// its `[log] format`, so every log line has that format; an error in the
+/// configuration itself is printed as plain text.
 fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
     let config = AgentConfig::load(config_path)?;
+    logging::init(config.log)?;
     tokio_runtime()?.block_on(fieldsync_agent::run(config, shutdown_signal()))?;
     Ok(())
 }

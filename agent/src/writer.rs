@@ -11,8 +11,10 @@ use std::sync::Arc;
 use std::thread;
 
 use fieldsync_shared::{clock, hlc, Change, Cursor, Hlc, Origin, Policy, Seq};
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::metrics;
 use crate::store::{Restamped, Store, StoreError, WriteOp, WriteOutcome};
 
 /// Most operations committed in one transaction.
@@ -115,15 +117,41 @@ pub struct Writer {
     outbox_last: watch::Receiver<Seq>,
 }
 
-/// Counters kept by the committer.
-#[derive(Debug, Default)]
+/// Counters and histograms kept by the committer (served by `GET /metrics`,
+/// see [`crate::metrics`]).
+#[derive(Debug)]
 pub struct CommitStats {
-    /// Transactions committed.
+    /// Local group commits (durable transactions of local writes).
     pub commits: AtomicU64,
     /// Write requests answered by those commits.
     pub requests: AtomicU64,
+    /// Record writes (puts and deletes) in those commits.
+    pub writes: AtomicU64,
     /// Requests in the transaction being committed right now.
     pub in_commit: AtomicU64,
+    /// Downstream batches and snapshot parts merged (each one transaction).
+    pub downstream_commits: AtomicU64,
+    /// Changes in those.
+    pub downstream_changes: AtomicU64,
+    /// Duration of each local group commit, in seconds.
+    pub commit_seconds: Histogram,
+    /// Record writes in each local group commit.
+    pub batch_changes: Histogram,
+}
+
+impl Default for CommitStats {
+    fn default() -> Self {
+        Self {
+            commits: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            in_commit: AtomicU64::new(0),
+            downstream_commits: AtomicU64::new(0),
+            downstream_changes: AtomicU64::new(0),
+            commit_seconds: Histogram::new(metrics::COMMIT_SECONDS_BUCKETS),
+            batch_changes: Histogram::new(metrics::batch_changes_buckets()),
+        }
+    }
 }
 
 /// Settings of the committer thread.
@@ -248,6 +276,14 @@ impl Committer {
                     reply,
                 } => {
                     let result = self.downstream(&changes, cursor, snapshot);
+                    if result.is_ok() {
+                        self.stats
+                            .downstream_commits
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.stats
+                            .downstream_changes
+                            .fetch_add(changes.len() as u64, Ordering::Relaxed);
+                    }
                     let _ = reply.send(result.map_err(Arc::new));
                 }
                 Request::Restamp { offset_ms, reply } => {
@@ -283,16 +319,23 @@ impl Committer {
             .store(replies.len() as u64, Ordering::Relaxed);
         let now = self.setup.clock.now_ms();
         let s = &self.setup;
+        let started = std::time::Instant::now();
         let result = s
             .store
             .commit_writes(&requests, &mut self.hlc, &s.origin, &s.policy, now);
+        let took = started.elapsed();
         self.stats.in_commit.store(0, Ordering::Relaxed);
         match result {
             Ok((outcomes, outbox_last)) => {
-                self.stats.commits.fetch_add(1, Ordering::Relaxed);
-                self.stats
+                let writes: usize = requests.iter().map(Vec::len).sum();
+                let stats = &self.stats;
+                stats.commits.fetch_add(1, Ordering::Relaxed);
+                stats
                     .requests
                     .fetch_add(replies.len() as u64, Ordering::Relaxed);
+                stats.writes.fetch_add(writes as u64, Ordering::Relaxed);
+                stats.commit_seconds.observe(took.as_secs_f64());
+                stats.batch_changes.observe(writes as f64);
                 self.outbox_tx.send_replace(outbox_last);
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     // A caller that went away no longer needs the answer; its

@@ -1,7 +1,8 @@
 //! The operator API (JSON over HTTP, `Authorization: Bearer TOKEN`): the fleet's
 //! agents, the hub's copy of their records, and downstream writes, which are
 //! queued durably and accepted (202) whether or not the agent is connected;
-//! the change feed ([`feed`]) and the webhook endpoints ([`hooks`]).
+//! the change feed ([`feed`]), the webhook endpoints ([`hooks`]), and the
+//! hub's metrics, as JSON and for Prometheus (`GET /metrics`).
 
 mod feed;
 mod hooks;
@@ -23,6 +24,8 @@ use fieldsync_shared::{
     AgentId, Change, CollectionName, FieldName, Flow, Hlc, Origin, Policy, RecordKey, RecordState,
     Seq, Value, Version,
 };
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -45,6 +48,8 @@ pub struct ApiState<S: HubStore> {
     pub connections: Arc<Connections>,
     pub events: mpsc::UnboundedSender<EngineEvent>,
     pub metrics: Arc<Metrics>,
+    /// What `GET /metrics` encodes (see [`crate::metrics::registry`]).
+    pub prometheus: Registry,
     pub token: String,
     pub webhooks: Arc<Dispatcher<S>>,
     /// `[webhooks] allow_http`.
@@ -74,6 +79,7 @@ pub fn router<S: HubStore>(state: Arc<ApiState<S>>) -> Router {
         )
         .route("/v1/webhooks/{id}/deliveries", get(hooks::deliveries::<S>))
         .route("/v1/webhooks/{id}/replay", post(hooks::replay::<S>))
+        .route("/metrics", get(prometheus::<S>))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             require_token::<S>,
@@ -522,6 +528,20 @@ async fn metrics<S: HubStore>(State(state): State<Arc<ApiState<S>>>) -> Json<Val
         .health
         .stalled(|a| connections.is_connected(a), system_now_ms()));
     Json(snapshot)
+}
+
+/// `GET /metrics`: everything in [`crate::metrics`] in the Prometheus text
+/// format (0.0.4), behind the operator token like every route but health.
+async fn prometheus<S: HubStore>(
+    State(state): State<Arc<ApiState<S>>>,
+) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    prometheus_text::encode(&mut text, &state.prometheus).map_err(ApiError::internal)?;
+    Ok((
+        [(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)],
+        text,
+    )
+        .into_response())
 }
 
 /// Compares secrets without leaking where they differ through timing.

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fieldsync_shared::files::{existing_file, resolve};
+use fieldsync_shared::logging::LogFormat;
 use fieldsync_shared::{Policy, PolicyError};
 use serde::Deserialize;
 
@@ -43,6 +44,8 @@ struct RawConfig {
     #[serde(default)]
     api: RawApi,
     policy: RawPolicy,
+    #[serde(default)]
+    log: RawLog,
     #[serde(default)]
     webhooks: RawWebhooks,
     #[serde(default)]
@@ -131,6 +134,13 @@ struct RawApi {
     token_file: Option<String>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    /// How log lines are written: `text` (default) or `json`.
+    format: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
@@ -149,6 +159,8 @@ pub struct HubConfig {
     pub api: ApiConfig,
     /// `[policy] file`, parsed.
     pub policy: Policy,
+    /// `[log] format`.
+    pub log: LogFormat,
     /// `[webhooks]`.
     pub webhooks: WebhookSettings,
     /// `[events] retention_hours`.
@@ -487,6 +499,10 @@ impl HubConfig {
                 format!("{stall_after_ms} is outside 1000..=86400000"),
             ));
         }
+        let log = match raw.log.format.as_deref() {
+            None => LogFormat::default(),
+            Some(text) => LogFormat::parse(text).map_err(|m| invalid("log.format", m))?,
+        };
         Ok(Self {
             data_dir,
             mqtt,
@@ -495,6 +511,7 @@ impl HubConfig {
             stall_after_ms,
             webhooks,
             event_retention: Duration::from_secs(hours * 3600),
+            log,
         })
     }
 }
@@ -517,6 +534,39 @@ token = "0123456789abcdef"
 [policy]
 file = "policy.toml"
 "#;
+
+    fn load_with(config: &str, vars: &[(&str, &str)]) -> Result<HubConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "hub.pem", "hub.key"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        std::fs::write(dir.path().join("policy.toml"), "").unwrap();
+        let path = dir.path().join("hub.toml");
+        std::fs::write(&path, config).unwrap();
+        let vars = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let env = config::Environment::with_prefix("FIELDSYNC")
+            .separator("__")
+            .source(Some(vars));
+        HubConfig::load_with_env(&path, env)
+    }
+
+    #[test]
+    fn the_log_format_comes_from_the_file_or_the_environment() {
+        assert_eq!(load_with(GOOD, &[]).unwrap().log, LogFormat::Text);
+        let json = format!("{GOOD}[log]\nformat = \"json\"\n");
+        assert_eq!(load_with(&json, &[]).unwrap().log, LogFormat::Json);
+        // The documented override beats the file.
+        let text = format!("{GOOD}[log]\nformat = \"text\"\n");
+        let c = load_with(&text, &[("FIELDSYNC__LOG__FORMAT", "json")]).unwrap();
+        assert_eq!(c.log, LogFormat::Json);
+        match load_with(GOOD, &[("FIELDSYNC__LOG__FORMAT", "yaml")]) {
+            Err(e) => assert!(e.to_string().contains("log.format"), "{e}"),
+            Ok(_) => panic!("log.format = yaml was accepted"),
+        }
+    }
 
     fn error_of(config: &str) -> String {
         let dir = tempfile::tempdir().unwrap();
@@ -625,6 +675,7 @@ file = "policy.toml"
                 format!("{GOOD}\n[health]\nstall_after_ms = 5\n"),
                 "health.stall_after_ms",
             ),
+            (format!("{GOOD}\n[log]\nformat = \"xml\"\n"), "log.format"),
         ];
         for (config, key) in cases {
             let e = error_of(&config);

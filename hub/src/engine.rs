@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::{Bucket, Rate};
 use crate::events::EventKind;
 use crate::health::FleetHealth;
-use crate::metrics::Metrics;
+use crate::metrics::{self, Metrics};
 use crate::store::{HelloNote, HubStore, StoreError, Upstream};
 use crate::transport::{ConnId, Inbound, Inlet, Outlet, SendError};
 
@@ -293,28 +293,45 @@ impl<S: HubStore> Engine<S> {
         let hellos = std::mem::take(&mut group.hellos);
         let events = std::mem::take(&mut group.events);
         if !(upstream.is_empty() && trims.is_empty() && hellos.is_empty() && events.is_empty()) {
-            let batches = upstream.iter().filter(|u| !u.snapshot).count() as u64;
-            let changes: u64 = upstream
+            // Per batch (snapshot parts are not batches): its size and the
+            // wall time of its newest change, for the histograms.
+            let batches: Vec<(usize, Option<u64>)> = upstream
                 .iter()
                 .filter(|u| !u.snapshot)
-                .map(|u| u.changes.len() as u64)
-                .sum();
-            self.blocking(move |s| {
-                if !upstream.is_empty() {
-                    s.apply_upstream_group(&upstream, system_now_ms())?;
+                .map(|u| (u.changes.len(), newest_wall_ms(&u.changes)))
+                .collect();
+            let commit = self
+                .blocking(move |s| {
+                    let mut commit = None;
+                    if !upstream.is_empty() {
+                        let started = std::time::Instant::now();
+                        s.apply_upstream_group(&upstream, system_now_ms())?;
+                        commit = Some((started.elapsed(), system_now_ms()));
+                    }
+                    if !trims.is_empty() {
+                        s.ack_downstream_group(&trims)?;
+                    }
+                    for (agent, at, note) in &hellos {
+                        s.hello(agent, *at, note)?;
+                    }
+                    s.append_events(&events, system_now_ms())?;
+                    Ok(commit)
+                })
+                .await?;
+            let changes: usize = batches.iter().map(|(n, _)| n).sum();
+            Metrics::add(&self.metrics.upstream_batches_applied, batches.len() as u64);
+            Metrics::add(&self.metrics.upstream_changes_applied, changes as u64);
+            if let Some((took, durable_ms)) = commit {
+                let h = &self.metrics.histograms;
+                h.commit_seconds.observe(took.as_secs_f64());
+                for (len, newest) in batches {
+                    h.batch_changes.observe(len as f64);
+                    if let Some(stamped) = newest {
+                        h.sync_lag_seconds
+                            .observe(metrics::seconds(durable_ms.saturating_sub(stamped)));
+                    }
                 }
-                if !trims.is_empty() {
-                    s.ack_downstream_group(&trims)?;
-                }
-                for (agent, at, note) in &hellos {
-                    s.hello(agent, *at, note)?;
-                }
-                s.append_events(&events, system_now_ms())?;
-                Ok(())
-            })
-            .await?;
-            Metrics::add(&self.metrics.upstream_batches_applied, batches);
-            Metrics::add(&self.metrics.upstream_changes_applied, changes);
+            }
         }
         for (outlet, agent, msg) in group.out.drain(..) {
             send(&*outlet, &agent, msg);
@@ -677,6 +694,15 @@ impl<S: HubStore> Engine<S> {
         }
         out
     }
+}
+
+/// The HLC wall time of the newest change in `changes`.
+fn newest_wall_ms(changes: &[Change]) -> Option<u64> {
+    changes
+        .iter()
+        .filter_map(|c| c.state.max_version())
+        .map(|v| v.stamp.wall_ms)
+        .max()
 }
 
 fn now(started: Instant) -> Now {

@@ -192,6 +192,7 @@ pub async fn serve_with_store<S: HubStore>(
     )?;
     webhooks.start()?;
 
+    let prometheus = metrics::registry(metrics.clone(), connections.clone(), Some(health.clone()));
     let api_state = Arc::new(api::ApiState {
         store: store.clone(),
         policy,
@@ -200,6 +201,7 @@ pub async fn serve_with_store<S: HubStore>(
         connections,
         events: events_tx,
         metrics,
+        prometheus,
         token: config.api.token.clone(),
         webhooks,
         webhook_allow_http: config.webhooks.allow_http,

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use fieldsync_hub::config::HubConfig;
 use fieldsync_hub::pki::{self, OnExisting};
+use fieldsync_shared::logging::{self, LogFormat};
 use fieldsync_shared::AgentId;
 
 /// Fieldsync hub: agents sync their records to it over mutually authenticated
@@ -86,7 +87,13 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("fieldsync-hub: {}", report(&e));
+            let line = report(&e);
+            // Once the log format is set, a fatal error is a log line like
+            // every other (one JSON object with `[log] format = "json"`).
+            match logging::active() {
+                Some(LogFormat::Json) => tracing::error!(error = %line, "fieldsync-hub stopped"),
+                _ => eprintln!("fieldsync-hub: {line}"),
+            }
             ExitCode::FAILURE
         }
     }
@@ -107,17 +114,12 @@ fn report(error: &anyhow::Error) -> String {
 }
 
 /// `fieldsync-hub run`: starts the hub from the configuration file at `config`
-/// and serves until SIGINT or SIGTERM.
+/// and serves until SIGINT or SIGTERM. Logging starts once the configuration
+/// is read, in its `[log] format`, so every log line has that format; an
+/// error in the configuration itself is printed as plain text.
 fn run(config: &Path) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
     let config = HubConfig::load(config)?;
+    logging::init(config.log)?;
     raise_open_files_limit(&config.mqtt);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

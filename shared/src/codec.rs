@@ -67,12 +67,48 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, CodecError> {
 
 /// Encodes any value (stored records, outbox entries) in the same CBOR form.
 pub fn to_bytes<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
-    serde_cbor::to_vec(value).map_err(|e| CodecError::Malformed(e.to_string()))
+    serde_cbor::to_vec(value)
+        .map_err(|e| CodecError::Malformed(without_found_value(&e.to_string())))
 }
 
 /// Decodes any value written by [`to_bytes`].
 pub fn from_bytes<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-    serde_cbor::from_slice(bytes).map_err(|e| CodecError::Malformed(e.to_string()))
+    serde_cbor::from_slice(bytes)
+        .map_err(|e| CodecError::Malformed(without_found_value(&e.to_string())))
+}
+
+/// serde's "invalid type" and "invalid value" messages quote what they found
+/// (`string "…"`, ``integer `…` ``): bytes from a peer or the store, maybe a
+/// record's field value, and these messages are logged and sent to peers.
+/// The quoted part is replaced by `…`; what was expected, and where, stay.
+fn without_found_value(message: &str) -> String {
+    let Some(start) = ["invalid type: ", "invalid value: "]
+        .iter()
+        .find_map(|marker| message.find(marker).map(|at| at + marker.len()))
+    else {
+        return message.to_owned();
+    };
+    let (head, found) = message.split_at(start);
+    let Some(open) = found.find(['"', '`']) else {
+        return message.to_owned();
+    };
+    let quote = found[open..].chars().next().unwrap_or('"');
+    // The end of the quoted part: strings are quoted with escapes (Debug),
+    // numbers, booleans and characters between backticks.
+    let mut escaped = false;
+    let mut close = found.len();
+    for (i, c) in found[open + 1..].char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quote == '"' => escaped = true,
+            c if c == quote => {
+                close = open + 1 + i + c.len_utf8();
+                break;
+            }
+            _ => {}
+        }
+    }
+    format!("{head}{}{quote}…{quote}{}", &found[..open], &found[close..])
 }
 
 /// One snapshot part being read from a store's records, in key order: at most
@@ -123,5 +159,39 @@ impl SnapshotPage {
             None
         };
         (self.out, next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message<T: DeserializeOwned + std::fmt::Debug, V: Serialize>(value: V) -> String {
+        match from_bytes::<T>(&to_bytes(&value).unwrap()) {
+            Err(CodecError::Malformed(m)) => m,
+            other => panic!("expected Malformed, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_found_value_never_reaches_the_message() {
+        let m = message::<u64, _>("canary-secret");
+        assert!(
+            m.starts_with("invalid type: string \"…\", expected u64"),
+            "{m}"
+        );
+        let m = message::<String, _>(987_654_321u64);
+        assert!(m.starts_with("invalid type: integer `…`, expected"), "{m}");
+        assert!(!m.contains("987654321"), "{m}");
+        // A quote inside the value does not end the redaction early.
+        let m = message::<bool, _>("a\\\", expected x\" canary");
+        assert!(!m.contains("canary") && !m.contains("expected x"), "{m}");
+        let m = message::<u8, _>(-3i64);
+        assert!(!m.contains("-3"), "{m}");
+        // Everything else is left as it was.
+        assert_eq!(
+            without_found_value("missing field `seq`"),
+            "missing field `seq`"
+        );
     }
 }

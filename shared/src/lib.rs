@@ -1,12 +1,14 @@
 //! Fieldsync core shared by the agent and the hub: validated ids, hybrid logical
 //! clocks, the record model and its merge rule, the egress policy, the wire format
-//! and the sans-IO sync session. No async runtime, no storage, no sockets.
+//! and the sans-IO sync session, and the log format both programs share. No
+//! async runtime, no storage, no sockets.
 
 pub mod clock;
 pub mod codec;
 pub mod files;
 pub mod hlc;
 pub mod id;
+pub mod logging;
 pub mod merge;
 pub mod policy;
 pub mod record;

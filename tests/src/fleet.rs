@@ -136,6 +136,18 @@ impl TempHub {
         Self::start_configured(dir, pki, policy, extra_mqtt, "", &[])
     }
 
+    /// [`TempHub::start_with`], with `env` set for every start after the
+    /// clean environment (so `FIELDSYNC__SECTION__KEY` overrides apply).
+    pub fn start_with_env(
+        dir: &Path,
+        pki: &Pki,
+        policy: &str,
+        extra_mqtt: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        Self::start_configured(dir, pki, policy, extra_mqtt, "", env)
+    }
+
     /// [`TempHub::start_with`] plus `extra_sections` (whole TOML sections such
     /// as `[webhooks]`) at the end of the config and `env` in the process's
     /// environment, for every start.

@@ -283,6 +283,8 @@ pub struct AgentSetup {
     /// Extra environment variables for `fieldsync-agent run`, set after the
     /// clean environment (so `FIELDSYNC*` test aids and overrides apply).
     pub env: Vec<(String, String)>,
+    /// Extra TOML appended to `agent.toml` (whole sections, such as `[log]`).
+    pub extra_config: String,
 }
 
 /// A `[hub]` section: where the hub is and the agent's TLS files.
@@ -344,6 +346,11 @@ pub fn write_agent_config(dir: &Path, setup: &AgentSetup) -> anyhow::Result<Path
             "\n[hub]\nurl = \"{}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
             link.url, link.ca, link.cert, link.key
         ));
+    }
+    if !setup.extra_config.is_empty() {
+        config.push('\n');
+        config.push_str(&setup.extra_config);
+        config.push('\n');
     }
     let path = dir.join("agent.toml");
     std::fs::write(&path, config)?;
