@@ -21,8 +21,9 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// The hub's names beside its counters (README, "Metrics"); every counter of
 /// `GET /v1/metrics` is also `fieldsync_hub_<name>_total`.
-const HUB_NAMES: [&str; 4] = [
+const HUB_NAMES: [&str; 5] = [
     "fieldsync_hub_agents_connected",
+    "fieldsync_hub_agents_stalled",
     "fieldsync_hub_commit_seconds",
     "fieldsync_hub_batch_changes",
     "fieldsync_hub_sync_lag_seconds",
@@ -219,7 +220,8 @@ async fn metrics_parse_on_both_programs_with_the_documented_names() {
     let counters = json.as_object().unwrap();
     assert!(counters.len() > 30, "{json}");
     for (name, value) in counters {
-        if name == "agents_connected" {
+        // The JSON's two levels are gauges, checked below.
+        if name == "agents_connected" || name == "agents_stalled" {
             continue;
         }
         let prom = format!("fieldsync_hub_{name}_total");
@@ -238,6 +240,8 @@ async fn metrics_parse_on_both_programs_with_the_documented_names() {
     assert!(hub_metrics.value("fieldsync_hub_connections_accepted_total") >= 1.0);
     assert_eq!(hub_metrics.kind("fieldsync_hub_agents_connected"), "gauge");
     assert_eq!(hub_metrics.value("fieldsync_hub_agents_connected"), 1.0);
+    assert_eq!(hub_metrics.kind("fieldsync_hub_agents_stalled"), "gauge");
+    assert_eq!(hub_metrics.value("fieldsync_hub_agents_stalled"), 0.0);
     let (commits, commit_time) = hub_metrics.histogram("fieldsync_hub_commit_seconds");
     assert!(commits >= 1.0 && commit_time > 0.0 && commit_time < 60.0 * commits);
     let (batches, changes) = hub_metrics.histogram("fieldsync_hub_batch_changes");
