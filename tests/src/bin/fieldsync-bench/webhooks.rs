@@ -11,65 +11,15 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context};
+use anyhow::ensure;
 use fieldsync_e2e::webhook_receiver::Receiver;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::{get_json, time_until, Plan, Report};
+use crate::upstream::stream;
+use crate::{time_until, Plan, Report};
 
-const WRITERS: u64 = 4;
+/// Writes per batch.
 const BATCH: u64 = 1000;
-
-/// Writes `total` new records (keys prefixed `tag`) and waits for the hub's
-/// acknowledgement of all; the elapsed time.
-async fn upstream(
-    http: &reqwest::Client,
-    agent: &fieldsync_e2e::TempAgent,
-    tag: &str,
-    total: u64,
-) -> anyhow::Result<Duration> {
-    let status_url = agent.url("/v1/status");
-    let base = get_json(http, &status_url, false).await?["outbox_last_seq"]
-        .as_u64()
-        .context("outbox_last_seq")?;
-    let start = Instant::now();
-    let mut writers = tokio::task::JoinSet::new();
-    for w in 0..WRITERS {
-        let (http, url, tag) = (http.clone(), agent.url("/v1/batch"), tag.to_owned());
-        writers.spawn(async move {
-            let mut i = w * BATCH;
-            while i < total {
-                let writes: Vec<Value> = (i..(i + BATCH).min(total))
-                    .map(|n| {
-                        json!({"collection": "patients", "key": format!("{tag}-{n}"),
-                        "fields": {"ward": n, "initials": "WH", "ssn": "local-only"}})
-                    })
-                    .collect();
-                http.post(&url)
-                    .json(&json!({ "writes": writes }))
-                    .send()
-                    .await?
-                    .error_for_status()?;
-                i += WRITERS * BATCH;
-            }
-            anyhow::Ok(())
-        });
-    }
-    while let Some(r) = writers.join_next().await {
-        r??;
-    }
-    let last = base + total;
-    time_until(
-        "the hub to acknowledge every write",
-        Duration::from_secs(300),
-        || async {
-            let status = get_json(http, &status_url, false).await?;
-            Ok(status["outbox_acked_seq"] == last)
-        },
-    )
-    .await?;
-    Ok(start.elapsed())
-}
 
 pub(crate) async fn run(plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
     let linked = crate::Linked::start("gw-webhooks").await?;
@@ -77,7 +27,7 @@ pub(crate) async fn run(plan: &Plan, report: &mut Report) -> anyhow::Result<()> 
     let http = reqwest::Client::new();
     let total = if plan.quick { 20_000 } else { 100_000 };
 
-    let without = upstream(&http, agent, "plain", total).await?;
+    let without = stream(&http, agent, "plain", BATCH, total).await?;
     let without_per_s = total as f64 / without.as_secs_f64();
 
     let receiver = Receiver::start().await?;
@@ -92,7 +42,7 @@ pub(crate) async fn run(plan: &Plan, report: &mut Report) -> anyhow::Result<()> 
     receiver.set_secret(created["secret"].as_str().unwrap_or_default())?;
 
     let started = Instant::now();
-    let with = upstream(&http, agent, "hooked", total).await?;
+    let with = stream(&http, agent, "hooked", BATCH, total).await?;
     let with_per_s = total as f64 / with.as_secs_f64();
     time_until(
         "the receiver to hold every event",
