@@ -676,12 +676,17 @@ impl<S: HubStore> Engine<S> {
                     whole_collection = filtered.collection_denied,
                     "dropped fields the hub policy does not permit upstream"
                 );
-                events.push(EventKind::PolicyDenied {
+                // Once per agent, collection and field set in a group: a
+                // flood of refused fields does not flood the event log.
+                let event = EventKind::PolicyDenied {
                     agent: agent.clone(),
                     collection: change.collection.clone(),
                     fields: filtered.denied.clone(),
                     whole_collection: filtered.collection_denied,
-                });
+                };
+                if !events.contains(&event) {
+                    events.push(event);
+                }
             }
             if let Some(change) = filtered.permitted {
                 if let Some(v) = change.state.max_version() {

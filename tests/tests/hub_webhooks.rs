@@ -607,3 +607,46 @@ async fn an_agent_whose_backlog_is_not_applied_turns_stalled_and_fires_the_event
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fields_the_hub_refuses_fire_policy_denied_with_names_only() -> anyhow::Result<()> {
+    let s = setup(FAST_RETRIES)?;
+    let receiver = Receiver::start().await?;
+    register(&s.hub, &receiver, json!({"events": ["policy.denied"]})).await?;
+    // The agent's policy lets `notes` go up; the hub's does not.
+    let wider = FLEET_POLICY.replace(
+        r#"sync = ["initials", "ward", "heart_rate"]"#,
+        r#"sync = ["initials", "ward", "heart_rate", "notes"]"#,
+    );
+    anyhow::ensure!(wider != FLEET_POLICY, "the policy text changed");
+    s.pki.issue("gw-wide")?;
+    let agent = TempAgent::start_with(fieldsync_e2e::AgentSetup {
+        link: Some(s.pki.link("gw-wide", &s.hub.mqtt_url())),
+        id: Some("gw-wide".into()),
+        policy: Some(wider),
+        ..fieldsync_e2e::AgentSetup::default()
+    })?;
+    let api = AgentApi::of(&agent);
+    wait_status(&api, "the agent linked", |st| {
+        st["connected"] == true && st["resync_running"] == false
+    })
+    .await?;
+    for n in 0..20 {
+        api.put(&Write::new(
+            "patients",
+            format!("d{n}"),
+            json!({"ward": n, "notes": CANARY}),
+        ))
+        .await?;
+    }
+    let got = wait_distinct(&receiver, 1, |d| d.body["type"] == "policy.denied").await?;
+    let data = &got[0].body["data"];
+    assert_eq!(data["agent"], "gw-wide");
+    assert_eq!(data["collection"], "patients");
+    assert_eq!(data["fields"], json!(["notes"]));
+    assert!(got.iter().all(|d| !d.body.to_string().contains(CANARY)));
+    // The permitted part was applied; the refused field never stored.
+    let record = s.hub.record("gw-wide", "patients", "d0").await?;
+    assert_eq!(record, Some(json!({"ward": 0})));
+    Ok(())
+}
