@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use serde_json::{Map, Value};
 
 /// Fieldsync edge agent: keeps records in a local store and syncs only the
 /// fields its policy permits to the hub.
@@ -79,23 +78,8 @@ pub struct ApiArg {
     pub api: String,
 }
 
-/// Turns `FIELD=VALUE` arguments into a JSON object.
-pub fn parse_fields(pairs: &[String]) -> Result<Map<String, Value>, String> {
-    let mut map = Map::new();
-    for pair in pairs {
-        let (name, raw) = pair
-            .split_once('=')
-            .ok_or_else(|| format!("{pair:?} is not FIELD=VALUE"))?;
-        if name.is_empty() {
-            return Err(format!("{pair:?} has an empty field name"));
-        }
-        let value = serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_owned()));
-        if map.insert(name.to_owned(), value).is_some() {
-            return Err(format!("field {name:?} is given twice"));
-        }
-    }
-    Ok(map)
-}
+/// `FIELD=VALUE` arguments as a JSON object (shared with the hub's CLI).
+pub use fieldsync_shared::record::parse_field_args as parse_fields;
 
 /// The URL of a record on the API at `base`, with each segment percent-encoded.
 pub fn record_url(base: &str, collection: &str, key: &str) -> Result<reqwest::Url, String> {
@@ -110,42 +94,6 @@ pub fn record_url(base: &str, collection: &str, key: &str) -> Result<reqwest::Ur
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn values_are_json_when_they_parse_else_strings() {
-        let args: Vec<String> = [
-            "initials=JD",
-            "ssn=123-45-6789",
-            "ward=3",
-            "ok=true",
-            "tags=[1,2]",
-            "note=a=b",
-            "gone=null",
-            "s=\"3\"",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let m = parse_fields(&args).unwrap();
-        assert_eq!(
-            Value::Object(m),
-            json!({"initials": "JD", "ssn": "123-45-6789", "ward": 3, "ok": true, "tags": [1, 2], "note": "a=b", "gone": null, "s": "3"})
-        );
-    }
-
-    #[test]
-    fn malformed_pairs_are_refused() {
-        assert!(parse_fields(&["novalue".into()])
-            .unwrap_err()
-            .contains("FIELD=VALUE"));
-        assert!(parse_fields(&["=1".into()])
-            .unwrap_err()
-            .contains("empty field name"));
-        assert!(parse_fields(&["a=1".into(), "a=2".into()])
-            .unwrap_err()
-            .contains("twice"));
-    }
 
     #[test]
     fn urls_encode_segments() {

@@ -9,6 +9,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod client;
 pub mod config;
 pub mod engine;
 pub mod events;

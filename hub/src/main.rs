@@ -1,5 +1,7 @@
-//! The `fieldsync-hub` binary: parses the command line and runs the hub or one
-//! of the development PKI commands (`certs init`, `certs issue`).
+//! The `fieldsync-hub` binary: parses the command line and runs the hub, one
+//! of the development PKI commands (`certs init`, `certs issue`), or a client
+//! command of a running hub's operator API (`agents`, `get`, `put`,
+//! `webhooks`).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -35,6 +37,101 @@ enum Command {
     Certs {
         #[command(subcommand)]
         command: CertsCommand,
+    },
+    /// The agents the hub knows: a table, or one agent in full.
+    Agents {
+        #[command(subcommand)]
+        command: Option<AgentsCommand>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Print the hub's copy of an agent's record.
+    Get {
+        agent: String,
+        collection: String,
+        key: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Queue a write down to an agent (a partial update; delivered when it is connected).
+    ///
+    /// Each FIELD=VALUE sets one field. VALUE is read as JSON when it parses
+    /// (3, true, null, "x", [1,2]), otherwise as a string; `null` deletes the
+    /// field. Example: put gw-1 settings s1 mode=eco threshold=30
+    Put {
+        agent: String,
+        collection: String,
+        key: String,
+        #[arg(required = true, value_name = "FIELD=VALUE")]
+        fields: Vec<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Manage webhook endpoints.
+    Webhooks {
+        #[command(subcommand)]
+        command: WebhooksCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+/// How client commands reach the operator API.
+#[derive(Debug, clap::Args)]
+struct ApiArgs {
+    /// Base URL of the hub's operator API.
+    #[arg(
+        long,
+        global = true,
+        env = "FIELDSYNC_HUB_API",
+        default_value = "http://127.0.0.1:8080",
+        value_name = "URL"
+    )]
+    api: String,
+    /// File whose first line is the operator token (else FIELDSYNC_TOKEN).
+    #[arg(long, global = true, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentsCommand {
+    /// One line per agent (the default).
+    List,
+    /// One agent's row in full.
+    Show { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum WebhooksCommand {
+    /// One line per endpoint.
+    List,
+    /// Register an endpoint; prints its id and signing secret (shown only now).
+    Create {
+        /// Where events are posted (https, or http to loopback).
+        #[arg(long)]
+        url: String,
+        /// An event type to send (repeatable; all when absent).
+        #[arg(long = "event", value_name = "TYPE")]
+        events: Vec<String>,
+        /// A collection whose events to send (repeatable; all when absent).
+        #[arg(long = "collection", value_name = "NAME")]
+        collections: Vec<String>,
+        /// Agent id pattern, `*` for any run of characters.
+        #[arg(long, value_name = "PATTERN")]
+        agents: Option<String>,
+    },
+    /// Delete an endpoint.
+    Delete { id: String },
+    /// An endpoint's newest delivery attempts.
+    Deliveries { id: String },
+    /// Re-send every event from a time on (RFC 3339).
+    Replay {
+        id: String,
+        #[arg(long, value_name = "RFC3339")]
+        since: String,
     },
 }
 
@@ -83,6 +180,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => run(&config),
         Command::Certs { command } => certs(command),
+        other => client(other),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -111,6 +209,151 @@ fn report(error: &anyhow::Error) -> String {
         }
     }
     line
+}
+
+/// A client command: one request (or two) to the operator API, printed as a
+/// table or, with `--json`, as the API's JSON.
+fn client(command: Command) -> anyhow::Result<()> {
+    use fieldsync_hub::client::{self, Client, ClientError};
+    use reqwest::Method;
+    let api = match &command {
+        Command::Agents { api, .. }
+        | Command::Get { api, .. }
+        | Command::Put { api, .. }
+        | Command::Webhooks { api, .. } => api,
+        _ => unreachable!("only client commands come here"),
+    };
+    let token = client::token(
+        api.token_file.as_deref(),
+        std::env::var("FIELDSYNC_TOKEN").ok(),
+    )?;
+    let c = Client::new(&api.api, token)?;
+    let json = api.json;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let text = runtime.block_on(async {
+        let out = match &command {
+            Command::Agents { command, .. } => {
+                let body = c.call(Method::GET, &["v1", "agents"], None).await?;
+                match command {
+                    None | Some(AgentsCommand::List) if json => body.to_string(),
+                    None | Some(AgentsCommand::List) => client::agents_table(&body),
+                    Some(AgentsCommand::Show { id }) => {
+                        let row = body["agents"]
+                            .as_array()
+                            .and_then(|a| a.iter().find(|r| r["id"] == id.as_str()))
+                            .cloned()
+                            .ok_or_else(|| {
+                                ClientError::Usage(format!("the hub knows no agent {id:?}"))
+                            })?;
+                        if json {
+                            row.to_string()
+                        } else {
+                            client::fields_list(&row)
+                        }
+                    }
+                }
+            }
+            Command::Get {
+                agent,
+                collection,
+                key,
+                ..
+            } => {
+                let path = ["v1", "agents", agent, "records", collection, key];
+                let body = c.call(Method::GET, &path, None).await?;
+                if json {
+                    body.to_string()
+                } else {
+                    client::fields_list(&body["fields"])
+                }
+            }
+            Command::Put {
+                agent,
+                collection,
+                key,
+                fields,
+                ..
+            } => {
+                let fields = fieldsync_shared::record::parse_field_args(fields)
+                    .map_err(ClientError::Usage)?;
+                let path = ["v1", "agents", agent, "records", collection, key];
+                let body = c
+                    .call(Method::PUT, &path, Some(&serde_json::Value::Object(fields)))
+                    .await?;
+                if json {
+                    body.to_string()
+                } else {
+                    format!(
+                        "queued for {agent} at seq {} (agent connected: {})",
+                        body["queued_seq"], body["agent_connected"]
+                    )
+                }
+            }
+            Command::Webhooks { command, .. } => match command {
+                WebhooksCommand::List => {
+                    let body = c.call(Method::GET, &["v1", "webhooks"], None).await?;
+                    if json {
+                        body.to_string()
+                    } else {
+                        client::webhooks_table(&body)
+                    }
+                }
+                WebhooksCommand::Create {
+                    url,
+                    events,
+                    collections,
+                    agents,
+                } => {
+                    let body = client::new_webhook(url, events, collections, agents.as_deref());
+                    let made = c.call(Method::POST, &["v1", "webhooks"], Some(&body)).await?;
+                    if json {
+                        made.to_string()
+                    } else {
+                        format!(
+                            "created {}\nsecret {} (shown only now: store it where the receiver checks signatures)",
+                            made["id"].as_str().unwrap_or_default(),
+                            made["secret"].as_str().unwrap_or_default()
+                        )
+                    }
+                }
+                WebhooksCommand::Delete { id } => {
+                    c.call(Method::DELETE, &["v1", "webhooks", id], None).await?;
+                    if json {
+                        serde_json::json!({"deleted": id}).to_string()
+                    } else {
+                        format!("deleted {id}")
+                    }
+                }
+                WebhooksCommand::Deliveries { id } => {
+                    let body = c
+                        .call(Method::GET, &["v1", "webhooks", id, "deliveries"], None)
+                        .await?;
+                    if json {
+                        body.to_string()
+                    } else {
+                        client::deliveries_table(&body)
+                    }
+                }
+                WebhooksCommand::Replay { id, since } => {
+                    let body = serde_json::json!({ "since": since });
+                    let answer = c
+                        .call(Method::POST, &["v1", "webhooks", id, "replay"], Some(&body))
+                        .await?;
+                    if json {
+                        answer.to_string()
+                    } else {
+                        format!("replaying {id} from seq {}", answer["from_seq"])
+                    }
+                }
+            },
+            _ => unreachable!("only client commands come here"),
+        };
+        anyhow::Ok(out)
+    })?;
+    println!("{text}");
+    Ok(())
 }
 
 /// `fieldsync-hub run`: starts the hub from the configuration file at `config`

@@ -72,6 +72,25 @@ pub fn parse_patch(body: Value) -> Result<Vec<(FieldName, Option<Value>)>, Patch
         .collect()
 }
 
+/// Turns command-line `FIELD=VALUE` arguments into a JSON object: VALUE is
+/// read as JSON when it parses, otherwise as a string.
+pub fn parse_field_args(pairs: &[String]) -> Result<serde_json::Map<String, Value>, String> {
+    let mut map = serde_json::Map::new();
+    for pair in pairs {
+        let (name, raw) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("{pair:?} is not FIELD=VALUE"))?;
+        if name.is_empty() {
+            return Err(format!("{pair:?} has an empty field name"));
+        }
+        let value = serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_owned()));
+        if map.insert(name.to_owned(), value).is_some() {
+            return Err(format!("field {name:?} is given twice"));
+        }
+    }
+    Ok(map)
+}
+
 /// When and by whom a write was made. Totally ordered by stamp, then origin, so
 /// two different writes never tie.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -230,6 +249,41 @@ pub struct Change {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn values_are_json_when_they_parse_else_strings() {
+        let args: Vec<String> = [
+            "initials=JD",
+            "ssn=123-45-6789",
+            "ward=3",
+            "ok=true",
+            "tags=[1,2]",
+            "note=a=b",
+            "gone=null",
+            "s=\"3\"",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let m = parse_field_args(&args).unwrap();
+        assert_eq!(
+            Value::Object(m),
+            json!({"initials": "JD", "ssn": "123-45-6789", "ward": 3, "ok": true, "tags": [1, 2], "note": "a=b", "gone": null, "s": "3"})
+        );
+    }
+
+    #[test]
+    fn malformed_pairs_are_refused() {
+        assert!(parse_field_args(&["novalue".into()])
+            .unwrap_err()
+            .contains("FIELD=VALUE"));
+        assert!(parse_field_args(&["=1".into()])
+            .unwrap_err()
+            .contains("empty field name"));
+        assert!(parse_field_args(&["a=1".into(), "a=2".into()])
+            .unwrap_err()
+            .contains("twice"));
+    }
 
     fn v(wall: u64, who: &str) -> Version {
         Version {
