@@ -30,6 +30,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::engine::EngineEvent;
+use crate::events::format_ms;
 use crate::front_door::Connections;
 use crate::health::FleetHealth;
 use crate::metrics::Metrics;
@@ -182,11 +183,6 @@ async fn blocking<S: HubStore, T: Send + 'static>(
         .await
         .map_err(ApiError::internal)?
         .map_err(ApiError::internal)
-}
-
-fn format_ms(ms: u64) -> String {
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
-        .to_string()
 }
 
 /// `GET /v1/agents`: every agent the hub knows, with link state and queue size.
@@ -399,7 +395,9 @@ async fn enqueue<S: HubStore>(
                 state,
             });
         }
-        store.enqueue_downstream(&a, &changes, clock.last()).map(Ok)
+        store
+            .enqueue_downstream(&a, &changes, clock.last(), now)
+            .map(Ok)
     })
     .await?
     .map_err(|lose| {

@@ -306,11 +306,18 @@ impl HubConfig {
                 )
             })
         };
-        let millis =
-            |key: &'static str, value: Option<u64>, default: u64| match value.unwrap_or(default) {
-                ms @ 100..=600_000 => Ok(Duration::from_millis(ms)),
-                ms => Err(invalid(key, format!("{ms} is outside 100..=600000"))),
-            };
+        let millis = |key: &'static str,
+                      value: Option<u64>,
+                      default: u64,
+                      range: std::ops::RangeInclusive<u64>| {
+            match value.unwrap_or(default) {
+                ms if range.contains(&ms) => Ok(Duration::from_millis(ms)),
+                ms => Err(invalid(
+                    key,
+                    format!("{ms} is outside {}..={}", range.start(), range.end()),
+                )),
+            }
+        };
         let count =
             |key: &'static str, value: Option<usize>, default: usize, max: usize| match value
                 .unwrap_or(default)
@@ -393,11 +400,13 @@ impl HubConfig {
                 "mqtt.handshake_timeout_ms",
                 raw.mqtt.handshake_timeout_ms,
                 10_000,
+                100..=600_000,
             )?,
             connect_timeout: millis(
                 "mqtt.connect_timeout_ms",
                 raw.mqtt.connect_timeout_ms,
                 10_000,
+                100..=600_000,
             )?,
         };
         let token = match (raw.api.token, raw.api.token_file) {
@@ -438,12 +447,6 @@ impl HubConfig {
             path: shown.to_owned(),
             source,
         })?;
-        let span = |key: &'static str, value: Option<u64>, default: u64, max: u64| match value
-            .unwrap_or(default)
-        {
-            ms if (1..=max).contains(&ms) => Ok(Duration::from_millis(ms)),
-            ms => Err(invalid(key, format!("{ms} is outside 1..={max}"))),
-        };
         let w = raw.webhooks;
         let webhooks = WebhookSettings {
             allow_http: w.allow_http.unwrap_or(false),
@@ -451,23 +454,23 @@ impl HubConfig {
                 .ca
                 .map(|ca| existing_file(base, &ca).map_err(|m| invalid("webhooks.ca", m)))
                 .transpose()?,
-            timeout: span(
+            timeout: millis(
                 "webhooks.timeout_ms",
                 w.timeout_ms,
                 defaults::WEBHOOK_TIMEOUT_MS,
-                600_000,
+                1..=600_000,
             )?,
-            retry_initial: span(
+            retry_initial: millis(
                 "webhooks.retry_initial_ms",
                 w.retry_initial_ms,
                 defaults::WEBHOOK_RETRY_INITIAL_MS,
-                86_400_000,
+                1..=86_400_000,
             )?,
-            retry_max: span(
+            retry_max: millis(
                 "webhooks.retry_max_ms",
                 w.retry_max_ms,
                 defaults::WEBHOOK_RETRY_MAX_MS,
-                86_400_000,
+                1..=86_400_000,
             )?,
             max_attempts: match w.max_attempts.unwrap_or(defaults::WEBHOOK_MAX_ATTEMPTS) {
                 n @ 1..=1000 => n,

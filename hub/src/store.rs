@@ -251,12 +251,14 @@ pub trait HubStore: Send + Sync + 'static {
     fn hello(&self, agent: &AgentId, now_ms: u64, note: &HelloNote) -> Result<(), StoreError>;
     /// Merges `changes` into the hub's copy of the agent's records and appends
     /// each to the agent's downstream queue, atomically, persisting the hub
-    /// clock state `hlc_last`. Returns the last queued sequence number.
+    /// clock state `hlc_last`; the events it logs are stamped `now_ms`.
+    /// Returns the last queued sequence number.
     fn enqueue_downstream(
         &self,
         agent: &AgentId,
         changes: &[Change],
         hlc_last: Stamp,
+        now_ms: u64,
     ) -> Result<Seq, StoreError>;
     /// Up to `limit` queued entries for `agent` from `from` on, in order;
     /// stops before the stored bytes pass `max_bytes` (one entry is always
@@ -642,10 +644,10 @@ impl HubStore for RedbHubStore {
         agent: &AgentId,
         changes: &[Change],
         hlc_last: Stamp,
+        now_ms: u64,
     ) -> Result<Seq, StoreError> {
         let txn = self.db.begin_write()?;
         let mut events = EventWriter::open(&txn)?;
-        let now_ms = fieldsync_shared::hlc::system_now_ms();
         let last = {
             let mut agents = txn.open_table(AGENTS)?;
             let mut records = txn.open_table(RECORDS)?;

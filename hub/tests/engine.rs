@@ -398,7 +398,12 @@ impl Hub {
         };
         let last = self
             .store
-            .enqueue_downstream(agent, std::slice::from_ref(&change), clock.last())
+            .enqueue_downstream(
+                agent,
+                std::slice::from_ref(&change),
+                clock.last(),
+                system_now_ms(),
+            )
             .unwrap();
         self.events
             .send(EngineEvent::Enqueued {

@@ -253,6 +253,7 @@ pub fn downstream_queues_are_ordered_per_agent_and_trimmed_only_by_ack<S: HubSto
                     &a,
                     &[change(&format!("k{i}"), "mode", json!(i), 100 + i, "@hub")],
                     Stamp::new(100 + i, 0),
+                    5_000,
                 )
                 .unwrap();
             assert_eq!(last, Seq(i + 1));
@@ -262,6 +263,7 @@ pub fn downstream_queues_are_ordered_per_agent_and_trimmed_only_by_ack<S: HubSto
                 &b,
                 &[change("x", "mode", json!("b"), 200, "@hub")],
                 Stamp::new(200, 0),
+                5_000,
             )
             .unwrap();
         let row = store.agent(&a).unwrap().unwrap();
@@ -316,7 +318,7 @@ pub fn reading_the_queue_stops_at_a_byte_budget_but_always_takes_one<S: HubStore
     for i in 0..3 {
         let c = change(&format!("k{i}"), "mode", json!(big), 10 + i, "@hub");
         store
-            .enqueue_downstream(&a, &[c], Stamp::new(10 + i, 0))
+            .enqueue_downstream(&a, &[c], Stamp::new(10 + i, 0), 5_000)
             .unwrap();
     }
     let seqs = |max: usize| -> Vec<u64> {
@@ -389,6 +391,7 @@ pub fn cursors_identity_and_trim_marks_persist_per_agent<S: HubStore>(open: &dyn
                 &a,
                 &[setting("s3", 3, &Origin::hub("hub").unwrap())],
                 Stamp::new(9, 0),
+                5_000,
             )
             .unwrap();
         assert_eq!(last, Seq(1));
@@ -410,6 +413,7 @@ pub fn cursors_identity_and_trim_marks_persist_per_agent<S: HubStore>(open: &dyn
                 &a,
                 &[setting("s4", 4, &Origin::hub("hub").unwrap())],
                 Stamp::new(10, 0),
+                5_000,
             )
             .unwrap();
     }
@@ -446,7 +450,7 @@ pub fn snapshot_reads_page_through_one_agents_records_only<S: HubStore>(open: &d
             .map(|i| setting(&format!("k{i}"), i, &hub))
             .collect();
         store
-            .enqueue_downstream(&agent(id), &changes, Stamp::new(20, 0))
+            .enqueue_downstream(&agent(id), &changes, Stamp::new(20, 0), 5_000)
             .unwrap();
     }
     let b = agent("gw-b");
@@ -485,7 +489,7 @@ pub fn record_changes_are_logged_with_their_commit_once_in_order<S: HubStore>(
     store.apply_upstream(&a, &batch, cur(2), 2_000).unwrap();
     let hub = Origin::hub("hub").unwrap();
     store
-        .enqueue_downstream(&a, &[setting("p1", 7, &hub)], Stamp::new(20, 0))
+        .enqueue_downstream(&a, &[setting("p1", 7, &hub)], Stamp::new(20, 0), 5_000)
         .unwrap();
     let events = store.events_after(0, 100).unwrap();
     let seen: Vec<(u64, String, serde_json::Value)> = events
@@ -504,6 +508,10 @@ pub fn record_changes_are_logged_with_their_commit_once_in_order<S: HubStore>(
         ]
     );
     assert_eq!(events[0].1.at_ms, 1_000);
+    assert_eq!(
+        events[2].1.at_ms, 5_000,
+        "stamped with the time it is given"
+    );
     assert_eq!(store.events_after(2, 100).unwrap().len(), 1);
     assert_eq!(store.event_bounds().unwrap().head, 3);
     drop(store);
