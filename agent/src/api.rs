@@ -14,14 +14,17 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use fieldsync_http::{json_body, openapi_route, with_fallbacks, ErrorBody};
 use fieldsync_shared::record::{parse_patch, PatchError};
 use fieldsync_shared::wire::{write_fits, MAX_CHANGE_BYTES};
 use fieldsync_shared::{
     AgentId, CollectionName, FieldName, Incarnation, Origin, RecordKey, Seq, Value,
 };
 use prometheus_client::encoding::prometheus_text;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+
+pub use fieldsync_http::ApiError;
 
 use crate::link::LinkStatus;
 use crate::metrics::{self, Sources, StoreReadings};
@@ -44,9 +47,9 @@ pub struct ApiState {
     pub hub_configured: bool,
 }
 
-/// The API's routes.
+/// The API's routes. Every route is in [`ApiDoc`] (a test checks both ways).
 pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route(
             "/v1/records/{collection}/{key}",
             get(get_record).put(put_record).delete(delete_record),
@@ -54,74 +57,26 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/v1/batch", post(batch))
         .route("/v1/status", get(status))
         .route("/v1/outbox", get(outbox))
+        .route("/v1/health", get(health))
         .route("/metrics", get(prometheus))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such route") })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "this route does not take that method",
-            )
-        })
+        .merge(openapi_route(&ApiDoc::openapi()));
+    with_fallbacks(routes)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
 
-/// An error answer.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-
-    fn bad(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, message)
-    }
-
-    fn internal(e: impl std::fmt::Display) -> Self {
-        tracing::error!(error = %e, "request failed");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error; see the agent's log",
-        )
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
-        (self.status, Json(body)).into_response()
-    }
-}
-
-impl From<PathRejection> for ApiError {
-    fn from(e: PathRejection) -> Self {
-        Self::bad("invalid_path", e.body_text())
-    }
-}
-
-impl From<BytesRejection> for ApiError {
-    fn from(e: BytesRejection) -> Self {
-        let status = e.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "payload_too_large"
-        } else {
-            "invalid_body"
-        };
-        Self::new(status, code, e.body_text())
-    }
-}
+/// The local API's OpenAPI document (`GET /v1/openapi.json`, committed as
+/// `docs/openapi/agent.json`).
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Fieldsync agent local API",
+        description = "What applications on the device use: write and read records (every field is stored; only the fields the policy permits are synced), the agent's status and outbox, and metrics. Errors are `{\"error\": {\"code\", \"message\"}}`; a refused request changes nothing."
+    ),
+    paths(put_record, get_record, delete_record, batch, status, outbox, health, prometheus),
+    tags((name = "records"), (name = "status"))
+)]
+pub struct ApiDoc;
 
 impl From<WriteError> for ApiError {
     fn from(e: WriteError) -> Self {
@@ -138,20 +93,27 @@ impl From<WriteError> for ApiError {
 
 type Address = Result<Path<(String, String)>, PathRejection>;
 
-fn address(path: Address) -> Result<(CollectionName, RecordKey), ApiError> {
-    let Path((collection, key)) = path?;
-    let collection = CollectionName::new(collection)
-        .map_err(|e| ApiError::bad("invalid_name", e.to_string()))?;
-    let key = RecordKey::new(key).map_err(|e| ApiError::bad("invalid_name", e.to_string()))?;
-    Ok((collection, key))
+/// The path of a record.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)] // read through `Address`; here for the document
+struct RecordPath {
+    #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    collection: String,
+    /// Any text without control characters, at most 256 bytes.
+    #[param(min_length = 1, max_length = 256)]
+    key: String,
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, ApiError> {
-    let body = body?;
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad("invalid_json", format!("invalid JSON: {e}")))
+fn invalid_name(e: fieldsync_shared::IdError) -> ApiError {
+    ApiError::bad("invalid_name", e.to_string())
+}
+
+fn address(path: Address) -> Result<(CollectionName, RecordKey), ApiError> {
+    let Path((collection, key)) = path?;
+    let collection = CollectionName::new(collection).map_err(invalid_name)?;
+    let key = RecordKey::new(key).map_err(invalid_name)?;
+    Ok((collection, key))
 }
 
 /// Validates a partial update (see [`parse_patch`]).
@@ -183,13 +145,23 @@ fn check_fits(
     ))
 }
 
+/// A partial update: sets the given fields (null deletes one), creating the
+/// record if needed, in one durable transaction; answers the stored record.
+#[utoipa::path(put, path = "/v1/records/{collection}/{key}", tag = "records", params(RecordPath),
+    request_body(content = Object, description = "Fields to set: name to any JSON value; null deletes the field"),
+    responses(
+        (status = 200, description = "The record as stored", body = RecordView),
+        (status = 400, description = "Invalid JSON, names or fields", body = ErrorBody),
+        (status = 413, description = "The body or the change is too large", body = ErrorBody),
+        (status = 503, description = "The agent is shutting down", body = ErrorBody),
+    ))]
 async fn put_record(
     State(state): State<ApiState>,
     path: Address,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<RecordView>, ApiError> {
     let (collection, key) = address(path)?;
-    let fields = fields_of(parse_json(body)?)?;
+    let fields = fields_of(json_body(body)?)?;
     check_fits(&state, &collection, &key, &fields)?;
     let op = WriteOp::Put {
         collection,
@@ -209,13 +181,19 @@ fn single(mut outcomes: Vec<WriteOutcome>) -> Result<WriteOutcome, ApiError> {
 }
 
 fn not_found(collection: &CollectionName, key: &RecordKey) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
+    ApiError::not_found(
         "not_found",
         format!("no record \"{key}\" in collection \"{collection}\""),
     )
 }
 
+/// A record's visible fields.
+#[utoipa::path(get, path = "/v1/records/{collection}/{key}", tag = "records", params(RecordPath),
+    responses(
+        (status = 200, description = "The record", body = RecordView),
+        (status = 400, description = "An invalid collection name or key", body = ErrorBody),
+        (status = 404, description = "No such record", body = ErrorBody),
+    ))]
 async fn get_record(
     State(state): State<ApiState>,
     path: Address,
@@ -226,49 +204,96 @@ async fn get_record(
     found.map(Json).ok_or_else(|| not_found(&collection, &key))
 }
 
+/// A delete's outcome.
+#[derive(Serialize, ToSchema)]
+struct Deleted {
+    #[schema(value_type = String)]
+    collection: CollectionName,
+    #[schema(value_type = String)]
+    key: RecordKey,
+    /// Whether a record was there to delete.
+    deleted: bool,
+}
+
+/// Deletes a record (synced as a delete where the policy lets the
+/// collection flow).
+#[utoipa::path(delete, path = "/v1/records/{collection}/{key}", tag = "records", params(RecordPath),
+    responses(
+        (status = 200, description = "Deleted", body = Deleted),
+        (status = 400, description = "An invalid collection name or key", body = ErrorBody),
+        (status = 404, description = "No such record", body = ErrorBody),
+        (status = 503, description = "The agent is shutting down", body = ErrorBody),
+    ))]
 async fn delete_record(
     State(state): State<ApiState>,
     path: Address,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Deleted>, ApiError> {
     let (collection, key) = address(path)?;
     let op = WriteOp::Delete {
         collection: collection.clone(),
         key: key.clone(),
     };
     match single(state.writer.write(vec![op]).await?)? {
-        WriteOutcome::Deleted => Ok(Json(
-            json!({"collection": collection, "key": key, "deleted": true}),
-        )),
+        WriteOutcome::Deleted => Ok(Json(Deleted {
+            collection,
+            key,
+            deleted: true,
+        })),
         _ => Err(not_found(&collection, &key)),
     }
 }
 
 /// One write of a batch request.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BatchWrite {
     collection: String,
     key: String,
     /// Fields to set (null deletes a field), as in `PUT`.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     fields: Option<Value>,
     /// `true` deletes the record instead.
     #[serde(default)]
     delete: bool,
 }
 
-#[derive(Deserialize)]
+/// `POST /v1/batch`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BatchBody {
+    /// 1 to 1000 writes, each with either `fields` or `"delete": true`.
     writes: Vec<BatchWrite>,
 }
 
-/// `POST /v1/batch`: many writes in one atomic, durable transaction.
+/// One write's outcome: the stored record, or a delete's.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+enum BatchResult {
+    Stored(RecordView),
+    Deleted(Deleted),
+}
+
+/// Every write's outcome, in order.
+#[derive(Serialize, ToSchema)]
+struct BatchResults {
+    results: Vec<BatchResult>,
+}
+
+/// Many writes in one atomic, durable transaction: all or none.
+#[utoipa::path(post, path = "/v1/batch", tag = "records",
+    request_body = BatchBody,
+    responses(
+        (status = 200, description = "Every write stored", body = BatchResults),
+        (status = 400, description = "Invalid JSON, names or fields; nothing stored", body = ErrorBody),
+        (status = 413, description = "The body or a change is too large; nothing stored", body = ErrorBody),
+        (status = 503, description = "The agent is shutting down", body = ErrorBody),
+    ))]
 async fn batch(
     State(state): State<ApiState>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let body: BatchBody = parse_json(body)?;
+) -> Result<Json<BatchResults>, ApiError> {
+    let body: BatchBody = json_body(body)?;
     if body.writes.is_empty() || body.writes.len() > MAX_BATCH_WRITES {
         return Err(ApiError::bad(
             "invalid_body",
@@ -280,14 +305,9 @@ async fn batch(
     }
     let mut ops = Vec::with_capacity(body.writes.len());
     for (i, w) in body.writes.into_iter().enumerate() {
-        let at = |e: ApiError| ApiError {
-            message: format!("writes[{i}]: {}", e.message),
-            ..e
-        };
-        let collection = CollectionName::new(w.collection)
-            .map_err(|e| at(ApiError::bad("invalid_name", e.to_string())))?;
-        let key =
-            RecordKey::new(w.key).map_err(|e| at(ApiError::bad("invalid_name", e.to_string())))?;
+        let at = |e: ApiError| e.within(format_args!("writes[{i}]"));
+        let collection = CollectionName::new(w.collection).map_err(|e| at(invalid_name(e)))?;
+        let key = RecordKey::new(w.key).map_err(|e| at(invalid_name(e)))?;
         ops.push(match (w.fields, w.delete) {
             (None, true) => WriteOp::Delete { collection, key },
             (Some(fields), false) => {
@@ -317,18 +337,19 @@ async fn batch(
         })
         .collect();
     let outcomes = state.writer.write(ops).await?;
-    let results: Vec<Value> = outcomes
+    let results = outcomes
         .into_iter()
         .zip(addresses)
         .map(|(outcome, (collection, key))| match outcome {
-            WriteOutcome::Stored(view) => json!(view),
-            WriteOutcome::Deleted => json!({"collection": collection, "key": key, "deleted": true}),
-            WriteOutcome::NotFound => {
-                json!({"collection": collection, "key": key, "deleted": false})
-            }
+            WriteOutcome::Stored(view) => BatchResult::Stored(view),
+            WriteOutcome::Deleted | WriteOutcome::NotFound => BatchResult::Deleted(Deleted {
+                deleted: matches!(outcome, WriteOutcome::Deleted),
+                collection,
+                key,
+            }),
         })
         .collect();
-    Ok(Json(json!({ "results": results })))
+    Ok(Json(BatchResults { results }))
 }
 
 /// Runs a blocking store read off the async threads.
@@ -346,9 +367,55 @@ async fn read<T: Send + 'static>(
 /// Entries shown in `GET /v1/status`.
 const STATUS_PREVIEW: usize = 10;
 
-/// `GET /v1/status`: identity, link state, and what waits in the outbox (the
-/// first few entries by collection, key and field names).
-async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+/// An outbox entry by names only (no values).
+#[derive(Serialize, ToSchema)]
+struct PreviewEntry {
+    seq: u64,
+    #[schema(value_type = String)]
+    collection: CollectionName,
+    #[schema(value_type = String)]
+    key: RecordKey,
+    /// The names of the fields the entry carries.
+    #[schema(value_type = Vec<String>)]
+    fields: Vec<FieldName>,
+    record_deleted: bool,
+}
+
+/// The agent's identity, link and outbox.
+#[derive(Serialize, ToSchema)]
+struct Status {
+    #[schema(value_type = String)]
+    agent_id: AgentId,
+    /// Whether the link to the hub is up.
+    connected: bool,
+    hub_configured: bool,
+    /// This store's identity; a new one after a wipe.
+    incarnation: String,
+    /// Outbox entries not yet acknowledged by the hub.
+    outbox_pending: u64,
+    /// The first few pending entries.
+    outbox_preview: Vec<PreviewEntry>,
+    outbox_last_seq: u64,
+    outbox_acked_seq: u64,
+    down_applied_seq: u64,
+    hub_incarnation: Option<String>,
+    /// The correction applied to the device clock (hub minus device).
+    clock_offset_ms: i64,
+    resyncs: u64,
+    resyncs_sent: u64,
+    resyncs_received: u64,
+    resync_running: bool,
+    /// Hellos the hub refused because of this device's clock.
+    clock_refused: u64,
+    /// The hub refused this store's identity (another store claims it).
+    identity_conflict: bool,
+}
+
+/// Identity, link state, and what waits in the outbox (the first few
+/// entries by collection, key and field names).
+#[utoipa::path(get, path = "/v1/status", tag = "status",
+    responses((status = 200, description = "The agent's status", body = Status)))]
+async fn status(State(state): State<ApiState>) -> Result<Json<Status>, ApiError> {
     let (pending, first, bounds, down, resyncs_received) = read(&state.store, |s| {
         Ok((
             s.outbox_len()?,
@@ -361,41 +428,59 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
     .await?;
     let link = &state.link;
     let resyncs_sent = link.resyncs_sent.load(Ordering::Relaxed);
-    let preview: Vec<Value> = first
-        .iter()
-        .map(|(seq, change)| {
-            json!({
-                "seq": seq,
-                "collection": change.collection,
-                "key": change.key,
-                "fields": change.state.fields.keys().collect::<Vec<_>>(),
-                "record_deleted": change.state.deleted.is_some(),
-            })
+    let outbox_preview = first
+        .into_iter()
+        .map(|(seq, change)| PreviewEntry {
+            seq: seq.0,
+            fields: change.state.fields.keys().cloned().collect(),
+            record_deleted: change.state.deleted.is_some(),
+            collection: change.collection,
+            key: change.key,
         })
         .collect();
-    Ok(Json(json!({
-        "agent_id": state.agent_id,
-        "connected": link.connected.load(Ordering::Relaxed),
-        "hub_configured": state.hub_configured,
-        "incarnation": state.incarnation.to_string(),
-        "outbox_pending": pending,
-        "outbox_preview": preview,
-        "outbox_last_seq": bounds.last,
-        "outbox_acked_seq": bounds.acked.seq.0.max(link.acked_seq.load(Ordering::Relaxed)),
-        "down_applied_seq": down.at.seq,
-        "hub_incarnation": down.source.map(|i| i.to_string()),
-        "clock_offset_ms": state.clock.offset_ms(),
-        "resyncs": resyncs_sent + resyncs_received,
-        "resyncs_sent": resyncs_sent,
-        "resyncs_received": resyncs_received,
-        "resync_running": link.resyncing.load(Ordering::Relaxed),
-        "clock_refused": link.clock_refused.load(Ordering::Relaxed),
-        "identity_conflict": link.identity_refused.load(Ordering::Relaxed),
-    })))
+    Ok(Json(Status {
+        agent_id: state.agent_id.clone(),
+        connected: link.connected.load(Ordering::Relaxed),
+        hub_configured: state.hub_configured,
+        incarnation: state.incarnation.to_string(),
+        outbox_pending: pending,
+        outbox_preview,
+        outbox_last_seq: bounds.last.0,
+        outbox_acked_seq: bounds
+            .acked
+            .seq
+            .0
+            .max(link.acked_seq.load(Ordering::Relaxed)),
+        down_applied_seq: down.at.seq.0,
+        hub_incarnation: down.source.map(|i| i.to_string()),
+        clock_offset_ms: state.clock.offset_ms(),
+        resyncs: resyncs_sent + resyncs_received,
+        resyncs_sent,
+        resyncs_received,
+        resync_running: link.resyncing.load(Ordering::Relaxed),
+        clock_refused: link.clock_refused.load(Ordering::Relaxed),
+        identity_conflict: link.identity_refused.load(Ordering::Relaxed),
+    }))
 }
 
-/// `GET /metrics`: the agent's metrics in the Prometheus text format (0.0.4),
-/// see [`crate::metrics`].
+/// `{"status": "ok"}`.
+#[derive(Serialize, ToSchema)]
+struct HealthBody {
+    #[schema(example = "ok")]
+    status: &'static str,
+}
+
+/// Whether the agent answers.
+#[utoipa::path(get, path = "/v1/health", tag = "status",
+    responses((status = 200, description = "The agent answers", body = HealthBody)))]
+async fn health() -> Json<HealthBody> {
+    Json(HealthBody { status: "ok" })
+}
+
+/// The agent's metrics in the Prometheus text format (0.0.4), see
+/// [`crate::metrics`].
+#[utoipa::path(get, path = "/metrics", tag = "status",
+    responses((status = 200, description = "Prometheus text exposition format 0.0.4", body = String, content_type = "text/plain")))]
 async fn prometheus(State(state): State<ApiState>) -> Result<Response, ApiError> {
     let store = read(&state.store, |s| {
         Ok(StoreReadings {
@@ -419,11 +504,14 @@ async fn prometheus(State(state): State<ApiState>) -> Result<Response, ApiError>
         .into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct OutboxQuery {
+    /// Entries after this sequence number (default 0).
     #[serde(default)]
     after: u64,
+    /// Most entries (1 to 1000, default 100).
     #[serde(default = "default_outbox_limit")]
     limit: usize,
 }
@@ -432,21 +520,60 @@ fn default_outbox_limit() -> usize {
     100
 }
 
-/// `GET /v1/outbox?after=SEQ&limit=N`: pending outbox entries in full, exactly
-/// as they will be sent (permitted fields only), for inspection.
+/// One pending outbox entry, as it will be sent.
+#[derive(Serialize, ToSchema)]
+struct OutboxEntry {
+    seq: u64,
+    /// The change: collection, key and the permitted fields with their
+    /// versions.
+    #[schema(value_type = Object)]
+    change: fieldsync_shared::Change,
+}
+
+/// Pending outbox entries.
+#[derive(Serialize, ToSchema)]
+struct OutboxPage {
+    entries: Vec<OutboxEntry>,
+}
+
+/// Pending outbox entries in full, exactly as they will be sent (permitted
+/// fields only), for inspection.
+#[utoipa::path(get, path = "/v1/outbox", tag = "status", params(OutboxQuery),
+    responses(
+        (status = 200, description = "Pending entries in order", body = OutboxPage),
+        (status = 400, description = "A malformed query", body = ErrorBody),
+    ))]
 async fn outbox(
     State(state): State<ApiState>,
     query: Result<Query<OutboxQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad("invalid_query", e.body_text()))?;
+) -> Result<Json<OutboxPage>, ApiError> {
+    let Query(q) = query?;
     let limit = q.limit.clamp(1, 1000);
-    let entries = read(&state.store, move |s| {
-        s.outbox_entries(Seq(q.after + 1), limit)
-    })
-    .await?;
-    let entries: Vec<Value> = entries
+    let after = q.after.saturating_add(1);
+    let entries = read(&state.store, move |s| s.outbox_entries(Seq(after), limit)).await?;
+    let entries = entries
         .into_iter()
-        .map(|(seq, change)| json!({"seq": seq, "change": change}))
+        .map(|(seq, change)| OutboxEntry { seq: seq.0, change })
         .collect();
-    Ok(Json(json!({ "entries": entries })))
+    Ok(Json(OutboxPage { entries }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_is_documented_and_every_documented_path_routed() {
+        let routed = fieldsync_http::routed_paths(&[include_str!("api.rs")]);
+        // `/v1/openapi.json` (routed by fieldsync-http) serves the document.
+        let documented = fieldsync_http::documented_paths(&ApiDoc::openapi());
+        assert_eq!(routed, documented);
+    }
+
+    #[test]
+    fn the_committed_document_is_what_the_code_generates() {
+        let committed =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi/agent.json");
+        fieldsync_http::check_committed(&ApiDoc::openapi(), &committed).unwrap();
+    }
 }

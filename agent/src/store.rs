@@ -133,10 +133,14 @@ pub enum WriteOutcome {
 }
 
 /// A record as a reader sees it: visible fields only.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct RecordView {
+    #[schema(value_type = String)]
     pub collection: CollectionName,
+    #[schema(value_type = String)]
     pub key: RecordKey,
+    /// Field name to value (any JSON).
+    #[schema(value_type = Object)]
     pub fields: BTreeMap<FieldName, Value>,
 }
 

@@ -10,13 +10,14 @@ mod hooks;
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use fieldsync_http::{constant_time_eq, json_body, openapi_route, with_fallbacks, ErrorBody};
 use fieldsync_shared::hlc::system_now_ms;
 use fieldsync_shared::record::{parse_patch, PatchError};
 use fieldsync_shared::wire::{write_fits, MAX_CHANGE_BYTES};
@@ -26,14 +27,19 @@ use fieldsync_shared::{
 };
 use prometheus_client::encoding::prometheus_text;
 use prometheus_client::registry::Registry;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
+
+pub use fieldsync_http::ApiError;
 
 use crate::engine::EngineEvent;
 use crate::events::format_ms;
 use crate::front_door::Connections;
-use crate::health::FleetHealth;
-use crate::metrics::Metrics;
+use crate::health::{FleetHealth, SyncState};
+use crate::labels::{self, Labels, Selector};
+use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::store::{HubStore, StoreError};
 use crate::webhooks::Dispatcher;
 
@@ -59,7 +65,7 @@ pub struct ApiState<S: HubStore> {
     pub health: Arc<FleetHealth>,
 }
 
-/// The API's routes.
+/// The API's routes. Every route is in [`ApiDoc`] (a test checks both ways).
 pub fn router<S: HubStore>(state: Arc<ApiState<S>>) -> Router {
     let authed = Router::new()
         .route("/v1/agents", get(list_agents::<S>))
@@ -68,6 +74,8 @@ pub fn router<S: HubStore>(state: Arc<ApiState<S>>) -> Router {
             get(get_record::<S>).put(put_record::<S>),
         )
         .route("/v1/agents/{agent}/batch", post(batch::<S>))
+        .route("/v1/agents/{agent}/labels", put(put_labels::<S>))
+        .route("/v1/broadcast", post(broadcast::<S>))
         .route("/v1/metrics", get(metrics::<S>))
         .route("/v1/changes", get(feed::changes::<S>))
         .route(
@@ -85,63 +93,69 @@ pub fn router<S: HubStore>(state: Arc<ApiState<S>>) -> Router {
             state.clone(),
             require_token::<S>,
         ));
-    Router::new()
-        .route(
-            "/v1/health",
-            get(|| async { Json(json!({"status": "ok"})) }),
-        )
-        .merge(authed)
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such route") })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "this route does not take that method",
-            )
-        })
+    let open = Router::new().route("/v1/health", get(health));
+    with_fallbacks(open.merge(openapi_route(&ApiDoc::openapi())).merge(authed))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
-/// An error answer: `{"error": {"code", "message"}}`.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
+/// The operator API's OpenAPI document (`GET /v1/openapi.json`, committed as
+/// `docs/openapi/hub.json`).
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Fieldsync hub operator API",
+        description = "The fleet's agents, the hub's copy of their records, downstream writes, labels and broadcasts, the change feed, webhooks and metrics. Every route but /v1/health and /v1/openapi.json takes `Authorization: Bearer TOKEN`. Errors are `{\"error\": {\"code\", \"message\"}}`."
+    ),
+    paths(
+        health,
+        list_agents,
+        get_record,
+        put_record,
+        batch,
+        put_labels,
+        broadcast,
+        metrics,
+        feed::changes,
+        hooks::list,
+        hooks::create,
+        hooks::show,
+        hooks::delete,
+        hooks::deliveries,
+        hooks::replay,
+        prometheus,
+    ),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    tags((name = "fleet"), (name = "records"), (name = "feed"), (name = "webhooks"), (name = "metrics"))
+)]
+pub struct ApiDoc;
+
+/// Declares the bearer token scheme.
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
 }
 
-impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-
-    fn bad(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, message)
-    }
-
-    fn internal(e: impl std::fmt::Display) -> Self {
-        tracing::error!(error = %e, "request failed");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error; see the hub's log",
-        )
-    }
+/// `{"status": "ok"}`.
+#[derive(Serialize, ToSchema)]
+struct HealthBody {
+    #[schema(example = "ok")]
+    status: &'static str,
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({"error": {"code": self.code, "message": self.message}})),
-        )
-            .into_response()
-    }
+/// Whether the hub answers (no token needed).
+#[utoipa::path(get, path = "/v1/health", tag = "fleet", security(()),
+    responses((status = 200, description = "The hub answers", body = HealthBody)))]
+async fn health() -> Json<HealthBody> {
+    Json(HealthBody { status: "ok" })
 }
 
 async fn require_token<S: HubStore>(
@@ -185,53 +199,165 @@ async fn blocking<S: HubStore, T: Send + 'static>(
         .map_err(ApiError::internal)
 }
 
-/// `GET /v1/agents`: every agent the hub knows, with link state and queue size.
+/// `GET /v1/agents?selector=`.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct AgentsQuery {
+    /// Only agents whose labels match, e.g. `site=berlin,model!=gw2`.
+    #[param(example = "site=berlin")]
+    selector: Option<String>,
+}
+
+/// The fleet.
+#[derive(Serialize, ToSchema)]
+struct AgentList {
+    agents: Vec<AgentView>,
+}
+
+/// One agent: link, sync health (from its last report), queues and labels.
+#[derive(Serialize, ToSchema)]
+struct AgentView {
+    id: String,
+    connected: bool,
+    state: SyncState,
+    /// Outbox entries the agent has not had acknowledged (last report).
+    outbox_pending: Option<u64>,
+    outbox_bytes: Option<u64>,
+    /// Age of the agent's oldest pending entry.
+    oldest_pending_ms: Option<u64>,
+    /// Entries acknowledged per second over the agent's last report interval.
+    drain_per_s: Option<f64>,
+    /// The correction the agent applies to its device clock.
+    agent_clock_offset_ms: Option<i64>,
+    /// When the last health report came (RFC 3339).
+    health_reported: Option<String>,
+    /// The agent's last applied batch or hello (RFC 3339).
+    last_seen: Option<String>,
+    /// Downstream entries waiting for the agent.
+    queue_pending: u64,
+    up_applied: u64,
+    changes_applied: u64,
+    incarnation: Option<String>,
+    /// The agent's clock minus the hub's at its last hello.
+    clock_skew_ms: Option<i64>,
+    resyncs: u64,
+    identity_conflicts: u64,
+    labels: Labels,
+    /// The serial (hex) of the certificate the agent last connected with since
+    /// the hub started.
+    serial: Option<String>,
+    /// That certificate's expiry (RFC 3339).
+    not_after: Option<String>,
+}
+
+/// Every agent the hub knows, with link state, sync health and queue size.
+#[utoipa::path(get, path = "/v1/agents", tag = "fleet", params(AgentsQuery),
+    responses(
+        (status = 200, description = "The agents, ordered by id", body = AgentList),
+        (status = 400, description = "A malformed selector", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+    ))]
 async fn list_agents<S: HubStore>(
     State(state): State<Arc<ApiState<S>>>,
-) -> Result<Json<Value>, ApiError> {
+    query: Result<Query<AgentsQuery>, QueryRejection>,
+) -> Result<Json<AgentList>, ApiError> {
+    let Query(q) = query?;
+    let selector = q
+        .selector
+        .map(|text| {
+            Selector::parse(&text).map_err(|e| ApiError::bad("invalid_selector", e.to_string()))
+        })
+        .transpose()?;
     let rows = blocking(&state.store, |s| s.agents()).await?;
     let now = system_now_ms();
-    let agents: Vec<Value> = rows
+    let agents = rows
         .into_iter()
+        .filter(|(_, row)| selector.as_ref().is_none_or(|s| s.matches(&row.labels)))
         .map(|(id, row)| {
             let connected = state.connections.is_connected(&id);
             let (sync_state, health) = state.health.state(&id, connected, now);
             let report = health.and_then(|h| h.report.map(|r| (r, h.report_at_ms)));
-            json!({
-                "id": id,
-                "connected": connected,
-                "state": sync_state,
-                "outbox_pending": report.map(|(r, _)| r.outbox_pending),
-                "outbox_bytes": report.map(|(r, _)| r.outbox_bytes),
-                "oldest_pending_ms": report.and_then(|(r, _)| r.oldest_pending_ms),
-                "drain_per_s": report.map(|(r, _)| r.drain_per_s),
-                "agent_clock_offset_ms": report.map(|(r, _)| r.clock_offset_ms),
-                "health_reported": report.map(|(_, at)| format_ms(at)),
-                "last_seen": row.last_seen_ms.map(format_ms),
-                "queue_pending": row.queue_pending(),
-                "up_applied": row.up_applied,
-                "changes_applied": row.changes_applied,
-                "incarnation": row.identity.current.map(|i| i.to_string()),
-                "clock_skew_ms": row.clock_skew_ms,
-                "resyncs": row.resyncs,
-                "identity_conflicts": row.identity_conflicts,
-            })
+            let certificate = state.connections.certificate(&id);
+            AgentView {
+                connected,
+                state: sync_state,
+                outbox_pending: report.map(|(r, _)| r.outbox_pending),
+                outbox_bytes: report.map(|(r, _)| r.outbox_bytes),
+                oldest_pending_ms: report.and_then(|(r, _)| r.oldest_pending_ms),
+                drain_per_s: report.map(|(r, _)| r.drain_per_s),
+                agent_clock_offset_ms: report.map(|(r, _)| r.clock_offset_ms),
+                health_reported: report.map(|(_, at)| format_ms(at)),
+                last_seen: row.last_seen_ms.map(format_ms),
+                queue_pending: row.queue_pending(),
+                up_applied: row.up_applied.0,
+                changes_applied: row.changes_applied,
+                incarnation: row.identity.current.map(|i| i.to_string()),
+                clock_skew_ms: row.clock_skew_ms,
+                resyncs: row.resyncs,
+                identity_conflicts: row.identity_conflicts,
+                labels: row.labels,
+                serial: certificate.as_ref().map(|c| c.serial.clone()),
+                not_after: certificate.map(|c| format_ms(c.not_after_s.max(0) as u64 * 1000)),
+                id: id.to_string(),
+            }
         })
         .collect();
-    Ok(Json(json!({ "agents": agents })))
+    Ok(Json(AgentList { agents }))
+}
+
+/// The path of one of an agent's records.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)] // read through `Address`; here for the document
+struct RecordPath {
+    /// The agent's id (its certificate's common name).
+    #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    agent: String,
+    #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    collection: String,
+    /// Any text without control characters, at most 256 bytes.
+    #[param(min_length = 1, max_length = 256)]
+    key: String,
+}
+
+/// The path of an agent.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)] // read through `Path<String>`; here for the document
+struct AgentPath {
+    #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    agent: String,
 }
 
 type Address = Result<Path<(String, String, String)>, PathRejection>;
 
 fn address(path: Address) -> Result<(AgentId, CollectionName, RecordKey), ApiError> {
-    let Path((agent, collection, key)) =
-        path.map_err(|e| ApiError::bad("invalid_path", e.body_text()))?;
-    let name = |e: fieldsync_shared::IdError| ApiError::bad("invalid_name", e.to_string());
+    let Path((agent, collection, key)) = path?;
     Ok((
-        AgentId::new(agent).map_err(name)?,
-        CollectionName::new(collection).map_err(name)?,
-        RecordKey::new(key).map_err(name)?,
+        agent_id(agent)?,
+        CollectionName::new(collection).map_err(invalid_name)?,
+        RecordKey::new(key).map_err(invalid_name)?,
     ))
+}
+
+fn invalid_name(e: fieldsync_shared::IdError) -> ApiError {
+    ApiError::bad("invalid_name", e.to_string())
+}
+
+fn agent_id(text: String) -> Result<AgentId, ApiError> {
+    AgentId::new(text).map_err(invalid_name)
+}
+
+/// The hub's copy of a record: its visible (permitted) fields.
+#[derive(Serialize, ToSchema)]
+struct RecordOut {
+    agent: String,
+    collection: String,
+    key: String,
+    /// Field name to value (any JSON).
+    #[schema(value_type = Object)]
+    fields: serde_json::Map<String, Value>,
 }
 
 fn view(
@@ -239,26 +365,37 @@ fn view(
     collection: &CollectionName,
     key: &RecordKey,
     state: &RecordState,
-) -> Value {
-    let fields: serde_json::Map<String, Value> = state
-        .visible()
-        .map(|(k, v)| (k.to_string(), v.clone()))
-        .collect();
-    json!({"agent": agent, "collection": collection, "key": key, "fields": fields})
+) -> RecordOut {
+    RecordOut {
+        agent: agent.to_string(),
+        collection: collection.to_string(),
+        key: key.to_string(),
+        fields: state
+            .visible()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+    }
 }
 
-/// `GET /v1/agents/{agent}/records/{collection}/{key}`: the hub's copy.
+/// The hub's copy of one of an agent's records.
+#[utoipa::path(get, path = "/v1/agents/{agent}/records/{collection}/{key}", tag = "records",
+    params(RecordPath),
+    responses(
+        (status = 200, description = "The hub's copy", body = RecordOut),
+        (status = 400, description = "An invalid agent id, collection name or key", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "The hub has no such record", body = ErrorBody),
+    ))]
 async fn get_record<S: HubStore>(
     State(state): State<Arc<ApiState<S>>>,
     path: Address,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<RecordOut>, ApiError> {
     let (agent, collection, key) = address(path)?;
     let (a, c, k) = (agent.clone(), collection.clone(), key.clone());
     let found = blocking(&state.store, move |s| s.record(&a, &c, &k)).await?;
     match found.filter(RecordState::exists) {
         Some(record) => Ok(Json(view(&agent, &collection, &key, &record))),
-        None => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
+        None => Err(ApiError::not_found(
             "not_found",
             format!("the hub has no record \"{key}\" in collection \"{collection}\" of agent \"{agent}\""),
         )),
@@ -270,18 +407,6 @@ struct DownWrite {
     collection: CollectionName,
     key: RecordKey,
     fields: Vec<(FieldName, Option<Value>)>,
-}
-
-fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|e| {
-        let status = e.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "payload_too_large"
-        } else {
-            "invalid_body"
-        };
-        ApiError::new(status, code, e.body_text())
-    })
 }
 
 fn patch_of(body: Value) -> Result<Vec<(FieldName, Option<Value>)>, ApiError> {
@@ -334,202 +459,473 @@ fn check_policy(policy: &Policy, write: &DownWrite) -> Result<(), ApiError> {
 }
 
 /// A write that cannot win against the hub's copy.
+#[derive(Debug, Clone)]
 struct Lose {
+    agent: AgentId,
     collection: CollectionName,
     key: RecordKey,
 }
 
-/// Stamps `writes` with the hub clock and queues them for `agent` in one
-/// durable transaction; returns the last queued sequence number. Refuses
-/// (409, nothing queued) a batch in which any write could not win.
+/// What [`enqueue`] did for each agent, in order.
+type Enqueued = Vec<(AgentId, Result<Seq, Lose>)>;
+
+/// Stamps each agent's writes with the hub clock and queues them, for all the
+/// agents in one durable transaction. An agent whose writes include one that
+/// could not win gets none of them (its `Lose` says which); the others are
+/// queued.
 async fn enqueue<S: HubStore>(
+    state: &ApiState<S>,
+    batches: Vec<(AgentId, Vec<DownWrite>)>,
+) -> Result<Enqueued, ApiError> {
+    let hlc = state.hlc.clone();
+    let origin = state.origin.clone();
+    let outcome = blocking(&state.store, move |store| {
+        // The clock lock spans stamping and the commit that persists it, so the
+        // persisted clock state only moves forward.
+        let mut clock = hlc.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = system_now_ms();
+        let mut outcome = Vec::with_capacity(batches.len());
+        let mut queues = Vec::with_capacity(batches.len());
+        for (agent, writes) in batches {
+            // Stamps observed from agents live only in memory until this
+            // commit; the hub's copy of each record bounds them, so an
+            // operator write sorts after what the hub already holds — unless
+            // that copy holds a stamp beyond the clock's drift bound, which
+            // the clock refuses to follow: such a write could not win, so it
+            // is refused (409) rather than accepted and silently lost.
+            let mut copies = Vec::with_capacity(writes.len());
+            for w in &writes {
+                let copy = store.record(&agent, &w.collection, &w.key)?;
+                if let Some(v) = copy.as_ref().and_then(RecordState::max_version) {
+                    let _ = clock.observe(v.stamp, now);
+                }
+                copies.push(copy);
+            }
+            let mut changes = Vec::with_capacity(writes.len());
+            let mut lost = None;
+            for (w, copy) in writes.into_iter().zip(&copies) {
+                let version = Version {
+                    stamp: clock.tick(now),
+                    origin: origin.clone(),
+                };
+                if let Some(copy) = copy {
+                    let beaten = copy.deleted.iter().any(|d| d >= &version)
+                        || w.fields.iter().any(|(f, _)| {
+                            copy.fields
+                                .get(f)
+                                .is_some_and(|held| held.version >= version)
+                        });
+                    if beaten {
+                        lost = Some(Lose {
+                            agent: agent.clone(),
+                            collection: w.collection,
+                            key: w.key,
+                        });
+                        break;
+                    }
+                }
+                let state = RecordState::default().write(w.fields, &version);
+                changes.push(Change {
+                    collection: w.collection,
+                    key: w.key,
+                    state,
+                });
+            }
+            match lost {
+                Some(lose) => outcome.push((agent, Err(lose))),
+                None => {
+                    outcome.push((agent.clone(), Ok(Seq(0))));
+                    queues.push((agent, changes));
+                }
+            }
+        }
+        if !queues.is_empty() {
+            let lasts = store.enqueue_downstream_group(&queues, clock.last(), now)?;
+            let mut lasts = lasts.into_iter();
+            for (_, result) in outcome.iter_mut() {
+                if let Ok(seq) = result {
+                    *seq = lasts.next().unwrap_or_default();
+                }
+            }
+        }
+        Ok(outcome)
+    })
+    .await?;
+    for (agent, result) in &outcome {
+        match result {
+            Ok(last) => {
+                let _ = state.events.send(EngineEvent::Enqueued {
+                    agent: agent.clone(),
+                    last: *last,
+                });
+            }
+            Err(_) => Metrics::inc(&state.metrics.operator_writes_refused),
+        }
+    }
+    Ok(outcome)
+}
+
+/// [`enqueue`] for one agent, whose writes are all queued or none (409).
+async fn enqueue_one<S: HubStore>(
     state: &ApiState<S>,
     agent: &AgentId,
     writes: Vec<DownWrite>,
 ) -> Result<Seq, ApiError> {
     let count = writes.len() as u64;
-    let hlc = state.hlc.clone();
-    let origin = state.origin.clone();
-    let a = agent.clone();
-    let queued = blocking(&state.store, move |store| {
-        // The clock lock spans stamping and the commit that persists it, so the
-        // persisted clock state only moves forward.
-        let mut clock = hlc.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let now = system_now_ms();
-        // Stamps observed from agents live only in memory until this commit;
-        // the hub's copy of each record bounds them, so an operator write
-        // sorts after what the hub already holds — unless that copy holds a
-        // stamp beyond the clock's drift bound, which the clock refuses to
-        // follow: such a write could not win, so it is refused (409) rather
-        // than accepted and silently lost.
-        let mut copies = Vec::with_capacity(writes.len());
-        for w in &writes {
-            let copy = store.record(&a, &w.collection, &w.key)?;
-            if let Some(v) = copy.as_ref().and_then(RecordState::max_version) {
-                let _ = clock.observe(v.stamp, now);
-            }
-            copies.push(copy);
+    let mut outcome = enqueue(state, vec![(agent.clone(), writes)]).await?;
+    match outcome.pop().map(|(_, r)| r) {
+        Some(Ok(last)) => {
+            Metrics::add(&state.metrics.downstream_changes_queued, count);
+            Ok(last)
         }
-        let mut changes = Vec::with_capacity(writes.len());
-        for (w, copy) in writes.into_iter().zip(&copies) {
-            let version = Version {
-                stamp: clock.tick(now),
-                origin: origin.clone(),
-            };
-            if let Some(copy) = copy {
-                let beaten = copy.deleted.iter().any(|d| d >= &version)
-                    || w.fields.iter().any(|(f, _)| {
-                        copy.fields.get(f).is_some_and(|held| held.version >= version)
-                    });
-                if beaten {
-                    return Ok(Err(Lose {
-                        collection: w.collection,
-                        key: w.key,
-                    }));
-                }
-            }
-            let state = RecordState::default().write(w.fields, &version);
-            changes.push(Change {
-                collection: w.collection,
-                key: w.key,
-                state,
-            });
-        }
-        store
-            .enqueue_downstream(&a, &changes, clock.last(), now)
-            .map(Ok)
-    })
-    .await?
-    .map_err(|lose| {
-        Metrics::inc(&state.metrics.operator_writes_refused);
-        ApiError::new(
-            StatusCode::CONFLICT,
-            "write_would_lose",
-            format!(
-                "record \"{}\" in collection \"{}\" holds a version stamped beyond the hub clock's drift bound (a device clock ahead); this write could not win, so nothing was queued",
-                lose.key, lose.collection
-            ),
-        )
-    })?;
-    Metrics::add(&state.metrics.downstream_changes_queued, count);
-    let _ = state.events.send(EngineEvent::Enqueued {
-        agent: agent.clone(),
-        last: queued,
-    });
-    Ok(queued)
+        Some(Err(lose)) => Err(would_lose(&lose)),
+        None => Err(ApiError::internal("enqueue answered nothing")),
+    }
 }
 
-/// `PUT /v1/agents/{agent}/records/{collection}/{key}`: a downstream write,
-/// checked against the policy, queued durably, delivered when the agent is
-/// connected. Answers 202 with the queue position.
+fn would_lose(lose: &Lose) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "write_would_lose",
+        format!(
+            "record \"{}\" in collection \"{}\" holds a version stamped beyond the hub clock's drift bound (a device clock ahead); this write could not win, so nothing was queued",
+            lose.key, lose.collection
+        ),
+    )
+}
+
+/// A downstream write's place in the agent's queue.
+#[derive(Serialize, ToSchema)]
+struct Queued {
+    agent: String,
+    collection: String,
+    key: String,
+    /// The write's sequence number in the agent's downstream queue.
+    queued_seq: u64,
+    agent_connected: bool,
+}
+
+/// A downstream write: checked against the policy, queued durably, delivered
+/// when the agent is connected (202 whether or not it is now).
+#[utoipa::path(put, path = "/v1/agents/{agent}/records/{collection}/{key}", tag = "records",
+    params(RecordPath),
+    request_body(content = Object, description = "Fields to set: name to any JSON value; null deletes the field"),
+    responses(
+        (status = 202, description = "Queued durably", body = Queued),
+        (status = 400, description = "Invalid JSON, names or fields", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 403, description = "The policy does not let these fields flow down", body = ErrorBody),
+        (status = 409, description = "The write could not win against the hub's copy", body = ErrorBody),
+        (status = 413, description = "The body or the change is too large", body = ErrorBody),
+    ))]
 async fn put_record<S: HubStore>(
     State(state): State<Arc<ApiState<S>>>,
     path: Address,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Queued>), ApiError> {
     let (agent, collection, key) = address(path)?;
-    let body: Value = serde_json::from_slice(&body_bytes(body)?)
-        .map_err(|e| ApiError::bad("invalid_json", format!("invalid JSON: {e}")))?;
     let write = DownWrite {
         collection,
         key,
-        fields: patch_of(body)?,
+        fields: patch_of(json_body(body)?)?,
     };
     check_policy(&state.policy, &write)?;
     check_fits(&state.origin, &write)?;
     let (collection, key) = (write.collection.clone(), write.key.clone());
-    let queued = enqueue(&state, &agent, vec![write]).await?;
+    let queued = enqueue_one(&state, &agent, vec![write]).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({
-            "agent": agent,
-            "collection": collection,
-            "key": key,
-            "queued_seq": queued,
-            "agent_connected": state.connections.is_connected(&agent),
-        })),
+        Json(Queued {
+            agent: agent.to_string(),
+            collection: collection.to_string(),
+            key: key.to_string(),
+            queued_seq: queued.0,
+            agent_connected: state.connections.is_connected(&agent),
+        }),
     ))
 }
 
-/// Most writes in one operator batch.
+/// Most writes in one operator batch or broadcast.
 pub const MAX_BATCH_WRITES: usize = 1000;
 
-#[derive(serde::Deserialize)]
+/// One write of a batch or broadcast.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BatchWrite {
     collection: String,
     key: String,
+    /// Fields to set: name to any JSON value; null deletes the field.
+    #[schema(value_type = Object)]
     fields: Value,
 }
 
-#[derive(serde::Deserialize)]
+/// `POST /v1/agents/{agent}/batch`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BatchBody {
+    /// 1 to 1000 writes, queued in this order.
     writes: Vec<BatchWrite>,
 }
 
-/// `POST /v1/agents/{agent}/batch`: many downstream writes, all checked before
-/// any is queued, queued in order in one durable transaction. Answers 202 with
-/// the last queue position.
-async fn batch<S: HubStore>(
-    State(state): State<Arc<ApiState<S>>>,
-    path: Result<Path<String>, PathRejection>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let Path(agent) = path.map_err(|e| ApiError::bad("invalid_path", e.body_text()))?;
-    let agent = AgentId::new(agent).map_err(|e| ApiError::bad("invalid_name", e.to_string()))?;
-    let body: BatchBody = serde_json::from_slice(&body_bytes(body)?)
-        .map_err(|e| ApiError::bad("invalid_json", format!("invalid JSON: {e}")))?;
-    if body.writes.is_empty() || body.writes.len() > MAX_BATCH_WRITES {
+/// Validates 1 to [`MAX_BATCH_WRITES`] writes: names, policy and size.
+fn down_writes(
+    state: &ApiState<impl HubStore>,
+    writes: Vec<BatchWrite>,
+) -> Result<Vec<DownWrite>, ApiError> {
+    if writes.is_empty() || writes.len() > MAX_BATCH_WRITES {
         return Err(ApiError::bad(
             "invalid_body",
             format!(
                 "a batch holds 1 to {MAX_BATCH_WRITES} writes; got {}",
-                body.writes.len()
+                writes.len()
             ),
         ));
     }
-    let mut writes = Vec::with_capacity(body.writes.len());
-    for (i, w) in body.writes.into_iter().enumerate() {
-        let at = |e: ApiError| ApiError {
-            message: format!("writes[{i}]: {}", e.message),
-            ..e
-        };
-        let name = |e: fieldsync_shared::IdError| at(ApiError::bad("invalid_name", e.to_string()));
+    let mut out = Vec::with_capacity(writes.len());
+    for (i, w) in writes.into_iter().enumerate() {
+        let at = |e: ApiError| e.within(format_args!("writes[{i}]"));
         let write = DownWrite {
-            collection: CollectionName::new(w.collection).map_err(name)?,
-            key: RecordKey::new(w.key).map_err(name)?,
+            collection: CollectionName::new(w.collection).map_err(|e| at(invalid_name(e)))?,
+            key: RecordKey::new(w.key).map_err(|e| at(invalid_name(e)))?,
             fields: patch_of(w.fields).map_err(at)?,
         };
         check_policy(&state.policy, &write).map_err(at)?;
         check_fits(&state.origin, &write).map_err(at)?;
-        writes.push(write);
+        out.push(write);
     }
+    Ok(out)
+}
+
+/// A batch's place in the agent's queue.
+#[derive(Serialize, ToSchema)]
+struct BatchQueued {
+    agent: String,
+    /// Writes queued.
+    queued: usize,
+    /// The last write's sequence number in the agent's downstream queue.
+    last_seq: u64,
+    agent_connected: bool,
+}
+
+/// Many downstream writes to one agent, all checked before any is queued,
+/// queued in order in one durable transaction.
+#[utoipa::path(post, path = "/v1/agents/{agent}/batch", tag = "records",
+    params(AgentPath),
+    request_body = BatchBody,
+    responses(
+        (status = 202, description = "All queued durably", body = BatchQueued),
+        (status = 400, description = "Invalid JSON, names or fields; nothing queued", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 403, description = "The policy refuses a write; nothing queued", body = ErrorBody),
+        (status = 409, description = "A write could not win; nothing queued", body = ErrorBody),
+        (status = 413, description = "The body or a change is too large", body = ErrorBody),
+    ))]
+async fn batch<S: HubStore>(
+    State(state): State<Arc<ApiState<S>>>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<BatchQueued>), ApiError> {
+    let Path(agent) = path?;
+    let agent = agent_id(agent)?;
+    let body: BatchBody = json_body(body)?;
+    let writes = down_writes(&state, body.writes)?;
     let count = writes.len();
-    let queued = enqueue(&state, &agent, writes).await?;
+    let queued = enqueue_one(&state, &agent, writes).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({
-            "agent": agent,
-            "queued": count,
-            "last_seq": queued,
-            "agent_connected": state.connections.is_connected(&agent),
-        })),
+        Json(BatchQueued {
+            agent: agent.to_string(),
+            queued: count,
+            last_seq: queued.0,
+            agent_connected: state.connections.is_connected(&agent),
+        }),
     ))
 }
 
-async fn metrics<S: HubStore>(State(state): State<Arc<ApiState<S>>>) -> Json<Value> {
-    let mut snapshot = json!(state.metrics.snapshot());
-    snapshot["agents_connected"] = json!(state.connections.count());
-    let connections = &state.connections;
-    snapshot["agents_stalled"] = json!(state
-        .health
-        .stalled(|a| connections.is_connected(a), system_now_ms()));
-    Json(snapshot)
+/// An agent's labels.
+#[derive(Serialize, ToSchema)]
+struct AgentLabels {
+    agent: String,
+    labels: Labels,
 }
 
-/// `GET /metrics`: everything in [`crate::metrics`] in the Prometheus text
-/// format (0.0.4), behind the operator token like every route but health.
+/// Replaces an agent's labels (a JSON object of label to value; `{}` clears
+/// them). Keys: 1 to 63 of letters, digits and `-_./`, starting with a letter
+/// or digit; values: 0 to 63 of letters, digits and `-_.`; at most 32.
+#[utoipa::path(put, path = "/v1/agents/{agent}/labels", tag = "fleet",
+    params(AgentPath),
+    request_body(content = HashMap<String, String>, description = "Label to value", example = json!({"site": "berlin", "model": "gw3"})),
+    responses(
+        (status = 200, description = "The agent's labels now", body = AgentLabels),
+        (status = 400, description = "Invalid labels; nothing changed", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "The hub has never heard of this agent", body = ErrorBody),
+        (status = 413, description = "The body is too large", body = ErrorBody),
+    ))]
+async fn put_labels<S: HubStore>(
+    State(state): State<Arc<ApiState<S>>>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<AgentLabels>, ApiError> {
+    let Path(agent) = path?;
+    let agent = agent_id(agent)?;
+    let labels: Labels = json_body(body)?;
+    labels::validate(&labels).map_err(|e| ApiError::bad("invalid_labels", e.to_string()))?;
+    let (a, l) = (agent.clone(), labels.clone());
+    if !blocking(&state.store, move |s| s.set_labels(&a, &l)).await? {
+        return Err(ApiError::not_found(
+            "unknown_agent",
+            format!("the hub has never heard of agent \"{agent}\"; it needs to connect once first"),
+        ));
+    }
+    Ok(Json(AgentLabels {
+        agent: agent.to_string(),
+        labels,
+    }))
+}
+
+/// `POST /v1/broadcast`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct BroadcastBody {
+    /// Which agents: a label selector such as `site=berlin,model!=gw2`.
+    #[schema(example = "site=berlin")]
+    selector: String,
+    /// 1 to 1000 writes queued to every selected agent, in this order.
+    writes: Vec<BatchWrite>,
+}
+
+/// What a broadcast queued.
+#[derive(Serialize, ToSchema)]
+struct BroadcastOut {
+    /// The selector as parsed.
+    selector: String,
+    /// Agents the selector matched.
+    agents: usize,
+    /// Agents the writes were queued to.
+    queued_agents: usize,
+    /// Writes queued in all (writes × queued agents).
+    queued: u64,
+    /// Agents that got none of the writes, and why.
+    refused: Vec<BroadcastRefusal>,
+}
+
+/// An agent a broadcast could not be queued to.
+#[derive(Serialize, ToSchema)]
+struct BroadcastRefusal {
+    agent: String,
+    collection: String,
+    key: String,
+    /// `write_would_lose`: the hub's copy holds a version stamped beyond the
+    /// clock's drift bound.
+    code: &'static str,
+}
+
+/// Agents in one broadcast transaction: each chunk of agents is queued in
+/// one durable transaction of at most about this many writes.
+pub const BROADCAST_CHUNK_WRITES: usize = 2000;
+
+/// Queues the same writes to every agent whose labels match the selector
+/// now; an agent labelled later does not get this broadcast. Each chunk of
+/// agents is one durable transaction.
+#[utoipa::path(post, path = "/v1/broadcast", tag = "fleet",
+    request_body = BroadcastBody,
+    responses(
+        (status = 202, description = "Queued durably to every selected agent but the refused ones", body = BroadcastOut),
+        (status = 400, description = "Invalid JSON, selector, names or fields; nothing queued", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 403, description = "The policy refuses a write; nothing queued", body = ErrorBody),
+        (status = 413, description = "The body or a change is too large", body = ErrorBody),
+    ))]
+async fn broadcast<S: HubStore>(
+    State(state): State<Arc<ApiState<S>>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<BroadcastOut>), ApiError> {
+    let body: BroadcastBody = json_body(body)?;
+    let selector = Selector::parse(&body.selector)
+        .map_err(|e| ApiError::bad("invalid_selector", e.to_string()))?;
+    let writes = down_writes(&state, body.writes)?;
+    let agents: Vec<AgentId> = blocking(&state.store, |s| s.agents())
+        .await?
+        .into_iter()
+        .filter(|(_, row)| selector.matches(&row.labels))
+        .map(|(id, _)| id)
+        .collect();
+    let per_chunk = (BROADCAST_CHUNK_WRITES / writes.len()).max(1);
+    let mut out = BroadcastOut {
+        selector: selector.to_string(),
+        agents: agents.len(),
+        queued_agents: 0,
+        queued: 0,
+        refused: Vec::new(),
+    };
+    for chunk in agents.chunks(per_chunk) {
+        let batches = chunk
+            .iter()
+            .map(|agent| (agent.clone(), writes.iter().map(DownWrite::copy).collect()))
+            .collect();
+        for (_, result) in enqueue(&state, batches).await? {
+            match result {
+                Ok(_) => {
+                    out.queued_agents += 1;
+                    out.queued += writes.len() as u64;
+                }
+                Err(lose) => out.refused.push(BroadcastRefusal {
+                    agent: lose.agent.to_string(),
+                    collection: lose.collection.to_string(),
+                    key: lose.key.to_string(),
+                    code: "write_would_lose",
+                }),
+            }
+        }
+    }
+    Metrics::add(&state.metrics.downstream_changes_queued, out.queued);
+    tracing::info!(selector = %out.selector, agents = out.agents, queued = out.queued, refused = out.refused.len(), "broadcast queued");
+    Ok((StatusCode::ACCEPTED, Json(out)))
+}
+
+impl DownWrite {
+    fn copy(&self) -> Self {
+        Self {
+            collection: self.collection.clone(),
+            key: self.key.clone(),
+            fields: self.fields.clone(),
+        }
+    }
+}
+
+/// The hub's counters, and the agents connected and stalled now.
+#[derive(Serialize, ToSchema)]
+struct MetricsBody {
+    #[serde(flatten)]
+    counters: MetricsSnapshot,
+    agents_connected: usize,
+    agents_stalled: usize,
+}
+
+/// The hub's counters as JSON (`GET /metrics` has everything, for Prometheus).
+#[utoipa::path(get, path = "/v1/metrics", tag = "metrics",
+    responses(
+        (status = 200, description = "Counters since the hub started", body = MetricsBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+    ))]
+async fn metrics<S: HubStore>(State(state): State<Arc<ApiState<S>>>) -> Json<MetricsBody> {
+    let connections = &state.connections;
+    Json(MetricsBody {
+        counters: state.metrics.snapshot(),
+        agents_connected: connections.count(),
+        agents_stalled: state
+            .health
+            .stalled(|a| connections.is_connected(a), system_now_ms()),
+    })
+}
+
+/// Everything in the hub's metrics in the Prometheus text format (0.0.4).
+#[utoipa::path(get, path = "/metrics", tag = "metrics",
+    responses(
+        (status = 200, description = "Prometheus text exposition format 0.0.4", body = String, content_type = "text/plain"),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+    ))]
 async fn prometheus<S: HubStore>(
     State(state): State<Arc<ApiState<S>>>,
 ) -> Result<Response, ApiError> {
@@ -542,7 +938,22 @@ async fn prometheus<S: HubStore>(
         .into_response())
 }
 
-/// Compares secrets without leaking where they differ through timing.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_is_documented_and_every_documented_path_routed() {
+        let routed = fieldsync_http::routed_paths(&[include_str!("api.rs")]);
+        // `/v1/openapi.json` (routed by fieldsync-http) serves the document.
+        let documented = fieldsync_http::documented_paths(&ApiDoc::openapi());
+        assert_eq!(routed, documented);
+    }
+
+    #[test]
+    fn the_committed_document_is_what_the_code_generates() {
+        let committed =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi/hub.json");
+        fieldsync_http::check_committed(&ApiDoc::openapi(), &committed).unwrap();
+    }
 }

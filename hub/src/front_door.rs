@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use fieldsync_shared::tls::peer_agent_id;
+use fieldsync_shared::tls::{peer_certificate, PeerCertificate};
 use fieldsync_shared::wire::{down_topic, up_topic, MAX_MESSAGE_BYTES};
 use fieldsync_shared::AgentId;
 use rumqttc::{
@@ -116,6 +116,9 @@ pub struct Connections {
 #[derive(Debug, Default)]
 struct Live {
     by_agent: HashMap<AgentId, (ConnId, CancellationToken)>,
+    /// The certificate each agent last connected with (kept in memory only:
+    /// after a hub restart it is known again at the agent's next connection).
+    certificates: HashMap<AgentId, PeerCertificate>,
     /// Numbers connections in the order they became their agent's current
     /// one, so a larger number is always the newer connection.
     next: ConnId,
@@ -133,13 +136,23 @@ impl Connections {
         self.live.lock().map(|m| m.by_agent.len()).unwrap_or(0)
     }
 
+    /// The certificate the agent last connected with, since the hub started.
+    pub fn certificate(&self, agent: &AgentId) -> Option<PeerCertificate> {
+        self.live
+            .lock()
+            .ok()
+            .and_then(|m| m.certificates.get(agent).cloned())
+    }
+
     /// Makes a new connection the agent's current one and numbers it; closes
     /// the one it replaces (and says so).
-    fn insert(&self, agent: &AgentId, cancel: CancellationToken) -> (ConnId, bool) {
+    fn insert(&self, certificate: PeerCertificate, cancel: CancellationToken) -> (ConnId, bool) {
+        let agent = certificate.agent.clone();
         let mut m = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        m.certificates.insert(agent.clone(), certificate);
         m.next += 1;
         let conn = m.next;
-        match m.by_agent.insert(agent.clone(), (conn, cancel)) {
+        match m.by_agent.insert(agent, (conn, cancel)) {
             Some((_, older)) => {
                 older.cancel();
                 (conn, true)
@@ -305,6 +318,7 @@ type Tls = tokio_rustls::server::TlsStream<TcpStream>;
 /// What CONNECT left for the session.
 struct Admitted {
     agent: AgentId,
+    certificate: PeerCertificate,
     tls: Tls,
     keep_alive: Duration,
     /// Bytes the client pipelined after its CONNECT.
@@ -336,7 +350,9 @@ impl Connection {
         };
         let agent = admitted.agent.clone();
         Metrics::inc(&self.metrics.sessions_established);
-        let (conn, replaced) = self.connections.insert(&agent, self.cancel.clone());
+        let (conn, replaced) = self
+            .connections
+            .insert(admitted.certificate.clone(), self.cancel.clone());
         if replaced {
             Metrics::inc(&self.metrics.connections_replaced);
             tracing::info!(%agent, "a new connection replaces the agent's older one");
@@ -387,14 +403,15 @@ impl Connection {
                 .await
                 .map_err(|_| Refusal::HandshakeTimeout)?
                 .map_err(Refusal::Handshake)?;
-        let agent = {
+        let certificate = {
             let (_, session) = tls.get_ref();
             let cert = session
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .ok_or_else(|| Refusal::Identity("no client certificate".into()))?;
-            peer_agent_id(cert).map_err(|e| Refusal::Identity(e.to_string()))?
+            peer_certificate(cert).map_err(|e| Refusal::Identity(e.to_string()))?
         };
+        let agent = certificate.agent.clone();
         let mut buf = BytesMut::with_capacity(512);
         let packet = tokio::time::timeout(
             self.settings.connect_timeout,
@@ -438,6 +455,7 @@ impl Connection {
         };
         Ok(Admitted {
             agent,
+            certificate,
             tls,
             keep_alive: Duration::from_secs(u64::from(connect.keep_alive)),
             rest: buf,
@@ -450,6 +468,7 @@ impl Connection {
     async fn session(&self, admitted: Admitted, conn: ConnId) -> Result<(), Refusal> {
         let Admitted {
             agent,
+            certificate: _,
             tls,
             keep_alive,
             rest,

@@ -14,7 +14,7 @@ use fieldsync_shared::AgentId;
 use serde::Serialize;
 
 /// An agent's sync state, as `GET /v1/agents` shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SyncState {
     /// Connected, with a backlog that moves (or no report yet).

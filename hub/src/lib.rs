@@ -15,6 +15,7 @@ pub mod engine;
 pub mod events;
 pub mod front_door;
 pub mod health;
+pub mod labels;
 pub mod metrics;
 pub mod pki;
 pub mod store;

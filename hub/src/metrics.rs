@@ -37,7 +37,7 @@ macro_rules! counters {
         }
 
         /// A point-in-time copy of [`Metrics`]' counters.
-        #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
         pub struct MetricsSnapshot {
             $($(#[doc = $doc])* pub $name: u64,)*
         }

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::events::{Event, EventBounds, EventKind, Prior, RecordChanged};
+use crate::labels::Labels;
 use crate::webhooks::{Attempt, Endpoint, Progress};
 
 #[doc(hidden)]
@@ -99,6 +100,9 @@ pub struct AgentRow {
     /// Hellos refused because another store claimed this identity.
     #[serde(default)]
     pub identity_conflicts: u64,
+    /// The labels an admin gave the agent (see [`crate::labels`]).
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
 }
 
 impl AgentRow {
@@ -259,7 +263,23 @@ pub trait HubStore: Send + Sync + 'static {
         changes: &[Change],
         hlc_last: Stamp,
         now_ms: u64,
-    ) -> Result<Seq, StoreError>;
+    ) -> Result<Seq, StoreError> {
+        let one = [(agent.clone(), changes.to_vec())];
+        let last = self.enqueue_downstream_group(&one, hlc_last, now_ms)?;
+        Ok(last[0])
+    }
+    /// [`HubStore::enqueue_downstream`] for several agents in one durable
+    /// transaction (a broadcast's chunk); returns each agent's last queued
+    /// sequence number, in order.
+    fn enqueue_downstream_group(
+        &self,
+        queues: &[(AgentId, Vec<Change>)],
+        hlc_last: Stamp,
+        now_ms: u64,
+    ) -> Result<Vec<Seq>, StoreError>;
+    /// Replaces an agent's labels, durably; `false` (and nothing changed) if
+    /// the hub has never heard of the agent.
+    fn set_labels(&self, agent: &AgentId, labels: &Labels) -> Result<bool, StoreError>;
     /// Up to `limit` queued entries for `agent` from `from` on, in order;
     /// stops before the stored bytes pass `max_bytes` (one entry is always
     /// taken).
@@ -639,40 +659,56 @@ impl HubStore for RedbHubStore {
         Ok(())
     }
 
-    fn enqueue_downstream(
+    fn enqueue_downstream_group(
         &self,
-        agent: &AgentId,
-        changes: &[Change],
+        queues: &[(AgentId, Vec<Change>)],
         hlc_last: Stamp,
         now_ms: u64,
-    ) -> Result<Seq, StoreError> {
+    ) -> Result<Vec<Seq>, StoreError> {
         let txn = self.db.begin_write()?;
         let mut events = EventWriter::open(&txn)?;
-        let last = {
+        let mut lasts = Vec::with_capacity(queues.len());
+        {
             let mut agents = txn.open_table(AGENTS)?;
             let mut records = txn.open_table(RECORDS)?;
             let mut queue = txn.open_table(DOWN_QUEUE)?;
             let mut meta = txn.open_table(META)?;
-            let mut row = read_row(&agents, agent)?.unwrap_or_default();
-            for change in changes {
-                if let Some(changed) = merge_into(&mut records, agent, change)? {
-                    events.push(now_ms, EventKind::RecordChanged(changed))?;
+            for (agent, changes) in queues {
+                let mut row = read_row(&agents, agent)?.unwrap_or_default();
+                for change in changes {
+                    if let Some(changed) = merge_into(&mut records, agent, change)? {
+                        events.push(now_ms, EventKind::RecordChanged(changed))?;
+                    }
+                    row.down_last = row.down_last.next();
+                    queue.insert(
+                        (agent.as_str(), row.down_last.0),
+                        codec::to_bytes(change)?.as_slice(),
+                    )?;
                 }
-                row.down_last = row.down_last.next();
-                queue.insert(
-                    (agent.as_str(), row.down_last.0),
-                    codec::to_bytes(change)?.as_slice(),
-                )?;
+                agents.insert(agent.as_str(), codec::to_bytes(&row)?.as_slice())?;
+                lasts.push(row.down_last);
             }
-            agents.insert(agent.as_str(), codec::to_bytes(&row)?.as_slice())?;
             meta.insert(K_HLC_WALL, hlc_last.wall_ms)?;
             meta.insert(K_HLC_LOGICAL, u64::from(hlc_last.logical))?;
-            row.down_last
-        };
+        }
         let head = events.close(&txn)?;
         txn.commit()?;
         self.heads.committed(head, true);
-        Ok(last)
+        Ok(lasts)
+    }
+
+    fn set_labels(&self, agent: &AgentId, labels: &Labels) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut agents = txn.open_table(AGENTS)?;
+            let Some(mut row) = read_row(&agents, agent)? else {
+                return Ok(false);
+            };
+            row.labels = labels.clone();
+            agents.insert(agent.as_str(), codec::to_bytes(&row)?.as_slice())?;
+        }
+        txn.commit()?;
+        Ok(true)
     }
 
     fn downstream(

@@ -171,12 +171,28 @@ pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ClientCon
     Ok(Arc::new(config))
 }
 
+/// What a verified peer certificate says about its agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCertificate {
+    /// The agent id ([`peer_agent_id`]).
+    pub agent: AgentId,
+    /// The serial number, lowercase hex without separators.
+    pub serial: String,
+    /// The end of the validity period, seconds since the Unix epoch.
+    pub not_after_s: i64,
+}
+
 /// The agent id a certificate stands for: its subject's common name, which must
 /// occur exactly once, be a text string and be a valid [`AgentId`].
 ///
 /// This only reads the certificate; call it on a certificate that the TLS
 /// handshake has already verified (the first of the peer's certificates).
 pub fn peer_agent_id(cert: &CertificateDer<'_>) -> Result<AgentId, TlsError> {
+    peer_certificate(cert).map(|c| c.agent)
+}
+
+/// [`peer_agent_id`] with the certificate's serial number and expiry.
+pub fn peer_certificate(cert: &CertificateDer<'_>) -> Result<PeerCertificate, TlsError> {
     let (rest, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| {
         TlsError::BadPeerCertificate {
             reason: e.to_string(),
@@ -198,7 +214,17 @@ pub fn peer_agent_id(cert: &CertificateDer<'_>) -> Result<AgentId, TlsError> {
         }
     };
     let text = name.as_str().map_err(|_| TlsError::CommonNameNotText)?;
-    AgentId::new(text).map_err(TlsError::BadAgentId)
+    let agent = AgentId::new(text).map_err(TlsError::BadAgentId)?;
+    let serial = parsed
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(PeerCertificate {
+        agent,
+        serial,
+        not_after_s: parsed.validity().not_after.timestamp(),
+    })
 }
 
 /// The one crypto provider Fieldsync uses (see ARCHITECTURE.md: ring, never

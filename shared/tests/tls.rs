@@ -239,6 +239,7 @@ fn roots(path: &Path) -> RootCertStore {
 #[tokio::test]
 async fn an_agent_with_a_fleet_certificate_is_let_in_and_identified_by_its_cn() {
     let pki = Pki::new();
+    let mut serials = Vec::new();
     for agent in ["gw-1", "gw-2"] {
         let outcome = connect(pki.server(), pki.client("ca.pem", agent)).await;
         assert_eq!(outcome.client, Ok(()));
@@ -248,7 +249,24 @@ async fn an_agent_with_a_fleet_certificate_is_let_in_and_identified_by_its_cn() 
             tls::peer_agent_id(&cert).unwrap(),
             AgentId::new(agent).unwrap()
         );
+        let about = tls::peer_certificate(&cert).unwrap();
+        assert_eq!(about.agent.as_str(), agent);
+        assert!(
+            !about.serial.is_empty() && about.serial.chars().all(|c| c.is_ascii_hexdigit()),
+            "{}",
+            about.serial
+        );
+        let now_s = i64::try_from(fieldsync_shared::hlc::system_now_ms() / 1000).unwrap();
+        assert!(
+            about.not_after_s > now_s,
+            "a valid certificate expires later"
+        );
+        serials.push(about.serial);
     }
+    assert_ne!(
+        serials[0], serials[1],
+        "each certificate has its own serial"
+    );
 }
 
 #[tokio::test]

@@ -15,10 +15,11 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use fieldsync_http::ErrorBody;
 use fieldsync_shared::Value;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
+use utoipa::{IntoParams, ToSchema};
 
 use super::{blocking, ApiError, ApiState};
 use crate::events::{Cursor, Event, EventFilter};
@@ -32,18 +33,34 @@ const SCAN: usize = 1000;
 /// Longest long-poll.
 const MAX_WAIT: Duration = Duration::from_secs(300);
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(super) struct ChangesQuery {
-    /// `0` (the start of the log), `now` (its head), or a cursor.
+    /// `0` (the start of the log, the default), `now` (its head), or a
+    /// cursor (`SEQ-MS`) the feed gave. `Last-Event-ID` wins over it.
+    #[param(example = "0")]
     since: Option<String>,
     /// Comma-separated agent ids or patterns (`gw-*`).
     agents: Option<String>,
     /// Comma-separated collection names.
     collections: Option<String>,
+    /// Changes per page, 1 to 1000 (default 100).
     limit: Option<usize>,
-    /// Long-poll: wait up to this long (`30s`, `500ms`) for a change.
+    /// Long-poll: wait up to this long (`30s`, `500ms`; at most 5 min) for a
+    /// change.
     wait: Option<String>,
+}
+
+/// A page of the feed.
+#[derive(Serialize, ToSchema)]
+pub(super) struct ChangePage {
+    /// `record.changed` events in commit order: `{id, type, timestamp, data:
+    /// {cursor, agent, collection, key, fields, version, origin, ...}}`.
+    #[schema(value_type = Vec<Object>)]
+    changes: Vec<Value>,
+    /// The cursor to resume from (`since=`).
+    next: String,
 }
 
 fn list(text: Option<&str>) -> Vec<String> {
@@ -136,13 +153,28 @@ async fn page<S: HubStore>(
     Ok((out, next))
 }
 
-/// `GET /v1/changes`.
+/// Committed record changes in commit order, and the cursor to resume from:
+/// a page, a long-poll (`wait=`), or Server-Sent Events (`Accept:
+/// text/event-stream`; each event's id is its cursor, for `Last-Event-ID`).
+#[utoipa::path(get, path = "/v1/changes", tag = "feed", params(ChangesQuery,
+        ("Last-Event-ID" = Option<String>, Header, description = "An SSE client's resume cursor")),
+    responses(
+        (status = 200, description = "A page of changes (or an event stream)", content(
+            (ChangePage = "application/json"),
+            (String = "text/event-stream"),
+        )),
+        (status = 400, description = "A malformed query or cursor", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 409, description = "The cursor is not in this hub's log (a restored store)", body = ErrorBody),
+        (status = 410, description = "The changes after the cursor were dropped by retention", body = ErrorBody),
+        (status = 503, description = "The hub is stopping", body = ErrorBody),
+    ))]
 pub(super) async fn changes<S: HubStore>(
     State(state): State<Arc<ApiState<S>>>,
     headers: HeaderMap,
     query: Result<Query<ChangesQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad("invalid_query", e.body_text()))?;
+    let Query(q) = query?;
     let filter = EventFilter {
         types: vec!["record.changed".into()],
         agents: list(q.agents.as_deref()),
@@ -189,8 +221,12 @@ pub(super) async fn changes<S: HubStore>(
         let moved = next != at;
         at = next;
         if !found.is_empty() || Instant::now() >= deadline {
-            let items: Vec<Value> = found.iter().map(|(seq, e)| e.to_json(*seq)).collect();
-            return Ok(Json(json!({"changes": items, "next": at.to_string()})).into_response());
+            let changes = found.iter().map(|(seq, e)| e.to_json(*seq)).collect();
+            let page = ChangePage {
+                changes,
+                next: at.to_string(),
+            };
+            return Ok(Json(page).into_response());
         }
         if !moved {
             // At the head: wait for the log to grow, or the deadline.

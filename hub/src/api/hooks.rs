@@ -8,22 +8,27 @@ use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
+use fieldsync_http::{json_body, ErrorBody};
 use fieldsync_shared::hlc::system_now_ms;
-use fieldsync_shared::{AgentId, CollectionName, Value};
-use serde::Deserialize;
-use serde_json::json;
+use fieldsync_shared::{AgentId, CollectionName};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
-use super::{blocking, body_bytes, ApiError, ApiState};
+use super::{blocking, ApiError, ApiState};
 use crate::events::{format_ms, EventFilter, EVENT_TYPES};
 use crate::store::HubStore;
-use crate::webhooks::{check_url, new_id, new_secret, Endpoint, Progress};
+use crate::webhooks::{check_url, new_id, new_secret, Endpoint, Outcome, Progress};
 
 /// Most endpoints one hub delivers to.
 pub const MAX_ENDPOINTS: usize = 100;
 
-#[derive(Deserialize)]
+/// A new endpoint.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct NewEndpoint {
+    /// `https://...` (or `http://` to a loopback address, or anywhere with
+    /// `[webhooks] allow_http`); never link-local or metadata addresses.
+    #[schema(example = "https://example.com/fieldsync")]
     url: String,
     /// Event types; all when absent.
     #[serde(default)]
@@ -35,44 +40,91 @@ pub(super) struct NewEndpoint {
     agents: Option<String>,
 }
 
-fn view(e: &Endpoint) -> Value {
+/// A webhook endpoint and its delivery progress.
+#[derive(Serialize, ToSchema)]
+pub(super) struct EndpointView {
+    id: String,
+    url: String,
+    /// Event types sent; empty means all.
+    events: Vec<String>,
+    /// Collections whose changes are sent; empty means all.
+    collections: Vec<String>,
+    /// Agent id pattern (`*` is any run of characters).
+    agents: String,
+    /// RFC 3339.
+    created: String,
+    enabled: bool,
+    /// Why the endpoint was disabled (a 410 answer, or attempts given up).
+    disabled_reason: Option<String>,
+    /// The event log position delivered through.
+    delivered_through: u64,
+    /// Failed attempts in a row.
+    failures: u32,
+    /// When the next retry goes (RFC 3339).
+    next_attempt: Option<String>,
+    /// The signing secret (`whsec_...`): only in the answer that creates the
+    /// endpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret: Option<String>,
+}
+
+fn view(e: &Endpoint) -> EndpointView {
     let p = &e.progress;
-    json!({
-        "id": e.id,
-        "url": e.url,
-        "events": e.filter.types,
-        "collections": e.filter.collections,
-        "agents": e.filter.agents.first().cloned().unwrap_or_else(|| "*".into()),
-        "created": format_ms(e.created_ms),
-        "enabled": p.disabled.is_none(),
-        "disabled_reason": p.disabled,
-        "delivered_through": p.cursor,
-        "failures": p.failures,
-        "next_attempt": (p.next_attempt_ms > 0).then(|| format_ms(p.next_attempt_ms)),
-    })
+    EndpointView {
+        id: e.id.clone(),
+        url: e.url.clone(),
+        events: e.filter.types.clone(),
+        collections: e.filter.collections.clone(),
+        agents: e
+            .filter
+            .agents
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "*".into()),
+        created: format_ms(e.created_ms),
+        enabled: p.disabled.is_none(),
+        disabled_reason: p.disabled.clone(),
+        delivered_through: p.cursor,
+        failures: p.failures,
+        next_attempt: (p.next_attempt_ms > 0).then(|| format_ms(p.next_attempt_ms)),
+        secret: None,
+    }
+}
+
+/// The path of one endpoint.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)] // read through `Path<String>`; here for the document
+pub(super) struct EndpointPath {
+    /// The endpoint's id (`wh_...`).
+    id: String,
 }
 
 fn id_of(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
-    let Path(id) = path.map_err(|e| ApiError::bad("invalid_path", e.body_text()))?;
+    let Path(id) = path?;
     Ok(id)
 }
 
 fn not_found(id: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        format!("no webhook endpoint {id:?}"),
-    )
+    ApiError::not_found("not_found", format!("no webhook endpoint {id:?}"))
 }
 
-/// `POST /v1/webhooks`: a new endpoint; answers its id and signing secret
-/// (shown only here). It gets events committed from now on.
+/// A new endpoint; answers its id and signing secret (shown only here). It
+/// gets events committed from now on.
+#[utoipa::path(post, path = "/v1/webhooks", tag = "webhooks",
+    request_body = NewEndpoint,
+    responses(
+        (status = 201, description = "Created; the answer holds the secret", body = EndpointView),
+        (status = 400, description = "Invalid JSON, URL, event type, collection or pattern", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 409, description = "The hub has the most endpoints it delivers to", body = ErrorBody),
+        (status = 413, description = "The body is too large", body = ErrorBody),
+    ))]
 pub(super) async fn create<S: HubStore>(
     State(state): State<Arc<ApiState<S>>>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let body: NewEndpoint = serde_json::from_slice(&body_bytes(body)?)
-        .map_err(|e| ApiError::bad("invalid_json", format!("invalid JSON: {e}")))?;
+) -> Result<(StatusCode, Json<EndpointView>), ApiError> {
+    let body: NewEndpoint = json_body(body)?;
     check_url(&body.url, state.webhook_allow_http)
         .map_err(|e| ApiError::bad("invalid_url", e.to_string()))?;
     if let Some(t) = body
@@ -89,8 +141,7 @@ pub(super) async fn create<S: HubStore>(
         ));
     }
     for c in &body.collections {
-        CollectionName::new(c.as_str())
-            .map_err(|e| ApiError::bad("invalid_name", e.to_string()))?;
+        CollectionName::new(c.as_str()).map_err(super::invalid_name)?;
     }
     let agents = match body.agents.as_deref() {
         None | Some("*") => Vec::new(),
@@ -137,32 +188,55 @@ pub(super) async fn create<S: HubStore>(
     }
     state.webhooks.changed(&endpoint.id);
     let mut answer = view(&endpoint);
-    answer["secret"] = json!(endpoint.secret);
+    answer.secret = Some(endpoint.secret);
     Ok((StatusCode::CREATED, Json(answer)))
 }
 
-/// `GET /v1/webhooks`: every endpoint (without secrets).
-pub(super) async fn list<S: HubStore>(
-    State(state): State<Arc<ApiState<S>>>,
-) -> Result<Json<Value>, ApiError> {
-    let all = blocking(&state.store, |s| s.webhooks()).await?;
-    Ok(Json(json!({
-        "webhooks": all.iter().map(view).collect::<Vec<_>>()
-    })))
+/// The endpoints.
+#[derive(Serialize, ToSchema)]
+pub(super) struct EndpointList {
+    webhooks: Vec<EndpointView>,
 }
 
-/// `GET /v1/webhooks/{id}`.
+/// Every endpoint (without secrets).
+#[utoipa::path(get, path = "/v1/webhooks", tag = "webhooks",
+    responses(
+        (status = 200, description = "Every endpoint", body = EndpointList),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+    ))]
+pub(super) async fn list<S: HubStore>(
+    State(state): State<Arc<ApiState<S>>>,
+) -> Result<Json<EndpointList>, ApiError> {
+    let all = blocking(&state.store, |s| s.webhooks()).await?;
+    Ok(Json(EndpointList {
+        webhooks: all.iter().map(view).collect(),
+    }))
+}
+
+/// One endpoint (without its secret).
+#[utoipa::path(get, path = "/v1/webhooks/{id}", tag = "webhooks", params(EndpointPath),
+    responses(
+        (status = 200, description = "The endpoint", body = EndpointView),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such endpoint", body = ErrorBody),
+    ))]
 pub(super) async fn show<S: HubStore>(
     State(state): State<Arc<ApiState<S>>>,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<EndpointView>, ApiError> {
     let id = id_of(path)?;
     let key = id.clone();
     let found = blocking(&state.store, move |s| s.webhook(&key)).await?;
     found.map(|e| Json(view(&e))).ok_or_else(|| not_found(&id))
 }
 
-/// `DELETE /v1/webhooks/{id}`.
+/// Deletes an endpoint; nothing more is sent to it.
+#[utoipa::path(delete, path = "/v1/webhooks/{id}", tag = "webhooks", params(EndpointPath),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such endpoint", body = ErrorBody),
+    ))]
 pub(super) async fn delete<S: HubStore>(
     State(state): State<Arc<ApiState<S>>>,
     path: Result<Path<String>, PathRejection>,
@@ -176,20 +250,54 @@ pub(super) async fn delete<S: HubStore>(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(super) struct DeliveriesQuery {
+    /// Most attempts to show (1 to 1000, default 100).
     limit: Option<usize>,
 }
 
-/// `GET /v1/webhooks/{id}/deliveries`: attempts, newest first.
+/// One delivery attempt.
+#[derive(Serialize, ToSchema)]
+pub(super) struct AttemptView {
+    event_id: String,
+    event_type: String,
+    /// The event's position in the log.
+    seq: u64,
+    /// RFC 3339.
+    at: String,
+    /// 1 for the first attempt of this event.
+    attempt: u32,
+    /// The receiver's HTTP status, if it answered.
+    status: Option<u16>,
+    /// Why the attempt failed, if it did.
+    error: Option<String>,
+    duration_ms: u64,
+    outcome: Outcome,
+}
+
+/// Delivery attempts.
+#[derive(Serialize, ToSchema)]
+pub(super) struct AttemptList {
+    deliveries: Vec<AttemptView>,
+}
+
+/// An endpoint's delivery attempts, newest first (the last 1000 are kept).
+#[utoipa::path(get, path = "/v1/webhooks/{id}/deliveries", tag = "webhooks", params(EndpointPath, DeliveriesQuery),
+    responses(
+        (status = 200, description = "Attempts, newest first", body = AttemptList),
+        (status = 400, description = "A malformed query", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such endpoint", body = ErrorBody),
+    ))]
 pub(super) async fn deliveries<S: HubStore>(
     State(state): State<Arc<ApiState<S>>>,
     path: Result<Path<String>, PathRejection>,
     query: Result<Query<DeliveriesQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AttemptList>, ApiError> {
     let id = id_of(path)?;
-    let Query(q) = query.map_err(|e| ApiError::bad("invalid_query", e.body_text()))?;
+    let Query(q) = query?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let key = id.clone();
     let found = blocking(&state.store, move |s| {
@@ -200,43 +308,60 @@ pub(super) async fn deliveries<S: HubStore>(
     })
     .await?;
     let attempts = found.ok_or_else(|| not_found(&id))?;
-    let items: Vec<Value> = attempts
-        .iter()
-        .map(|a| {
-            json!({
-                "event_id": a.event_id,
-                "event_type": a.event_type,
-                "seq": a.seq,
-                "at": format_ms(a.at_ms),
-                "attempt": a.attempt,
-                "status": a.status,
-                "error": a.error,
-                "duration_ms": a.duration_ms,
-                "outcome": a.outcome,
-            })
+    let deliveries = attempts
+        .into_iter()
+        .map(|a| AttemptView {
+            at: format_ms(a.at_ms),
+            event_id: a.event_id,
+            event_type: a.event_type,
+            seq: a.seq,
+            attempt: a.attempt,
+            status: a.status,
+            error: a.error,
+            duration_ms: a.duration_ms,
+            outcome: a.outcome,
         })
         .collect();
-    Ok(Json(json!({ "deliveries": items })))
+    Ok(Json(AttemptList { deliveries }))
 }
 
-#[derive(Deserialize)]
+/// `POST /v1/webhooks/{id}/replay`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ReplayBody {
     /// RFC 3339: re-send every event committed at or after this time.
+    #[schema(example = "2026-12-01T00:00:00Z")]
     since: String,
 }
 
-/// `POST /v1/webhooks/{id}/replay`: re-sends, in order, every event the log
-/// still holds from `since` on (with their original ids), then goes on with
-/// new ones; re-enables a disabled endpoint.
+/// Where a replay starts.
+#[derive(Serialize, ToSchema)]
+pub(super) struct Replaying {
+    id: String,
+    /// The first event log position re-sent.
+    from_seq: u64,
+    enabled: bool,
+}
+
+/// Re-sends, in order, every event the log still holds from `since` on (with
+/// their original ids), then goes on with new ones; re-enables a disabled
+/// endpoint.
+#[utoipa::path(post, path = "/v1/webhooks/{id}/replay", tag = "webhooks", params(EndpointPath),
+    request_body = ReplayBody,
+    responses(
+        (status = 202, description = "Replaying", body = Replaying),
+        (status = 400, description = "Invalid JSON or time", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No such endpoint", body = ErrorBody),
+        (status = 413, description = "The body is too large", body = ErrorBody),
+    ))]
 pub(super) async fn replay<S: HubStore>(
     State(state): State<Arc<ApiState<S>>>,
     path: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Replaying>), ApiError> {
     let id = id_of(path)?;
-    let body: ReplayBody = serde_json::from_slice(&body_bytes(body)?)
-        .map_err(|e| ApiError::bad("invalid_json", format!("invalid JSON: {e}")))?;
+    let body: ReplayBody = json_body(body)?;
     let since = humantime::parse_rfc3339_weak(&body.since)
         .map_err(|e| ApiError::bad("invalid_time", format!("since: {e}")))?;
     let since_ms = since
@@ -257,7 +382,11 @@ pub(super) async fn replay<S: HubStore>(
     state.webhooks.changed(&id);
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({"id": endpoint.id, "from_seq": from, "enabled": true})),
+        Json(Replaying {
+            id: endpoint.id,
+            from_seq: from,
+            enabled: true,
+        }),
     ))
 }
 

@@ -34,6 +34,7 @@ use serde_json::json;
 
 use super::{HelloNote, HubStore, Upstream};
 use crate::events::{EventFilter, EventKind};
+use crate::labels::Labels;
 use crate::webhooks::{Attempt, Endpoint, Outcome, Progress};
 
 /// Expands to one `#[test]` per suite test for the backend that `$factory`
@@ -56,6 +57,8 @@ macro_rules! hub_store_suite {
             record_changes_are_logged_with_their_commit_once_in_order,
             link_events_become_readable_once_durable_and_the_log_trims_from_the_old_end,
             webhook_endpoints_keep_progress_per_epoch_and_attempts_newest_first,
+            a_group_enqueue_queues_for_several_agents_in_one_commit,
+            labels_are_kept_on_known_agents_and_survive_other_updates,
             // suite: end
         );
     };
@@ -652,4 +655,99 @@ mod tests {
             .collect();
         assert_eq!(listed, defined, "list every suite test, in order");
     }
+}
+
+pub fn a_group_enqueue_queues_for_several_agents_in_one_commit<S: HubStore>(open: &dyn Fn() -> S) {
+    let (a, b) = (agent("a"), agent("b"));
+    {
+        let store = open();
+        store
+            .enqueue_downstream(
+                &a,
+                &[change("k0", "mode", json!(0), 90, "@hub")],
+                Stamp::new(90, 0),
+                5_000,
+            )
+            .unwrap();
+        let lasts = store
+            .enqueue_downstream_group(
+                &[
+                    (a.clone(), vec![change("k1", "mode", json!(1), 100, "@hub")]),
+                    (
+                        b.clone(),
+                        vec![
+                            change("k1", "mode", json!(1), 101, "@hub"),
+                            change("k2", "mode", json!(2), 102, "@hub"),
+                        ],
+                    ),
+                ],
+                Stamp::new(102, 0),
+                6_000,
+            )
+            .unwrap();
+        assert_eq!(lasts, [Seq(2), Seq(2)], "each agent's own last position");
+        // One record.changed per change, in the order given.
+        let logged: Vec<(String, String)> = store
+            .events_after(0, 100)
+            .unwrap()
+            .into_iter()
+            .filter_map(|(_, e)| match e.kind {
+                EventKind::RecordChanged(c) => Some((c.agent.to_string(), c.key.to_string())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            logged,
+            [("a", "k0"), ("a", "k1"), ("b", "k1"), ("b", "k2")].map(|(x, y)| (x.into(), y.into()))
+        );
+    }
+    let store = open();
+    assert_eq!(store.hlc_last().unwrap(), Stamp::new(102, 0));
+    let queued = |id: &AgentId| -> Vec<u64> {
+        store
+            .downstream(id, Seq(0), 100, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|(s, _)| s.0)
+            .collect()
+    };
+    assert_eq!(queued(&a), [1, 2]);
+    assert_eq!(queued(&b), [1, 2]);
+    assert_eq!(visible(&store, &b, "k2"), [("mode".into(), json!(2))]);
+}
+
+pub fn labels_are_kept_on_known_agents_and_survive_other_updates<S: HubStore>(
+    open: &dyn Fn() -> S,
+) {
+    let (a, ghost) = (agent("a"), agent("never-seen"));
+    let labels: Labels = [("site", "berlin"), ("model", "gw3")]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    {
+        let store = open();
+        assert!(!store.set_labels(&ghost, &labels).unwrap(), "unknown agent");
+        assert!(store.agent(&ghost).unwrap().is_none(), "no row was made");
+        store.hello(&a, 1_000, &HelloNote::default()).unwrap();
+        assert!(store.set_labels(&a, &labels).unwrap());
+        // Cursor updates rewrite the row; the labels stay.
+        store
+            .enqueue_downstream(
+                &a,
+                &[change("k", "mode", json!(1), 100, "@hub")],
+                Stamp::new(100, 0),
+                5_000,
+            )
+            .unwrap();
+        store.ack_downstream(&a, mark(1), false).unwrap();
+        store.hello(&a, 2_000, &HelloNote::default()).unwrap();
+    }
+    let store = open();
+    assert_eq!(store.agent(&a).unwrap().unwrap().labels, labels);
+    assert_eq!(store.agents().unwrap()[0].1.labels, labels);
+    assert!(store.set_labels(&a, &Labels::new()).unwrap());
+    assert!(
+        store.agent(&a).unwrap().unwrap().labels.is_empty(),
+        "replaced, not merged"
+    );
 }

@@ -1,0 +1,227 @@
+//! HTTP glue shared by the agent's local API and the hub's operator API: the
+//! one JSON error answer (`{"error": {"code", "message"}}`) and how axum's
+//! request rejections map onto it, the fallbacks for unknown routes and
+//! methods, and the OpenAPI document's serving and drift checks.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use serde::Serialize;
+use utoipa::openapi::OpenApi;
+use utoipa::ToSchema;
+
+/// An error answer: a status and `{"error": {"code", "message"}}`. The
+/// message names what was wrong with the request, never a field's value.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable (`invalid_json`, `not_found`, ...).
+    pub code: String,
+    /// For people; may change between versions.
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A 400.
+    pub fn bad(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// A 404.
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    /// A 500 whose cause goes to the log, not to the client.
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "request failed");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the program's log",
+        )
+    }
+
+    /// The same error with `context: ` before its message (which write of a
+    /// batch, for instance).
+    pub fn within(self, context: impl std::fmt::Display) -> Self {
+        Self {
+            message: format!("{context}: {}", self.message),
+            ..self
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message,
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(e: PathRejection) -> Self {
+        Self::bad("invalid_path", e.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(e: QueryRejection) -> Self {
+        Self::bad("invalid_query", e.body_text())
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(e: BytesRejection) -> Self {
+        let status = e.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "payload_too_large"
+        } else {
+            "invalid_body"
+        };
+        Self::new(status, code, e.body_text())
+    }
+}
+
+/// Parses a JSON request body (any content type: the body decides); a body
+/// that is not valid JSON or not of the shape `T` is a 400 `invalid_json`.
+pub fn json_body<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad("invalid_json", format!("invalid JSON: {e}")))
+}
+
+/// Adds the JSON answers for an unknown route (404 `no_route`) and for a
+/// method the route does not take (405 `method_not_allowed`, with `Allow`).
+pub fn with_fallbacks<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
+    router
+        .fallback(|| async { ApiError::not_found("no_route", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method",
+            )
+        })
+}
+
+/// The route that serves `doc` as `GET /v1/openapi.json`, serialized once.
+pub fn openapi_route<S: Clone + Send + Sync + 'static>(doc: &OpenApi) -> Router<S> {
+    let body = Bytes::from(doc.to_pretty_json().unwrap_or_default());
+    Router::new().route(
+        "/v1/openapi.json",
+        axum::routing::get(move || {
+            let body = body.clone();
+            async move { ([(header::CONTENT_TYPE, "application/json")], body) }
+        }),
+    )
+}
+
+/// The committed copy of a program's OpenAPI document must be what the code
+/// generates. With `FIELDSYNC_BLESS=1` in the environment it is rewritten
+/// instead (then commit the change).
+pub fn check_committed(doc: &OpenApi, committed: &Path) -> Result<(), String> {
+    let generated = doc.to_pretty_json().map_err(|e| e.to_string())? + "\n";
+    if std::env::var_os("FIELDSYNC_BLESS").is_some() {
+        return std::fs::write(committed, generated).map_err(|e| e.to_string());
+    }
+    let on_disk = std::fs::read_to_string(committed)
+        .map_err(|e| format!("cannot read {}: {e}", committed.display()))?;
+    if on_disk == generated {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} is not what the code generates; run the test with FIELDSYNC_BLESS=1 and commit the file",
+            committed.display()
+        ))
+    }
+}
+
+/// The paths a router's source registers with `.route("PATH", ...)`, for the
+/// check that every route is in the OpenAPI document and every documented
+/// path is routed.
+pub fn routed_paths(sources: &[&str]) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for source in sources {
+        let mut rest = *source;
+        while let Some(at) = rest.find(".route(") {
+            rest = &rest[at + ".route(".len()..];
+            let trimmed = rest.trim_start();
+            if let Some(literal) = trimmed.strip_prefix('"') {
+                if let Some(end) = literal.find('"') {
+                    out.insert(literal[..end].to_owned());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The paths `doc` documents.
+pub fn documented_paths(doc: &OpenApi) -> BTreeSet<String> {
+    doc.paths.paths.keys().cloned().collect()
+}
+
+/// Compares secrets without leaking where they differ through timing.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_are_read_from_source_text() {
+        let source = r#"Router::new()
+            .route("/v1/a", get(a))
+            .route(
+                "/v1/b/{id}",
+                get(b),
+            )
+            .merge(other) // .route(not_a_literal)
+        "#;
+        let paths: Vec<_> = routed_paths(&[source]).into_iter().collect();
+        assert_eq!(paths, ["/v1/a", "/v1/b/{id}"]);
+    }
+
+    #[test]
+    fn secrets_compare_equal_only_when_equal() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}
