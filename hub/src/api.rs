@@ -91,6 +91,7 @@ pub fn router<S: HubStore>(state: Arc<ApiState<S>>) -> Router {
             get(|| async { Json(json!({"status": "ok"})) }),
         )
         .merge(authed)
+        .merge(crate::ui::router())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
