@@ -94,9 +94,13 @@ pub fn router<S: HubStore>(state: Arc<ApiState<S>>) -> Router {
             require_token::<S>,
         ));
     let open = Router::new().route("/v1/health", get(health));
-    with_fallbacks(open.merge(openapi_route(&ApiDoc::openapi())).merge(authed))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
+    with_fallbacks(
+        open.merge(openapi_route(&ApiDoc::openapi()))
+            .merge(authed)
+            .merge(crate::ui::router()),
+    )
+    .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+    .with_state(state)
 }
 
 /// The operator API's OpenAPI document (`GET /v1/openapi.json`, committed as

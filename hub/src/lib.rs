@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod pki;
 pub mod store;
 pub mod transport;
+pub mod ui;
 pub mod webhooks;
 
 use std::future::Future;
