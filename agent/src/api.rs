@@ -14,7 +14,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use fieldsync_http::{json_body, openapi_route, with_fallbacks, ErrorBody};
+use fieldsync_http::{json_body, openapi_route, with_fallbacks, ErrorBody, FieldPatch};
 use fieldsync_shared::record::{parse_patch, PatchError};
 use fieldsync_shared::wire::{write_fits, MAX_CHANGE_BYTES};
 use fieldsync_shared::{
@@ -101,7 +101,11 @@ struct RecordPath {
     #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
     collection: String,
     /// Any text without control characters, at most 256 bytes.
-    #[param(min_length = 1, max_length = 256)]
+    #[param(
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"
+    )]
     key: String,
 }
 
@@ -148,7 +152,7 @@ fn check_fits(
 /// A partial update: sets the given fields (null deletes one), creating the
 /// record if needed, in one durable transaction; answers the stored record.
 #[utoipa::path(put, path = "/v1/records/{collection}/{key}", tag = "records", params(RecordPath),
-    request_body(content = Object, description = "Fields to set: name to any JSON value; null deletes the field"),
+    request_body(content = FieldPatch),
     responses(
         (status = 200, description = "The record as stored", body = RecordView),
         (status = 400, description = "Invalid JSON, names or fields", body = ErrorBody),
@@ -247,11 +251,18 @@ async fn delete_record(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BatchWrite {
+    #[schema(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
     collection: String,
+    /// Any text without control characters, at most 256 bytes.
+    #[schema(
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"
+    )]
     key: String,
-    /// Fields to set (null deletes a field), as in `PUT`.
+    /// Fields to set, as in `PUT`.
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<FieldPatch>)]
     fields: Option<Value>,
     /// `true` deletes the record instead.
     #[serde(default)]

@@ -12,8 +12,42 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde::Serialize;
-use utoipa::openapi::OpenApi;
-use utoipa::ToSchema;
+use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, Schema, SchemaType, Type};
+use utoipa::openapi::{OpenApi, RefOr};
+use utoipa::{PartialSchema, ToSchema};
+
+/// The pattern of agent ids and collection names (see `fieldsync_shared::id`).
+pub const NAME_PATTERN: &str = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$";
+/// The pattern of record keys and field names: text without control
+/// characters (their length limit is in bytes: 256 for keys, 128 for field
+/// names).
+pub const TEXT_PATTERN: &str = r"^[^\x00-\x1f\x7f-\x9f]+$";
+
+/// A partial update's body in the OpenAPI documents: at least one field
+/// name (text without control characters, at most 128 bytes) to any JSON
+/// value; null deletes the field.
+pub struct FieldPatch;
+
+impl PartialSchema for FieldPatch {
+    fn schema() -> RefOr<Schema> {
+        let name = ObjectBuilder::new()
+            .schema_type(SchemaType::Type(Type::String))
+            .min_length(Some(1))
+            .max_length(Some(128))
+            .pattern(Some(TEXT_PATTERN));
+        ObjectBuilder::new()
+            .schema_type(SchemaType::Type(Type::Object))
+            .description(Some(
+                "Fields to set: at least one field name to any JSON value; null deletes the field",
+            ))
+            .min_properties(Some(1))
+            .property_names(Some(name))
+            .additional_properties(Some(AdditionalProperties::FreeForm(true)))
+            .into()
+    }
+}
+
+impl ToSchema for FieldPatch {}
 
 /// An error answer: a status and `{"error": {"code", "message"}}`. The
 /// message names what was wrong with the request, never a field's value.

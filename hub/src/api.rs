@@ -17,7 +17,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use fieldsync_http::{constant_time_eq, json_body, openapi_route, with_fallbacks, ErrorBody};
+use fieldsync_http::{
+    constant_time_eq, json_body, openapi_route, with_fallbacks, ErrorBody, FieldPatch,
+};
 use fieldsync_shared::hlc::system_now_ms;
 use fieldsync_shared::record::{parse_patch, PatchError};
 use fieldsync_shared::wire::{write_fits, MAX_CHANGE_BYTES};
@@ -321,7 +323,11 @@ struct RecordPath {
     #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
     collection: String,
     /// Any text without control characters, at most 256 bytes.
-    #[param(min_length = 1, max_length = 256)]
+    #[param(
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"
+    )]
     key: String,
 }
 
@@ -613,7 +619,7 @@ struct Queued {
 /// when the agent is connected (202 whether or not it is now).
 #[utoipa::path(put, path = "/v1/agents/{agent}/records/{collection}/{key}", tag = "records",
     params(RecordPath),
-    request_body(content = Object, description = "Fields to set: name to any JSON value; null deletes the field"),
+    request_body(content = FieldPatch),
     responses(
         (status = 202, description = "Queued durably", body = Queued),
         (status = 400, description = "Invalid JSON, names or fields", body = ErrorBody),
@@ -656,10 +662,16 @@ pub const MAX_BATCH_WRITES: usize = 1000;
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BatchWrite {
+    #[schema(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
     collection: String,
+    /// Any text without control characters, at most 256 bytes.
+    #[schema(
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"
+    )]
     key: String,
-    /// Fields to set: name to any JSON value; null deletes the field.
-    #[schema(value_type = Object)]
+    #[schema(value_type = FieldPatch)]
     fields: Value,
 }
 

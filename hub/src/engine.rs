@@ -147,7 +147,7 @@ impl<S: HubStore> Engine<S> {
                     state.hellos.retain(|_, b| !b.is_full(at));
                     all = true;
                     ticks = ticks.wrapping_add(1);
-                    if ticks % STALL_CHECK_TICKS == 0 {
+                    if ticks.is_multiple_of(STALL_CHECK_TICKS) {
                         self.look_for_stalls(&state, &mut group);
                     }
                 }

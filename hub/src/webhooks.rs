@@ -423,7 +423,7 @@ impl<S: HubStore> Dispatcher<S> {
                 tracing::warn!(error = %e, "cannot make events durable");
             }
             ticks += 1;
-            if ticks % TRIM_EVERY != 0 {
+            if !ticks.is_multiple_of(TRIM_EVERY) {
                 continue;
             }
             let retention = self.retention;

@@ -43,7 +43,7 @@ fn hex_decode(text: &str) -> Vec<u8> {
         })
         .collect();
     assert!(
-        digits.len() % 2 == 0,
+        digits.len().is_multiple_of(2),
         "fixture holds an odd number of hex digits"
     );
     digits.chunks(2).map(|p| p[0] << 4 | p[1]).collect()

@@ -50,7 +50,7 @@ fn content(salt: u64, f: usize, (wall, logical, origin): Ver) -> Option<Value> {
         2 => Some(json!(h % 100)),
         3 => Some(json!(format!("v{}", h % 10))),
         4 => Some(json!([h % 3, {"k": h % 5}])),
-        5 => Some(json!({"nested": {"x": h % 7 == 0}})),
+        5 => Some(json!({"nested": {"x": h.is_multiple_of(7)}})),
         6 => Some(Value::Null),
         _ => Some(json!(-((h % 50) as i64) as f64 / 4.0)),
     }

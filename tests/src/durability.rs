@@ -430,7 +430,7 @@ pub async fn stream_writes(
     let mut request = 0u64;
     while !stop.load(Ordering::Relaxed) {
         request += 1;
-        let count = if request % BATCH_EVERY == 0 {
+        let count = if request.is_multiple_of(BATCH_EVERY) {
             BATCH_SIZE
         } else {
             1

@@ -631,32 +631,6 @@ pub fn webhook_endpoints_keep_progress_per_epoch_and_attempts_newest_first<S: Hu
     assert!(!store.webhook_progress("wh_1", 1, &moved, &[]).unwrap());
 }
 
-#[cfg(test)]
-mod tests {
-    /// A suite test missing from `hub_store_suite!` would run for no
-    /// backend, redb included: every `pub fn` here must be listed there.
-    #[test]
-    fn every_suite_test_is_listed_in_the_macro() {
-        let source = include_str!("conformance.rs");
-        let list = source
-            .split("// suite: begin")
-            .nth(1)
-            .and_then(|rest| rest.split("// suite: end").next())
-            .expect("the macro's list is marked");
-        let listed: Vec<&str> = list
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .collect();
-        let defined: Vec<&str> = source
-            .lines()
-            .filter_map(|line| line.strip_prefix("pub fn "))
-            .filter_map(|rest| rest.split('<').next())
-            .collect();
-        assert_eq!(listed, defined, "list every suite test, in order");
-    }
-}
-
 pub fn a_group_enqueue_queues_for_several_agents_in_one_commit<S: HubStore>(open: &dyn Fn() -> S) {
     let (a, b) = (agent("a"), agent("b"));
     {
@@ -750,4 +724,30 @@ pub fn labels_are_kept_on_known_agents_and_survive_other_updates<S: HubStore>(
         store.agent(&a).unwrap().unwrap().labels.is_empty(),
         "replaced, not merged"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    /// A suite test missing from `hub_store_suite!` would run for no
+    /// backend, redb included: every `pub fn` here must be listed there.
+    #[test]
+    fn every_suite_test_is_listed_in_the_macro() {
+        let source = include_str!("conformance.rs");
+        let list = source
+            .split("// suite: begin")
+            .nth(1)
+            .and_then(|rest| rest.split("// suite: end").next())
+            .expect("the macro's list is marked");
+        let listed: Vec<&str> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        let defined: Vec<&str> = source
+            .lines()
+            .filter_map(|line| line.strip_prefix("pub fn "))
+            .filter_map(|rest| rest.split('<').next())
+            .collect();
+        assert_eq!(listed, defined, "list every suite test, in order");
+    }
 }
