@@ -1,7 +1,7 @@
 //! The `fieldsync-hub` binary: parses the command line and runs the hub, one
 //! of the development PKI commands (`certs init`, `certs issue`), or a client
 //! command of a running hub's operator API (`agents`, `get`, `put`,
-//! `webhooks`).
+//! `broadcast`, `webhooks`).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -67,6 +67,21 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Queue the same write to every agent whose labels match a selector now.
+    ///
+    /// Agents labelled into the group later do not get it. Example:
+    /// broadcast --selector site=berlin settings s1 mode=eco
+    Broadcast {
+        /// Which agents, e.g. `site=berlin,model!=gw2` (see the README).
+        #[arg(long)]
+        selector: String,
+        collection: String,
+        key: String,
+        #[arg(required = true, value_name = "FIELD=VALUE")]
+        fields: Vec<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Manage webhook endpoints.
     Webhooks {
         #[command(subcommand)]
@@ -102,6 +117,12 @@ enum AgentsCommand {
     List,
     /// One agent's row in full.
     Show { id: String },
+    /// Replace an agent's labels (none given: clear them).
+    Label {
+        id: String,
+        #[arg(value_name = "LABEL=VALUE")]
+        labels: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -220,6 +241,7 @@ fn client(command: Command) -> anyhow::Result<()> {
         Command::Agents { api, .. }
         | Command::Get { api, .. }
         | Command::Put { api, .. }
+        | Command::Broadcast { api, .. }
         | Command::Webhooks { api, .. } => api,
         _ => unreachable!("only client commands come here"),
     };
@@ -234,11 +256,25 @@ fn client(command: Command) -> anyhow::Result<()> {
         .build()?;
     let text = runtime.block_on(async {
         let out = match &command {
+            Command::Agents {
+                command: Some(AgentsCommand::Label { id, labels }),
+                ..
+            } => {
+                let labels = client::label_args(labels).map_err(ClientError::Usage)?;
+                let path = ["v1", "agents", id, "labels"];
+                let body = c.call(Method::PUT, &path, Some(&labels)).await?;
+                if json {
+                    body.to_string()
+                } else {
+                    format!("labels of {id}: {}", client::labels_text(&body["labels"]))
+                }
+            }
             Command::Agents { command, .. } => {
                 let body = c.call(Method::GET, &["v1", "agents"], None).await?;
                 match command {
                     None | Some(AgentsCommand::List) if json => body.to_string(),
                     None | Some(AgentsCommand::List) => client::agents_table(&body),
+                    Some(AgentsCommand::Label { .. }) => unreachable!("handled above"),
                     Some(AgentsCommand::Show { id }) => {
                         let row = body["agents"]
                             .as_array()
@@ -289,6 +325,26 @@ fn client(command: Command) -> anyhow::Result<()> {
                         "queued for {agent} at seq {} (agent connected: {})",
                         body["queued_seq"], body["agent_connected"]
                     )
+                }
+            }
+            Command::Broadcast {
+                selector,
+                collection,
+                key,
+                fields,
+                ..
+            } => {
+                let fields = fieldsync_shared::record::parse_field_args(fields)
+                    .map_err(ClientError::Usage)?;
+                let body = serde_json::json!({
+                    "selector": selector,
+                    "writes": [{"collection": collection, "key": key, "fields": fields}],
+                });
+                let body = c.call(Method::POST, &["v1", "broadcast"], Some(&body)).await?;
+                if json {
+                    body.to_string()
+                } else {
+                    client::broadcast_text(&body)
                 }
             }
             Command::Webhooks { command, .. } => match command {

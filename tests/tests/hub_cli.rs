@@ -1,9 +1,11 @@
 //! The hub's client commands end to end: the real `fieldsync-hub` binary as
 //! a client of a real hub with a real agent linked over mTLS — `agents list`
 //! and `show` (table and `--json`), `put` delivered to the agent, `get`,
+//! `agents label`, `broadcast` to a labelled group,
 //! `webhooks create|list|deliveries|replay|delete`; the token from
 //! `--token-file` or `FIELDSYNC_TOKEN`; a missing or wrong token, an unknown
-//! agent or record, and a malformed FIELD=VALUE fail with a clear message.
+//! agent or record, a malformed FIELD=VALUE or LABEL=VALUE and an empty
+//! selector fail with a clear message.
 
 use std::process::Output;
 
@@ -103,6 +105,59 @@ async fn the_hub_cli_lists_reads_writes_and_manages_webhooks() -> anyhow::Result
     )?))?;
     assert_eq!(got["fields"]["mode"], "eco");
 
+    // agents label, then broadcast to the group.
+    let labelled = expect_success(&hub_cli(
+        &s,
+        &["agents", "label", "gw-cli", "site=berlin", "model=gw3"],
+        None,
+    )?);
+    assert_eq!(labelled.trim(), "labels of gw-cli: model=gw3, site=berlin");
+    let table = expect_success(&hub_cli(&s, &["agents"], None)?);
+    assert!(table.contains("model=gw3, site=berlin"), "{table}");
+    let sent = expect_success(&hub_cli(
+        &s,
+        &[
+            "broadcast",
+            "--selector",
+            "site=berlin",
+            "settings",
+            "s2",
+            "mode=away",
+        ],
+        None,
+    )?);
+    assert_eq!(
+        sent.trim(),
+        "site=berlin: 1 agents matched, queued to 1 (1 writes)"
+    );
+    let none = expect_success(&hub_cli(
+        &s,
+        &[
+            "broadcast",
+            "--selector",
+            "site=paris",
+            "settings",
+            "s2",
+            "mode=x",
+            "--json",
+        ],
+        None,
+    )?);
+    let none: Value = serde_json::from_str(&none)?;
+    assert_eq!(
+        (none["agents"].as_u64(), none["queued"].as_u64()),
+        (Some(0), Some(0))
+    );
+    poll("the broadcast on the agent", SYNC_TIMEOUT, || async {
+        Ok(match api.record("settings", "s2").await? {
+            Some(f) if f["mode"] == "away" => Ok(()),
+            other => Err(format!("{other:?}")),
+        })
+    })
+    .await?;
+    let cleared = expect_success(&hub_cli(&s, &["agents", "label", "gw-cli"], None)?);
+    assert_eq!(cleared.trim(), "labels of gw-cli: none");
+
     // webhooks: create, list, deliveries, replay, delete.
     let made = expect_success(&hub_cli(
         &s,
@@ -193,6 +248,14 @@ async fn the_hub_cli_fails_clearly_and_changes_nothing_on_bad_input() -> anyhow:
         denied.contains("403") && denied.contains("policy_denied"),
         "{denied}"
     );
+    let bad_label = expect_failure(&hub_cli(&s, &["agents", "label", "gw-cli", "site"], None)?);
+    assert!(bad_label.contains("LABEL=VALUE"), "{bad_label}");
+    let bad_selector = expect_failure(&hub_cli(
+        &s,
+        &["broadcast", "--selector", "", "settings", "s1", "mode=x"],
+        None,
+    )?);
+    assert!(bad_selector.contains("invalid_selector"), "{bad_selector}");
     let bad_api = {
         let mut cmd = hub_command();
         cmd.args(["agents", "--api", "not a url"])
