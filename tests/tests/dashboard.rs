@@ -135,7 +135,20 @@ async fn headless_chromium_shows_the_fleet_and_browses_a_record() -> anyhow::Res
     wait_row(&op, SOUTH, "south linked", |r| r["connected"] == true).await?;
     south.kill();
     wait_row(&op, SOUTH, "south offline", |r| r["state"] == "offline").await?;
-    wait_row(&op, NORTH, "north connected", |r| r["connected"] == true).await?;
+    let north_now = wait_row(&op, NORTH, "north connected", |r| r["connected"] == true).await?;
+    let (status, body) = fleet
+        .hub
+        .operator()
+        .put(
+            &format!("/v1/agents/{NORTH}/labels"),
+            &json!({"site": "berlin", "model": "gw3"}),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let serial = north_now["serial"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the hub shows north's certificate: {north_now}"))
+        .to_owned();
 
     let scratch = tempfile::Builder::new()
         .prefix("fieldsync-dashboard-")
@@ -178,6 +191,16 @@ async fn headless_chromium_shows_the_fleet_and_browses_a_record() -> anyhow::Res
             .iter()
             .any(|s| north_row.contains(&format!(">{s}</span>"))),
         "north is connected: {north_row}"
+    );
+    // The live hub's labels and certificate, as the page shows them.
+    assert!(north_row.contains(">model=gw3</li>"), "labels: {north_row}");
+    assert!(
+        north_row.contains(">site=berlin</li>"),
+        "labels: {north_row}"
+    );
+    assert!(
+        north_row.contains(&format!("serial {serial}")),
+        "serial: {north_row}"
     );
     for row in [&north_row, &south_row] {
         assert!(row.contains("<time datetime=\""), "last seen: {row}");
