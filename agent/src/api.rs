@@ -57,6 +57,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/v1/batch", post(batch))
         .route("/v1/status", get(status))
         .route("/v1/outbox", get(outbox))
+        .route("/v1/progress", get(progress))
         .route("/v1/health", get(health))
         .route("/metrics", get(prometheus))
         .merge(openapi_route(&ApiDoc::openapi()));
@@ -73,7 +74,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         title = "Fieldsync agent local API",
         description = "What applications on the device use: write and read records (every field is stored; only the fields the policy permits are synced), the agent's status and outbox, and metrics. Errors are `{\"error\": {\"code\", \"message\"}}`; a refused request changes nothing."
     ),
-    paths(put_record, get_record, delete_record, batch, status, outbox, health, prometheus),
+    paths(put_record, get_record, delete_record, batch, status, outbox, progress, health, prometheus),
     tags((name = "records"), (name = "status"))
 )]
 pub struct ApiDoc;
@@ -567,6 +568,88 @@ async fn outbox(
         .map(|(seq, change)| OutboxEntry { seq: seq.0, change })
         .collect();
     Ok(Json(OutboxPage { entries }))
+}
+
+/// Longest `GET /v1/progress` wait.
+pub const MAX_PROGRESS_WAIT_MS: u64 = 60_000;
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct ProgressQuery {
+    /// Answer once the hub has acknowledged an outbox entry after this
+    /// sequence number (e.g. the `outbox_last_seq` after your write).
+    acked_after: Option<u64>,
+    /// Answer once a downstream entry after this sequence number is applied.
+    applied_after: Option<u64>,
+    /// Longest wait in milliseconds (0 to 60000, default 0: answer now).
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+/// How far the two directions have come.
+#[derive(Serialize, ToSchema)]
+struct Progress {
+    /// The highest outbox entry the hub acknowledged (after its durable
+    /// commit).
+    outbox_acked_seq: u64,
+    /// The highest downstream entry applied here.
+    down_applied_seq: u64,
+    /// The last outbox entry written.
+    outbox_last_seq: u64,
+    /// Whether a condition asked for holds (false: the wait ran out).
+    reached: bool,
+}
+
+/// The sync cursors, at once or as soon as the hub has acknowledged an
+/// outbox entry after `acked_after` (or a downstream entry after
+/// `applied_after` is applied): a long-poll for "my write reached the hub".
+#[utoipa::path(get, path = "/v1/progress", tag = "status", params(ProgressQuery),
+    responses(
+        (status = 200, description = "The cursors now", body = Progress),
+        (status = 400, description = "A malformed query", body = ErrorBody),
+    ))]
+async fn progress(
+    State(state): State<ApiState>,
+    query: Result<Query<ProgressQuery>, QueryRejection>,
+) -> Result<Json<Progress>, ApiError> {
+    let Query(q) = query?;
+    if q.wait_ms > MAX_PROGRESS_WAIT_MS {
+        return Err(ApiError::bad(
+            "invalid_query",
+            format!("wait_ms is at most {MAX_PROGRESS_WAIT_MS}"),
+        ));
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(q.wait_ms);
+    // Subscribed before the first read, so no progress between the read and
+    // the wait goes unseen.
+    let mut moved = state.link.progress.subscribe();
+    loop {
+        moved.borrow_and_update();
+        let (bounds, down) =
+            read(&state.store, |s| Ok((s.outbox_bounds()?, s.down_cursor()?))).await?;
+        let now = Progress {
+            outbox_acked_seq: bounds
+                .acked
+                .seq
+                .0
+                .max(state.link.acked_seq.load(Ordering::Relaxed)),
+            down_applied_seq: down.at.seq.0,
+            outbox_last_seq: bounds.last.0,
+            reached: false,
+        };
+        let reached = q.acked_after.is_some_and(|n| now.outbox_acked_seq > n)
+            || q.applied_after.is_some_and(|n| now.down_applied_seq > n);
+        if reached {
+            return Ok(Json(Progress { reached, ..now }));
+        }
+        if !matches!(
+            tokio::time::timeout_at(deadline, moved.changed()).await,
+            Ok(Ok(()))
+        ) {
+            return Ok(Json(now));
+        }
+    }
 }
 
 #[cfg(test)]

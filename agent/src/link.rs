@@ -84,6 +84,16 @@ pub struct LinkStatus {
     pub identity_refused: AtomicBool,
     /// Upstream batches published to the hub (resends included).
     pub batches_sent: AtomicU64,
+    /// Moves whenever the hub acknowledges outbox entries or a downstream
+    /// batch is applied, for `GET /v1/progress` waiters.
+    pub progress: watch::Sender<u64>,
+}
+
+impl LinkStatus {
+    /// Wakes `GET /v1/progress` waiters.
+    pub fn progressed(&self) {
+        self.progress.send_modify(|n| *n = n.wrapping_add(1));
+    }
 }
 
 /// What the link needs.
@@ -490,6 +500,7 @@ impl Driver<'_> {
                     .writer
                     .apply_downstream(accepted, cursor, snapshot)
                     .await?;
+                self.setup.status.progressed();
                 self.publish(then).await;
             }
             Action::Trim { mark, resync } => {
@@ -498,6 +509,7 @@ impl Driver<'_> {
                     .status
                     .acked_seq
                     .fetch_max(mark.seq.0, Ordering::Relaxed);
+                self.setup.status.progressed();
                 if resync {
                     tokio::task::spawn_blocking(move || store.trim_outbox(mark, true)).await??;
                 } else {

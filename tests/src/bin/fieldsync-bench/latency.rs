@@ -9,9 +9,10 @@
 //! moment the agent reports it acknowledged (`outbox_acked_seq`), which the hub
 //! sends only after its durable commit. Downstream is the same from the
 //! operator's batch API to the agent's `down_applied_seq` (merged and committed
-//! by the agent). An observer polls the agent's `/v1/status` back to back, so
-//! each figure is late by at most one poll (`latency_poll_ms` is the median
-//! poll time).
+//! by the agent). An observer long-polls the agent's `/v1/progress`, which
+//! answers as soon as the cursor moves past the one it was given, so each
+//! figure is late by one answer's trip (`latency_poll_ms`: the median of
+//! calls answered at once, measured before each run).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -137,19 +138,30 @@ async fn offer(
         // has been applied (the previous run waited for it).
         Flow::Down => cursor(&before, flow)?,
     };
+    // The observer's resolution: one progress call answered at once.
+    let mut trips = Vec::new();
+    for _ in 0..21 {
+        let asked = Instant::now();
+        get_json(http, &agent.url("/v1/progress"), false).await?;
+        trips.push(asked.elapsed());
+    }
+    trips.sort();
+    let poll_ms = trips[trips.len() / 2].as_secs_f64() * 1e3;
     let total = (WARM_UP + measure).as_secs_f64() * rate as f64;
     let total = total as u64;
     let start = Instant::now();
     let due = move |i: u64| start + Duration::from_secs_f64(i as f64 / rate as f64);
 
     // The observer: write `i` (0-based) has arrived when the cursor passes
-    // `base + i + 1`.
+    // `base + i + 1`. It long-polls the agent's `/v1/progress`, which answers
+    // as soon as the cursor passes the one given (no busy polling to compete
+    // with the system under test for the CPU).
     let done = Arc::new(AtomicBool::new(false));
+    let progress_url = agent.url("/v1/progress");
     let observer = {
-        let (http, url, done) = (http.clone(), status_url.clone(), done.clone());
+        let (http, url, done) = (http.clone(), progress_url, done.clone());
         tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(total as usize);
-            let mut polls = Vec::new();
             let mut seen = 0u64;
             let deadline = Duration::from_secs(120);
             while seen < total {
@@ -157,10 +169,13 @@ async fn offer(
                     start.elapsed() < measure + WARM_UP + deadline,
                     "only {seen} of {total} writes arrived"
                 );
-                let asked = Instant::now();
+                let after = match flow {
+                    Flow::Up => "acked_after",
+                    Flow::Down => "applied_after",
+                };
+                let url = format!("{url}?{after}={}&wait_ms=1000", base + seen);
                 let status = get_json(&http, &url, false).await?;
                 let now = Instant::now();
-                polls.push(now - asked);
                 let arrived = cursor(&status, flow)?.saturating_sub(base).min(total);
                 for i in seen..arrived {
                     let d = due(i);
@@ -173,8 +188,7 @@ async fn offer(
                     break;
                 }
             }
-            polls.sort();
-            anyhow::Ok((latencies, polls[polls.len() / 2].as_secs_f64() * 1e3))
+            anyhow::Ok(latencies)
         })
     };
 
@@ -199,7 +213,7 @@ async fn offer(
     })
     .await??;
     done.store(true, Ordering::Relaxed);
-    let (mut ms, poll_ms) = observer.await??;
+    let mut ms = observer.await??;
     if let Flow::Up = flow {
         let after = get_json(http, &status_url, false).await?;
         let last = after["outbox_last_seq"]
