@@ -229,6 +229,27 @@ pub fn documented_paths(doc: &OpenApi) -> BTreeSet<String> {
     doc.paths.paths.keys().cloned().collect()
 }
 
+/// A program's document against its code: every path its router's source
+/// registers (`router_sources`, `/v1/openapi.json` aside) is documented and
+/// every documented path is routed, and the committed copy is current (see
+/// [`check_committed`]).
+pub fn check_document(
+    doc: &OpenApi,
+    router_sources: &[&str],
+    committed: &Path,
+) -> Result<(), String> {
+    let routed = routed_paths(router_sources);
+    let documented = documented_paths(doc);
+    if routed != documented {
+        return Err(format!(
+            "routed but not documented: {:?}; documented but not routed: {:?}",
+            routed.difference(&documented).collect::<Vec<_>>(),
+            documented.difference(&routed).collect::<Vec<_>>()
+        ));
+    }
+    check_committed(doc, committed)
+}
+
 /// Compares secrets without leaking where they differ through timing.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0

@@ -164,7 +164,6 @@ async fn page<S: HubStore>(
             (String = "text/event-stream"),
         )),
         (status = 400, description = "A malformed query or cursor", body = ErrorBody),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody),
         (status = 409, description = "The cursor is not in this hub's log (a restored store)", body = ErrorBody),
         (status = 410, description = "The changes after the cursor were dropped by retention", body = ErrorBody),
         (status = 503, description = "The hub is stopping", body = ErrorBody),

@@ -116,7 +116,6 @@ fn not_found(id: &str) -> ApiError {
     responses(
         (status = 201, description = "Created; the answer holds the secret", body = EndpointView),
         (status = 400, description = "Invalid JSON, URL, event type, collection or pattern", body = ErrorBody),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody),
         (status = 409, description = "The hub has the most endpoints it delivers to", body = ErrorBody),
         (status = 413, description = "The body is too large", body = ErrorBody),
     ))]
@@ -202,7 +201,6 @@ pub(super) struct EndpointList {
 #[utoipa::path(get, path = "/v1/webhooks", tag = "webhooks",
     responses(
         (status = 200, description = "Every endpoint", body = EndpointList),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody),
     ))]
 pub(super) async fn list<S: HubStore>(
     State(state): State<Arc<ApiState<S>>>,
@@ -217,7 +215,6 @@ pub(super) async fn list<S: HubStore>(
 #[utoipa::path(get, path = "/v1/webhooks/{id}", tag = "webhooks", params(EndpointPath),
     responses(
         (status = 200, description = "The endpoint", body = EndpointView),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody),
         (status = 404, description = "No such endpoint", body = ErrorBody),
     ))]
 pub(super) async fn show<S: HubStore>(
@@ -234,7 +231,6 @@ pub(super) async fn show<S: HubStore>(
 #[utoipa::path(delete, path = "/v1/webhooks/{id}", tag = "webhooks", params(EndpointPath),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody),
         (status = 404, description = "No such endpoint", body = ErrorBody),
     ))]
 pub(super) async fn delete<S: HubStore>(
@@ -288,7 +284,6 @@ pub(super) struct AttemptList {
     responses(
         (status = 200, description = "Attempts, newest first", body = AttemptList),
         (status = 400, description = "A malformed query", body = ErrorBody),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody),
         (status = 404, description = "No such endpoint", body = ErrorBody),
     ))]
 pub(super) async fn deliveries<S: HubStore>(
@@ -351,7 +346,6 @@ pub(super) struct Replaying {
     responses(
         (status = 202, description = "Replaying", body = Replaying),
         (status = 400, description = "Invalid JSON or time", body = ErrorBody),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody),
         (status = 404, description = "No such endpoint", body = ErrorBody),
         (status = 413, description = "The body is too large", body = ErrorBody),
     ))]
