@@ -14,7 +14,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use fieldsync_http::{json_body, openapi_route, with_fallbacks, ErrorBody, FieldPatch};
+use fieldsync_http::{json_body, openapi_route, with_fallbacks, ErrorBody, FieldPatch, Key, Name};
 use fieldsync_shared::record::{parse_patch, PatchError};
 use fieldsync_shared::wire::{write_fits, MAX_CHANGE_BYTES};
 use fieldsync_shared::{
@@ -99,14 +99,10 @@ type Address = Result<Path<(String, String)>, PathRejection>;
 #[into_params(parameter_in = Path)]
 #[allow(dead_code)] // read through `Address`; here for the document
 struct RecordPath {
-    #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    #[param(value_type = Name, inline)]
     collection: String,
     /// Any text without control characters, at most 256 bytes.
-    #[param(
-        min_length = 1,
-        max_length = 256,
-        pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"
-    )]
+    #[param(value_type = Key, inline)]
     key: String,
 }
 
@@ -252,14 +248,9 @@ async fn delete_record(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BatchWrite {
-    #[schema(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    #[schema(value_type = Name, inline)]
     collection: String,
-    /// Any text without control characters, at most 256 bytes.
-    #[schema(
-        min_length = 1,
-        max_length = 256,
-        pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"
-    )]
+    #[schema(value_type = Key, inline)]
     key: String,
     /// Fields to set, as in `PUT`.
     #[serde(default)]

@@ -23,6 +23,40 @@ pub const NAME_PATTERN: &str = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$";
 /// names).
 pub const TEXT_PATTERN: &str = r"^[^\x00-\x1f\x7f-\x9f]+$";
 
+/// An agent id or a collection name in the OpenAPI documents.
+pub struct Name;
+
+impl PartialSchema for Name {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(SchemaType::Type(Type::String))
+            .pattern(Some(NAME_PATTERN))
+            .into()
+    }
+}
+
+impl ToSchema for Name {}
+
+/// A record key in the OpenAPI documents: text without control characters,
+/// at most 256 bytes.
+pub struct Key;
+
+impl PartialSchema for Key {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(SchemaType::Type(Type::String))
+            .description(Some(
+                "Any text without control characters, at most 256 bytes",
+            ))
+            .min_length(Some(1))
+            .max_length(Some(256))
+            .pattern(Some(TEXT_PATTERN))
+            .into()
+    }
+}
+
+impl ToSchema for Key {}
+
 /// A partial update's body in the OpenAPI documents: at least one field
 /// name (text without control characters, at most 128 bytes) to any JSON
 /// value; null deletes the field.

@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use fieldsync_http::{
-    constant_time_eq, json_body, openapi_route, with_fallbacks, ErrorBody, FieldPatch,
+    constant_time_eq, json_body, openapi_route, with_fallbacks, ErrorBody, FieldPatch, Key, Name,
 };
 use fieldsync_shared::hlc::system_now_ms;
 use fieldsync_shared::record::{parse_patch, PatchError};
@@ -345,16 +345,12 @@ async fn list_agents<S: HubStore>(
 #[allow(dead_code)] // read through `Address`; here for the document
 struct RecordPath {
     /// The agent's id (its certificate's common name).
-    #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    #[param(value_type = Name, inline)]
     agent: String,
-    #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    #[param(value_type = Name, inline)]
     collection: String,
     /// Any text without control characters, at most 256 bytes.
-    #[param(
-        min_length = 1,
-        max_length = 256,
-        pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"
-    )]
+    #[param(value_type = Key, inline)]
     key: String,
 }
 
@@ -363,7 +359,7 @@ struct RecordPath {
 #[into_params(parameter_in = Path)]
 #[allow(dead_code)] // read through `Path<String>`; here for the document
 struct AgentPath {
-    #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    #[param(value_type = Name, inline)]
     agent: String,
 }
 
@@ -687,14 +683,9 @@ pub const MAX_BATCH_WRITES: usize = 1000;
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BatchWrite {
-    #[schema(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    #[schema(value_type = Name, inline)]
     collection: String,
-    /// Any text without control characters, at most 256 bytes.
-    #[schema(
-        min_length = 1,
-        max_length = 256,
-        pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"
-    )]
+    #[schema(value_type = Key, inline)]
     key: String,
     #[schema(value_type = FieldPatch)]
     fields: Value,

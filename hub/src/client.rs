@@ -287,6 +287,59 @@ pub fn new_webhook(
     body
 }
 
+/// `LABEL=VALUE` arguments as the labels object (values are text).
+pub fn label_args(args: &[String]) -> Result<Value, String> {
+    let mut labels = serde_json::Map::new();
+    for arg in args {
+        let (key, value) = arg
+            .split_once('=')
+            .ok_or_else(|| format!("{arg:?} is not LABEL=VALUE"))?;
+        if labels
+            .insert(key.to_owned(), Value::String(value.to_owned()))
+            .is_some()
+        {
+            return Err(format!("label {key:?} is given twice"));
+        }
+    }
+    Ok(Value::Object(labels))
+}
+
+/// Labels as `k=v, k=v` (or `none`).
+pub fn labels_text(labels: &Value) -> String {
+    let pairs: Vec<String> = labels
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+        .collect();
+    if pairs.is_empty() {
+        "none".to_owned()
+    } else {
+        pairs.join(", ")
+    }
+}
+
+/// What a broadcast queued, for people.
+pub fn broadcast_text(body: &Value) -> String {
+    let mut out = format!(
+        "{selector}: {matched} agents matched, queued to {queued_agents} ({queued} writes)",
+        selector = body["selector"].as_str().unwrap_or_default(),
+        matched = body["agents"],
+        queued_agents = body["queued_agents"],
+        queued = body["queued"],
+    );
+    for r in body["refused"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "\nrefused {}: {} {}/{}",
+            r["agent"].as_str().unwrap_or_default(),
+            r["code"].as_str().unwrap_or_default(),
+            r["collection"].as_str().unwrap_or_default(),
+            r["key"].as_str().unwrap_or_default(),
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,57 +393,4 @@ mod tests {
             "http://127.0.0.1:8080/v1/agents/gw%201%2Fx"
         );
     }
-}
-
-/// `LABEL=VALUE` arguments as the labels object (values are text).
-pub fn label_args(args: &[String]) -> Result<Value, String> {
-    let mut labels = serde_json::Map::new();
-    for arg in args {
-        let (key, value) = arg
-            .split_once('=')
-            .ok_or_else(|| format!("{arg:?} is not LABEL=VALUE"))?;
-        if labels
-            .insert(key.to_owned(), Value::String(value.to_owned()))
-            .is_some()
-        {
-            return Err(format!("label {key:?} is given twice"));
-        }
-    }
-    Ok(Value::Object(labels))
-}
-
-/// Labels as `k=v, k=v` (or `none`).
-pub fn labels_text(labels: &Value) -> String {
-    let pairs: Vec<String> = labels
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-        .collect();
-    if pairs.is_empty() {
-        "none".to_owned()
-    } else {
-        pairs.join(", ")
-    }
-}
-
-/// What a broadcast queued, for people.
-pub fn broadcast_text(body: &Value) -> String {
-    let mut out = format!(
-        "{selector}: {matched} agents matched, queued to {queued_agents} ({queued} writes)",
-        selector = body["selector"].as_str().unwrap_or_default(),
-        matched = body["agents"],
-        queued_agents = body["queued_agents"],
-        queued = body["queued"],
-    );
-    for r in body["refused"].as_array().into_iter().flatten() {
-        out.push_str(&format!(
-            "\nrefused {}: {} {}/{}",
-            r["agent"].as_str().unwrap_or_default(),
-            r["code"].as_str().unwrap_or_default(),
-            r["collection"].as_str().unwrap_or_default(),
-            r["key"].as_str().unwrap_or_default(),
-        ));
-    }
-    out
 }
