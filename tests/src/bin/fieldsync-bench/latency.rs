@@ -94,6 +94,16 @@ pub(crate) async fn run(plan: &Plan, report: &mut Report) -> anyhow::Result<()> 
             ],
         ),
     ];
+    // The floor, measured next to the runs: the two durable commits alone.
+    let floor = commit_floor(1_000, measure)?;
+    report.insert("latency_floor_p50_ms_1k", crate::quantile(&floor, 0.50));
+    report.insert("latency_floor_p99_ms_1k", crate::quantile(&floor, 0.99));
+    eprintln!(
+        "  floor 1000/s: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (two chained durable redb commits)",
+        crate::quantile(&floor, 0.50),
+        crate::quantile(&floor, 0.99),
+        crate::quantile(&floor, 1.0)
+    );
     let mut poll = Vec::new();
     for (flow, rate, [p50, p99, max]) in runs {
         let samples = offer(&http, &linked.hub, &linked.agent, flow, rate, measure).await?;
@@ -105,6 +115,53 @@ pub(crate) async fn run(plan: &Plan, report: &mut Report) -> anyhow::Result<()> 
     poll.sort_by(f64::total_cmp);
     report.insert("latency_poll_ms", poll[poll.len() / 2]);
     Ok(())
+}
+
+/// What a write's propagation costs with no network and no program in the
+/// way: two redb files in the temp dir the agent and the hub use (the same
+/// disk and filesystem), one thread each, chained as the agent's commit is to
+/// the hub's. Write `i` is due at `start + i / rate`; the first thread commits
+/// it to one file and hands it on, the second commits it to the other, and
+/// the latency runs from its due time to the second commit's return. Sorted
+/// milliseconds of the writes due after the warm-up.
+fn commit_floor(rate: u64, measure: Duration) -> anyhow::Result<Vec<f64>> {
+    const TABLE: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("floor");
+    let dir = tempfile::tempdir()?;
+    let open = |name: &str| redb::Database::create(dir.path().join(name));
+    let (first, second) = (open("first.redb")?, open("second.redb")?);
+    let value = vec![7u8; 100];
+    let commit = |db: &redb::Database, i: u64| -> anyhow::Result<()> {
+        let txn = db.begin_write()?;
+        txn.open_table(TABLE)?.insert(i, value.as_slice())?;
+        txn.commit()?;
+        Ok(())
+    };
+    let total = ((WARM_UP + measure).as_secs_f64() * rate as f64) as u64;
+    let start = Instant::now();
+    let due = |i: u64| start + Duration::from_secs_f64(i as f64 / rate as f64);
+    let (tx, rx) = std::sync::mpsc::channel::<u64>();
+    std::thread::scope(|scope| {
+        let handed = scope.spawn(|| -> anyhow::Result<Vec<f64>> {
+            let mut ms = Vec::with_capacity(total as usize);
+            for i in rx {
+                commit(&second, i)?;
+                let d = due(i);
+                if d >= start + WARM_UP {
+                    ms.push(d.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            Ok(ms)
+        });
+        for i in 0..total {
+            std::thread::sleep(due(i).saturating_duration_since(Instant::now()));
+            commit(&first, i)?;
+            tx.send(i)?;
+        }
+        drop(tx);
+        let mut ms = handed.join().expect("the second committer panicked")?;
+        ms.sort_by(f64::total_cmp);
+        Ok(ms)
+    })
 }
 
 /// The agent's cursor that shows a write of `flow` arrived.

@@ -48,6 +48,8 @@ const REQUIRED: &[&str] = &[
     "latency_p50_ms_1k",
     "latency_p99_ms_1k",
     "latency_p99_ms_10k",
+    "latency_floor_p50_ms_1k",
+    "latency_floor_p99_ms_1k",
     "catchup_100k_down_s",
     "catchup_100k_up_s",
     "agents_connected",
@@ -169,7 +171,7 @@ async fn run(plan: &Plan, only: Option<&[String]>) -> anyhow::Result<()> {
 /// sides were measured).
 fn derive_ratios(report: &mut Report) {
     let get = |r: &Report, k: &str| r.get(k).copied().filter(|v| *v > 0.0);
-    let ratios: [(&'static str, &str, &[&str]); 5] = [
+    let ratios: [(&'static str, &str, &[&str]); 7] = [
         // Our changes/s against raw QoS1 publishes of one change each.
         (
             "upstream_ratio_raw_publish",
@@ -199,6 +201,18 @@ fn derive_ratios(report: &mut Report) {
             "raw_publish_batch_ratio_mosquitto",
             "raw_publish_batch_msgs_per_s",
             &["mosquitto_publish_batch_msgs_per_s"],
+        ),
+        // Propagation against its floor: two chained durable commits on the
+        // same disk at the same rate, measured just before.
+        (
+            "latency_p50_ratio_floor_1k",
+            "latency_p50_ms_1k",
+            &["latency_floor_p50_ms_1k"],
+        ),
+        (
+            "latency_p99_ratio_floor_1k",
+            "latency_p99_ms_1k",
+            &["latency_floor_p99_ms_1k"],
         ),
     ];
     for (key, ours, limit) in ratios {
