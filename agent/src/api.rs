@@ -18,7 +18,7 @@ use fieldsync_http::{json_body, openapi_route, with_fallbacks, ErrorBody, FieldP
 use fieldsync_shared::record::{parse_patch, PatchError};
 use fieldsync_shared::wire::{write_fits, MAX_CHANGE_BYTES};
 use fieldsync_shared::{
-    AgentId, CollectionName, FieldName, Incarnation, Origin, RecordKey, Seq, Value,
+    AgentId, CollectionName, Edit, FieldName, Incarnation, Origin, Policy, RecordKey, Seq, Value,
 };
 use prometheus_client::encoding::prometheus_text;
 use serde::{Deserialize, Serialize};
@@ -45,6 +45,8 @@ pub struct ApiState {
     pub link: Arc<LinkStatus>,
     pub clock: CorrectedClock,
     pub hub_configured: bool,
+    /// The policy, for its merge rules.
+    pub policy: Arc<Policy>,
 }
 
 /// The API's routes. Every route is in [`ApiDoc`] (a test checks both ways).
@@ -128,6 +130,18 @@ fn fields_of(body: Value) -> Result<Vec<(FieldName, Option<Value>)>, ApiError> {
     })
 }
 
+/// Refuses a patch that does not fit its fields' merge rules (a value for a
+/// counter, an increment for anything else): 400, and nothing is written.
+fn check_rules(
+    state: &ApiState,
+    collection: &CollectionName,
+    fields: &[(FieldName, Option<Value>)],
+) -> Result<(), ApiError> {
+    Edit::of_fields(fields, |f| state.policy.field_rule(collection, f))
+        .map(drop)
+        .map_err(|e| ApiError::bad("invalid_edit", e.to_string()))
+}
+
 /// Refuses a write whose change could not travel in one message (it would
 /// block the outbox behind it).
 fn check_fits(
@@ -163,6 +177,7 @@ async fn put_record(
 ) -> Result<Json<RecordView>, ApiError> {
     let (collection, key) = address(path)?;
     let fields = fields_of(json_body(body)?)?;
+    check_rules(&state, &collection, &fields)?;
     check_fits(&state, &collection, &key, &fields)?;
     let op = WriteOp::Put {
         collection,
@@ -315,6 +330,7 @@ async fn batch(
             (None, true) => WriteOp::Delete { collection, key },
             (Some(fields), false) => {
                 let fields = fields_of(fields).map_err(at)?;
+                check_rules(&state, &collection, &fields).map_err(at)?;
                 check_fits(&state, &collection, &key, &fields).map_err(at)?;
                 WriteOp::Put {
                     collection,

@@ -103,6 +103,7 @@ pub async fn serve(
         link: status,
         clock,
         hub_configured: config.hub.is_some(),
+        policy,
     };
     let app = api::router(state, config.api.max_body_bytes);
     let addr = listener.local_addr().map_err(RunError::Serve)?;

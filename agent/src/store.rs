@@ -16,8 +16,8 @@ use fieldsync_shared::codec::{self, CodecError, SnapshotPage};
 use fieldsync_shared::files::create_private_dir;
 use fieldsync_shared::session::SnapshotChunk;
 use fieldsync_shared::{
-    clock, policy::Flow, AgentId, Change, CollectionName, Cursor, FieldName, Hlc, Incarnation,
-    Mark, Merge, Origin, Policy, RecordKey, RecordState, Seq, Stamp, Value, Version,
+    clock, policy::Flow, AgentId, Change, CollectionName, Cursor, Edit, FieldName, Hlc,
+    Incarnation, Mark, Merge, Origin, Policy, RecordKey, RecordState, Seq, Stamp, Value, Version,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::Serialize;
@@ -86,6 +86,10 @@ pub enum StoreError {
     Storage(#[from] redb::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(#[from] CodecError),
+    /// A write that does not fit its field's merge rule (the API checks
+    /// first, so this is a caller's bug).
+    #[error("{0}")]
+    Edit(#[from] fieldsync_shared::EditError),
 }
 
 macro_rules! from_redb {
@@ -142,6 +146,12 @@ pub struct RecordView {
     /// Field name to value (any JSON).
     #[schema(value_type = Object)]
     pub fields: BTreeMap<FieldName, Value>,
+    /// Fields with concurrent values on record (merge rule `review`, or a
+    /// `prefer` rule that decided): field name to every candidate value.
+    /// Absent when there are none.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(value_type = Option<Object>)]
+    pub conflicts: BTreeMap<FieldName, Vec<Value>>,
 }
 
 impl RecordView {
@@ -153,6 +163,7 @@ impl RecordView {
                 .visible()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            conflicts: state.conflicts(),
         }
     }
 }
@@ -562,6 +573,7 @@ impl Store {
             let mut outbox = txn.open_table(OUTBOX)?;
             let mut meta = txn.open_table(META)?;
             let mut last_seq = meta.get(K_OUTBOX_LAST)?.map_or(0, |v| v.value());
+            let incarnation = get_u64(&meta, K_INCARNATION)?;
             for ops in requests {
                 let mut outcomes = Vec::with_capacity(ops.len());
                 for op in ops {
@@ -582,7 +594,9 @@ impl Store {
                     };
                     let (delta, outcome) = match op {
                         WriteOp::Put { fields, .. } => {
-                            let delta = state.write(fields.iter().cloned(), &version());
+                            let rule_of = |f: &FieldName| policy.field_rule(collection, f);
+                            let edits = Edit::of_fields(fields, rule_of)?;
+                            let delta = state.edit(edits, &version(), incarnation, rule_of)?;
                             let view = RecordView::of(collection, key, &state);
                             (delta, WriteOutcome::Stored(view))
                         }

@@ -7,6 +7,7 @@
 mod feed;
 mod hooks;
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
@@ -21,8 +22,9 @@ use fieldsync_http::{
     constant_time_eq, json_body, openapi_route, with_fallbacks, ErrorBody, FieldPatch, Key, Name,
 };
 use fieldsync_shared::hlc::system_now_ms;
-use fieldsync_shared::record::{parse_patch, PatchError};
+use fieldsync_shared::record::{parse_patch, Edit, PatchError};
 use fieldsync_shared::wire::{write_fits, MAX_CHANGE_BYTES};
+use fieldsync_shared::FieldRule;
 use fieldsync_shared::{
     AgentId, Change, CollectionName, FieldName, Flow, Hlc, Origin, Policy, RecordKey, RecordState,
     Seq, Value, Version,
@@ -391,6 +393,12 @@ struct RecordOut {
     /// Field name to value (any JSON).
     #[schema(value_type = Object)]
     fields: serde_json::Map<String, Value>,
+    /// Fields with concurrent values on record (merge rule `review`, or a
+    /// `prefer` rule that decided): field name to every candidate value.
+    /// Absent when there are none.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(value_type = Option<Object>)]
+    conflicts: BTreeMap<FieldName, Vec<Value>>,
 }
 
 fn view(
@@ -407,6 +415,7 @@ fn view(
             .visible()
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect(),
+        conflicts: state.conflicts(),
     }
 }
 
@@ -487,7 +496,14 @@ fn check_policy(policy: &Policy, write: &DownWrite) -> Result<(), ApiError> {
             ),
         ));
     }
-    Ok(())
+    edits_of(policy, write).map(drop)
+}
+
+/// The write's edits under its fields' merge rules: 400 when one does not
+/// fit (a value for a counter, an increment for anything else).
+fn edits_of(policy: &Policy, write: &DownWrite) -> Result<Vec<(FieldName, Edit)>, ApiError> {
+    Edit::of_fields(&write.fields, |f| policy.field_rule(&write.collection, f))
+        .map_err(|e| ApiError::bad("invalid_edit", e.to_string()))
 }
 
 /// A write that cannot win against the hub's copy.
@@ -511,7 +527,19 @@ async fn enqueue<S: HubStore>(
 ) -> Result<Enqueued, ApiError> {
     let hlc = state.hlc.clone();
     let origin = state.origin.clone();
+    let policy = state.policy.clone();
+    let batches = batches
+        .into_iter()
+        .map(|(agent, writes)| {
+            let writes = writes
+                .into_iter()
+                .map(|w| Ok((edits_of(&policy, &w)?, w)))
+                .collect::<Result<Vec<_>, ApiError>>()?;
+            Ok((agent, writes))
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
     let outcome = blocking(&state.store, move |store| {
+        let incarnation = store.incarnation()?.0;
         // The clock lock spans stamping and the commit that persists it, so the
         // persisted clock state only moves forward.
         let mut clock = hlc.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -525,38 +553,61 @@ async fn enqueue<S: HubStore>(
             // that copy holds a stamp beyond the clock's drift bound, which
             // the clock refuses to follow: such a write could not win, so it
             // is refused (409) rather than accepted and silently lost.
-            let mut copies = Vec::with_capacity(writes.len());
-            for w in &writes {
-                let copy = store.record(&agent, &w.collection, &w.key)?;
-                if let Some(v) = copy.as_ref().and_then(RecordState::max_version) {
+            // Each record's copy, read once and carried through the writes
+            // to it, so two writes to one record in one call build on each
+            // other (two increments count twice).
+            let mut copies: HashMap<(CollectionName, RecordKey), RecordState> = HashMap::new();
+            for (_, w) in &writes {
+                let at = (w.collection.clone(), w.key.clone());
+                if copies.contains_key(&at) {
+                    continue;
+                }
+                let copy = store
+                    .record(&agent, &w.collection, &w.key)?
+                    .unwrap_or_default();
+                if let Some(v) = copy.max_version() {
                     let _ = clock.observe(v.stamp, now);
                 }
-                copies.push(copy);
+                copies.insert(at, copy);
             }
             let mut changes = Vec::with_capacity(writes.len());
             let mut lost = None;
-            for (w, copy) in writes.into_iter().zip(&copies) {
+            for (edits, w) in writes {
                 let version = Version {
                     stamp: clock.tick(now),
                     origin: origin.clone(),
                 };
-                if let Some(copy) = copy {
-                    let beaten = copy.deleted.iter().any(|d| d >= &version)
-                        || w.fields.iter().any(|(f, _)| {
-                            copy.fields
+                let copy = copies
+                    .entry((w.collection.clone(), w.key.clone()))
+                    .or_default();
+                let rule_of = |f: &FieldName| policy.field_rule(&w.collection, f);
+                // A plain field whose copy holds a later stamp would not
+                // take the write; a ruled field takes it by its rule (a
+                // counter always counts; review and prefer know what the
+                // write had seen).
+                let beaten = copy.deleted.iter().any(|d| d >= &version)
+                    || w.fields.iter().any(|(f, _)| {
+                        rule_of(f) == FieldRule::LWW
+                            && copy
+                                .fields
                                 .get(f)
                                 .is_some_and(|held| held.version >= version)
-                        });
-                    if beaten {
-                        lost = Some(Lose {
-                            agent: agent.clone(),
-                            collection: w.collection,
-                            key: w.key,
-                        });
-                        break;
-                    }
+                    });
+                if beaten {
+                    lost = Some(Lose {
+                        agent: agent.clone(),
+                        collection: w.collection,
+                        key: w.key,
+                    });
+                    break;
                 }
-                let state = RecordState::default().write(w.fields, &version);
+                let Ok(state) = copy.edit(edits, &version, incarnation, rule_of) else {
+                    unreachable!("edits_of checked every edit against the same policy")
+                };
+                if state.is_empty() {
+                    // A max or min write that does not move the extreme.
+                    continue;
+                }
                 changes.push(Change {
                     collection: w.collection,
                     key: w.key,

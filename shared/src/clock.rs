@@ -67,27 +67,47 @@ pub fn restamp_shift(offset_ms: i64, now_ms: u64, newest_ms: u64) -> i64 {
 /// their logical parts. Returns whether anything changed. Keeps the canonical
 /// form (fields at or below the record tombstone are dropped).
 pub fn restamp_state(state: &mut RecordState, own: &Origin, limit_ms: u64, shift_ms: i64) -> bool {
-    let mut changed = false;
-    let mut shift = |v: &mut Version| {
-        if &v.origin == own && v.stamp.wall_ms > limit_ms {
+    let shift = |v: &mut Version| {
+        let ahead = &v.origin == own && v.stamp.wall_ms > limit_ms;
+        if ahead {
             v.stamp = Stamp::new(
                 v.stamp.wall_ms.saturating_add_signed(shift_ms),
                 v.stamp.logical,
             );
-            changed = true;
         }
+        ahead
     };
-    if let Some(d) = state.deleted.as_mut() {
-        shift(d);
+    let mut changed = state.deleted.as_mut().is_some_and(shift);
+    let mut gone = Vec::new();
+    for (name, f) in state.fields.iter_mut() {
+        let mut moved = false;
+        for v in f.versions_mut() {
+            moved |= shift(v);
+        }
+        // What the field has seen of this replica moves with its versions, or
+        // the receiver would take this replica's next writes as seen.
+        if let Some(stamp) = f.seen_mut().and_then(|s| s.0.get_mut(own)) {
+            let mut v = Version {
+                stamp: *stamp,
+                origin: own.clone(),
+            };
+            if shift(&mut v) {
+                *stamp = v.stamp;
+                moved = true;
+            }
+        }
+        if moved && !f.settle() {
+            gone.push(name.clone());
+        }
+        changed |= moved;
     }
-    for f in state.fields.values_mut() {
-        shift(&mut f.version);
+    for name in gone {
+        state.fields.remove(&name);
     }
     if changed {
-        let deleted = state.deleted.clone();
-        state
-            .fields
-            .retain(|_, f| Some(&f.version) > deleted.as_ref());
+        if let Some(deleted) = state.deleted.clone() {
+            state.fields.retain(|_, f| f.hide_before(&deleted));
+        }
     }
     changed
 }

@@ -7,7 +7,17 @@
 //! [collections.patients]
 //! direction = "up"                          # up | down | both
 //! sync = ["initials", "ward", "heart_rate"] # every other field stays local
+//!
+//! [collections.thermostat]
+//! direction = "both"
+//! sync = ["setpoint", "runtime_s", "peak_temp", "limit_max"]
+//! merge = { runtime_s = "counter", peak_temp = "max" } # default lww; also min, review
+//! prefer = { limit_max = "hub" }            # a concurrent write: this side wins
+//! history = 20                              # versions kept per record (default 10)
 //! ```
+//!
+//! The merge rules ([`crate::rules`]) must be the same on both sides: the
+//! [`Policy::fingerprint`] of them is what the two compare.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -16,6 +26,12 @@ use serde::Deserialize;
 
 use crate::id::{CollectionName, FieldName};
 use crate::record::{Change, RecordState};
+use crate::rules::{FieldRule, MergeRule, Side};
+
+/// Versions of a record kept when the policy does not say.
+pub const DEFAULT_HISTORY: u32 = 10;
+/// Most versions of a record a policy may ask to keep.
+pub const MAX_HISTORY: u32 = 1000;
 
 /// Which way a collection's permitted fields may flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -52,6 +68,10 @@ impl Direction {
 pub struct CollectionRule {
     pub direction: Direction,
     pub sync: BTreeSet<FieldName>,
+    /// Fields whose rule is not plain last-writer-wins.
+    pub fields: BTreeMap<FieldName, FieldRule>,
+    /// Versions kept per record (0: none).
+    pub history: u32,
 }
 
 /// A parsed, validated policy.
@@ -100,6 +120,11 @@ struct RawPolicy {
 struct RawRule {
     direction: Direction,
     sync: Vec<String>,
+    #[serde(default)]
+    merge: BTreeMap<String, MergeRule>,
+    #[serde(default)]
+    prefer: BTreeMap<String, Side>,
+    history: Option<u32>,
 }
 
 /// What [`Policy::filter`] lets through and what it holds back.
@@ -152,15 +177,98 @@ impl Policy {
                     return Err(invalid(key, format!("field \"{field}\" is listed twice")));
                 }
             }
+            let mut fields = BTreeMap::new();
+            for (field, merge) in rule.merge {
+                let key = format!("{key}.merge.{field}");
+                let field = FieldName::new(field).map_err(|e| invalid(key, e.to_string()))?;
+                if merge != MergeRule::Lww {
+                    fields.insert(
+                        field,
+                        FieldRule {
+                            merge,
+                            prefer: None,
+                        },
+                    );
+                }
+            }
+            for (field, side) in rule.prefer {
+                let key = format!("{key}.prefer.{field}");
+                let field =
+                    FieldName::new(field).map_err(|e| invalid(key.clone(), e.to_string()))?;
+                let entry = fields.entry(field).or_insert(FieldRule::LWW);
+                if entry.merge != MergeRule::Lww {
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "prefer decides between concurrent values of an lww field; this field merges by {}",
+                            entry.merge.name()
+                        ),
+                    ));
+                }
+                entry.prefer = Some(side);
+            }
+            let history = rule.history.unwrap_or(DEFAULT_HISTORY);
+            if history > MAX_HISTORY {
+                return Err(invalid(
+                    format!("{key}.history"),
+                    format!("at most {MAX_HISTORY} versions per record can be kept"),
+                ));
+            }
             collections.insert(
                 collection,
                 CollectionRule {
                     direction: rule.direction,
                     sync,
+                    fields,
+                    history,
                 },
             );
         }
         Ok(Self { collections })
+    }
+
+    /// How `field` of `collection` merges (plain last-writer-wins unless the
+    /// policy says otherwise; a collection the policy does not name is local
+    /// and plain).
+    pub fn field_rule(&self, collection: &CollectionName, field: &FieldName) -> FieldRule {
+        self.collections
+            .get(collection)
+            .and_then(|c| c.fields.get(field))
+            .copied()
+            .unwrap_or(FieldRule::LWW)
+    }
+
+    /// Versions of a record of `collection` to keep.
+    pub fn history(&self, collection: &CollectionName) -> u32 {
+        self.collections
+            .get(collection)
+            .map_or(DEFAULT_HISTORY, |c| c.history)
+    }
+
+    /// A digest of every merge rule (collection, field, rule, preferred side),
+    /// in hex: two replicas merge alike only if theirs are equal. Directions
+    /// and field lists are not in it: they may differ between an agent and
+    /// the hub without the replicas diverging.
+    pub fn fingerprint(&self) -> String {
+        let mut text = String::from("fieldsync-rules-v1\n");
+        for (collection, rule) in &self.collections {
+            for (field, r) in &rule.fields {
+                let prefer = match r.prefer {
+                    None => "",
+                    Some(Side::Hub) => "hub",
+                    Some(Side::Agent) => "agent",
+                };
+                text.push_str(&format!(
+                    "{collection}\t{field}\t{}\t{prefer}\n",
+                    r.merge.name()
+                ));
+            }
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+        digest.as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     /// The rule for `collection` if it may travel in direction `flow`.
@@ -249,10 +357,7 @@ mod tests {
         for f in fields {
             state.fields.insert(
                 FieldName::new(*f).unwrap(),
-                crate::record::FieldState {
-                    version: version.clone(),
-                    value: FieldValue::Set(json!("canary")),
-                },
+                crate::record::FieldState::plain(version.clone(), FieldValue::Set(json!("canary"))),
             );
         }
         if deleted {
@@ -406,5 +511,83 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("/nonexistent/policy.toml"), "{e}");
+    }
+
+    const RULED: &str = r#"
+        [collections.thermostat]
+        direction = "both"
+        sync = ["setpoint", "runtime_s", "peak_temp", "limit_max"]
+        merge = { runtime_s = "counter", peak_temp = "max", limit_max = "lww", dose = "review" }
+        prefer = { limit_max = "hub" }
+        history = 20
+    "#;
+
+    #[test]
+    fn merge_rules_prefer_and_history_are_read() {
+        let p = Policy::parse(RULED).unwrap();
+        let c = CollectionName::new("thermostat").unwrap();
+        let rule = |f: &str| p.field_rule(&c, &FieldName::new(f).unwrap());
+        assert_eq!(rule("runtime_s").merge, MergeRule::Counter);
+        assert_eq!(rule("peak_temp").merge, MergeRule::Max);
+        assert_eq!(
+            rule("dose").merge,
+            MergeRule::Review,
+            "local fields may have rules"
+        );
+        assert_eq!(
+            rule("limit_max"),
+            FieldRule {
+                merge: MergeRule::Lww,
+                prefer: Some(Side::Hub)
+            }
+        );
+        assert_eq!(rule("setpoint"), FieldRule::LWW);
+        assert_eq!(p.history(&c), 20);
+        let other = CollectionName::new("patients").unwrap();
+        assert_eq!(p.history(&other), DEFAULT_HISTORY);
+    }
+
+    #[test]
+    fn bad_rules_are_refused_with_their_key() {
+        let e = err("[collections.p]\ndirection = \"up\"\nsync = []\nmerge = { x = \"sum\" }");
+        assert!(e.contains("sum") && e.contains("counter"), "{e}");
+        let e = err("[collections.p]\ndirection = \"up\"\nsync = []\nmerge = { x = \"counter\" }\nprefer = { x = \"hub\" }");
+        assert!(
+            e.contains("collections.p.prefer.x") && e.contains("counter"),
+            "{e}"
+        );
+        let e =
+            err("[collections.p]\ndirection = \"up\"\nsync = []\nprefer = { x = \"operator\" }");
+        assert!(e.contains("operator"), "{e}");
+        let e = err("[collections.p]\ndirection = \"up\"\nsync = []\nhistory = 5000");
+        assert!(e.contains("collections.p.history"), "{e}");
+        let e = err("[collections.p]\ndirection = \"up\"\nsync = []\nmerge = { \"\" = \"max\" }");
+        assert!(e.contains("collections.p.merge."), "{e}");
+    }
+
+    #[test]
+    fn the_fingerprint_follows_the_rules_and_nothing_else() {
+        let base = Policy::parse(RULED).unwrap().fingerprint();
+        assert_eq!(base.len(), 32);
+        // Other field lists and directions: same rules, same fingerprint.
+        let narrower = RULED
+            .replace("direction = \"both\"", "direction = \"up\"")
+            .replace("\"setpoint\", ", "");
+        assert_eq!(Policy::parse(&narrower).unwrap().fingerprint(), base);
+        // An explicit lww is the default.
+        let explicit = RULED.replace(", limit_max = \"lww\"", "");
+        assert_eq!(Policy::parse(&explicit).unwrap().fingerprint(), base);
+        for changed in [
+            RULED.replace("\"max\"", "\"min\""),
+            RULED.replace("\"hub\"", "\"agent\""),
+            RULED.replace("runtime_s = \"counter\", ", ""),
+        ] {
+            assert_ne!(
+                Policy::parse(&changed).unwrap().fingerprint(),
+                base,
+                "{changed}"
+            );
+        }
+        assert_ne!(Policy::parse(BRIEF).unwrap().fingerprint(), base);
     }
 }

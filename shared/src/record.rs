@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::hlc::Stamp;
 use crate::id::{CollectionName, FieldName, IdError, Origin, RecordKey};
 use crate::merge::Merge;
+use crate::rules::{Extreme, FieldRule, MergeRule, RuleState};
 
 /// A field's value: anything JSON can hold.
 pub type Value = serde_json::Value;
@@ -107,10 +108,160 @@ pub enum FieldValue {
 }
 
 /// One field of a record: its content and the version of the write that set it.
+///
+/// A field with a merge rule (see [`crate::rules`]) also carries the rule's
+/// state; `version` and `value` are then its view (the greatest version it
+/// holds and the value a reader sees), recomputed on every merge. A plain
+/// last-writer-wins field encodes exactly as before rules existed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FieldState {
     pub version: Version,
     pub value: FieldValue,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<RuleState>,
+}
+
+impl FieldState {
+    /// A plain last-writer-wins field.
+    pub fn plain(version: Version, value: FieldValue) -> Self {
+        Self {
+            version,
+            value,
+            rule: None,
+        }
+    }
+
+    /// A ruled field with its view; `None` when the state holds nothing.
+    fn ruled(rule: RuleState) -> Option<Self> {
+        let (version, value) = rule.view()?;
+        Some(Self {
+            version,
+            value,
+            rule: Some(rule),
+        })
+    }
+
+    /// Recomputes the view of a ruled field; false when it holds nothing.
+    fn refresh(&mut self) -> bool {
+        let Some(rule) = &self.rule else { return true };
+        if rule.is_void() {
+            return false;
+        }
+        match rule.view() {
+            Some((version, value)) => {
+                self.version = version;
+                self.value = value;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Hides what a record delete at `deleted` hides; false when nothing is left.
+    pub(crate) fn hide_before(&mut self, deleted: &Version) -> bool {
+        match self.rule.as_mut() {
+            None => &self.version > deleted,
+            Some(rule) => {
+                rule.hide_before(deleted);
+                self.refresh()
+            }
+        }
+    }
+
+    /// Every version the field holds (for a re-stamp), then [`Self::settle`].
+    pub(crate) fn versions_mut(&mut self) -> Vec<&mut Version> {
+        match self.rule.as_mut() {
+            None => vec![&mut self.version],
+            Some(rule) => rule.versions_mut(),
+        }
+    }
+
+    /// What a `review` or `prefer` field has seen.
+    pub(crate) fn seen_mut(&mut self) -> Option<&mut crate::rules::Seen> {
+        self.rule.as_mut().and_then(RuleState::seen_mut)
+    }
+
+    /// Restores the canonical form after [`Self::versions_mut`] moved versions.
+    pub(crate) fn settle(&mut self) -> bool {
+        if let Some(rule) = self.rule.as_mut() {
+            rule.normalise();
+        }
+        self.refresh()
+    }
+
+    /// The candidates of a field whose concurrent writes are kept (`review`,
+    /// `prefer`): more than one means a conflict.
+    pub fn candidates(&self) -> &[(Version, FieldValue)] {
+        self.rule.as_ref().map_or(&[], RuleState::candidates)
+    }
+}
+
+/// One field's part of a write, as a local writer asks for it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Edit {
+    /// Sets the value.
+    Set(Value),
+    /// Deletes the field (a counter: resets it to zero).
+    Delete,
+    /// Adds to a counter (negative subtracts).
+    Add(i64),
+}
+
+impl Edit {
+    /// The edit a patch asks of a field: `null` deletes, an object whose only
+    /// member is `"$inc"` with an integer adds (negative subtracts), anything
+    /// else is the value to set.
+    pub fn of_patch(value: Option<&Value>) -> Result<Edit, EditError> {
+        let Some(value) = value else {
+            return Ok(Edit::Delete);
+        };
+        match value.as_object() {
+            Some(map) if map.len() == 1 && map.contains_key("$inc") => map["$inc"]
+                .as_i64()
+                .map(Edit::Add)
+                .ok_or(EditError::BadIncrement),
+            _ => Ok(Edit::Set(value.clone())),
+        }
+    }
+
+    /// The edits of a patch ([`parse_patch`]), each checked against its
+    /// field's rule; nothing is written when one does not fit.
+    pub fn of_fields(
+        fields: &[(FieldName, Option<Value>)],
+        rule_of: impl Fn(&FieldName) -> FieldRule,
+    ) -> Result<Vec<(FieldName, Edit)>, EditError> {
+        fields
+            .iter()
+            .map(|(name, value)| {
+                let edit = Edit::of_patch(value.as_ref())?;
+                edit.fits(name, rule_of(name))?;
+                Ok((name.clone(), edit))
+            })
+            .collect()
+    }
+
+    /// Whether the edit fits field `name` under `rule`: counters take
+    /// additions (and deletes), other fields values (and deletes).
+    pub fn fits(&self, name: &FieldName, rule: FieldRule) -> Result<(), EditError> {
+        let field = || name.as_str().to_owned();
+        match (self, rule.merge == MergeRule::Counter) {
+            (Edit::Add(_), false) => Err(EditError::NotACounter { field: field() }),
+            (Edit::Set(_), true) => Err(EditError::CounterNeedsIncrement { field: field() }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Why an edit does not fit its field's rule.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EditError {
+    #[error("field {field:?} is a counter: send {{\"$inc\": n}}, not a value")]
+    CounterNeedsIncrement { field: String },
+    #[error("field {field:?} is not a counter; only counters take {{\"$inc\": n}}")]
+    NotACounter { field: String },
+    #[error("\"$inc\" takes an integer (from -2^63 to 2^63-1)")]
+    BadIncrement,
 }
 
 /// A record's replicated state, or a change to one (a change carries only the
@@ -134,6 +285,27 @@ impl RecordState {
         })
     }
 
+    /// Fields with concurrent writes on record (`review`, and `prefer` where
+    /// the rule decided): each with every candidate's value, oldest version
+    /// first (`null` for a delete).
+    pub fn conflicts(&self) -> BTreeMap<FieldName, Vec<Value>> {
+        self.fields
+            .iter()
+            .filter(|(_, f)| f.candidates().len() > 1)
+            .map(|(name, f)| {
+                let values = f
+                    .candidates()
+                    .iter()
+                    .map(|(_, v)| match v {
+                        FieldValue::Set(v) => v.clone(),
+                        FieldValue::Deleted => Value::Null,
+                    })
+                    .collect();
+                (name.clone(), values)
+            })
+            .collect()
+    }
+
     /// Whether a reader sees the record at all (it has a set field).
     pub fn exists(&self) -> bool {
         self.visible().next().is_some()
@@ -154,7 +326,7 @@ impl RecordState {
                 .map(|(name, value)| {
                     let value = value.map_or(FieldValue::Deleted, FieldValue::Set);
                     let version = version.clone();
-                    (name, FieldState { version, value })
+                    (name, FieldState::plain(version, value))
                 })
                 .collect(),
         };
@@ -162,11 +334,94 @@ impl RecordState {
         change
     }
 
+    /// Writes `edits` at `version` under each field's rule (`rule_of`), as the
+    /// replica whose store incarnation is `incarnation`, and returns the change
+    /// to send. Nothing changes when an edit does not fit its rule. A `max` or
+    /// `min` write that would not move the extreme is left out of the change
+    /// (it changes nothing anywhere), so the change may hold no field.
+    pub fn edit(
+        &mut self,
+        edits: Vec<(FieldName, Edit)>,
+        version: &Version,
+        incarnation: u64,
+        rule_of: impl Fn(&FieldName) -> FieldRule,
+    ) -> Result<RecordState, EditError> {
+        for (name, edit) in &edits {
+            edit.fits(name, rule_of(name))?;
+        }
+        let mut change = RecordState::default();
+        for (name, edit) in edits {
+            let rule = rule_of(&name);
+            let Some(empty) = RuleState::empty(rule) else {
+                let value = match edit {
+                    Edit::Set(v) => FieldValue::Set(v),
+                    _ => FieldValue::Deleted,
+                };
+                change
+                    .fields
+                    .insert(name, FieldState::plain(version.clone(), value));
+                continue;
+            };
+            // The field's current state of this rule's kind (or none yet).
+            let current = self
+                .fields
+                .get(&name)
+                .and_then(|f| f.rule.clone())
+                .filter(|r| std::mem::discriminant(r) == std::mem::discriminant(&empty))
+                .unwrap_or(empty);
+            let written = match (current, edit) {
+                // Adding nothing changes nothing anywhere.
+                (RuleState::Counter(_), Edit::Add(0)) => continue,
+                (RuleState::Counter(c), Edit::Add(n)) => {
+                    RuleState::Counter(c.add(n, version, incarnation))
+                }
+                (RuleState::Counter(c), _) => RuleState::Counter(c.reset(version)),
+                (RuleState::Max(e), Edit::Set(v))
+                    if e.holds_at_least(&v, std::cmp::Ordering::Greater) =>
+                {
+                    continue
+                }
+                (RuleState::Min(e), Edit::Set(v))
+                    if e.holds_at_least(&v, std::cmp::Ordering::Less) =>
+                {
+                    continue
+                }
+                (RuleState::Max(_), edit) => RuleState::Max(Extreme::written(version, edit)),
+                (RuleState::Min(_), edit) => RuleState::Min(Extreme::written(version, edit)),
+                (RuleState::Review(c), edit) => RuleState::Review(c.write(version, edit.into())),
+                (RuleState::PreferHub(c), edit) => {
+                    RuleState::PreferHub(c.write(version, edit.into()))
+                }
+                (RuleState::PreferAgent(c), edit) => {
+                    RuleState::PreferAgent(c.write(version, edit.into()))
+                }
+            };
+            if let Some(field) = FieldState::ruled(written) {
+                change.fields.insert(name, field);
+            }
+        }
+        self.merge(&change);
+        Ok(change)
+    }
+
     /// Deletes the whole record at `version` and returns the change to send.
+    /// A counter is reset rather than hidden: the change carries what this
+    /// replica has counted, so increments it has not seen still count.
     pub fn delete(&mut self, version: &Version) -> RecordState {
+        let fields = self
+            .fields
+            .iter()
+            .filter_map(|(name, f)| match &f.rule {
+                Some(RuleState::Counter(c)) => {
+                    let reset = FieldState::ruled(RuleState::Counter(c.reset(version)))?;
+                    Some((name.clone(), reset))
+                }
+                _ => None,
+            })
+            .collect();
         let change = RecordState {
             deleted: Some(version.clone()),
-            fields: BTreeMap::new(),
+            fields,
         };
         self.merge(&change);
         change
@@ -188,33 +443,56 @@ impl RecordState {
 }
 
 impl Merge for RecordState {
-    /// Record tombstone: the later delete wins. Fields: per-field last-writer-wins
-    /// by [`Version`]; fields at or below the record tombstone are dropped.
-    /// Both are joins on totally ordered versions, and dropping dominated fields
-    /// commutes with them, so the laws hold.
+    /// Record tombstone: the later delete wins. Plain fields: per-field
+    /// last-writer-wins by [`Version`]; ruled fields: their rule's join
+    /// ([`crate::rules`]), a ruled state replacing a plain one. What a record
+    /// tombstone hides is dropped (a counter is reset by the delete's own
+    /// reset instead). Each part is a join and hiding commutes with them, so
+    /// the laws hold.
     fn merge(&mut self, other: &Self) -> bool {
         let mut changed = false;
         if other.deleted > self.deleted {
             self.deleted.clone_from(&other.deleted);
-            let deleted = &self.deleted;
-            self.fields
-                .retain(|_, f| Some(&f.version) > deleted.as_ref());
+            if let Some(deleted) = &self.deleted {
+                self.fields.retain(|_, f| f.hide_before(deleted));
+            }
             changed = true;
         }
+        let deleted = self.deleted.clone();
         for (name, theirs) in &other.fields {
-            if Some(&theirs.version) <= self.deleted.as_ref() {
+            let theirs = match &theirs.rule {
+                None if Some(&theirs.version) <= deleted.as_ref() => continue,
+                None => std::borrow::Cow::Borrowed(theirs),
+                Some(_) => {
+                    let mut t = theirs.clone();
+                    if deleted.as_ref().is_some_and(|d| !t.hide_before(d)) {
+                        continue;
+                    }
+                    std::borrow::Cow::Owned(t)
+                }
+            };
+            let Some(ours) = self.fields.get_mut(name) else {
+                self.fields.insert(name.clone(), theirs.into_owned());
+                changed = true;
                 continue;
-            }
-            match self.fields.get_mut(name) {
-                Some(ours) if !wins(theirs, ours) => {}
-                Some(ours) => {
-                    *ours = theirs.clone();
+            };
+            let (our_rank, their_rank) = (
+                RuleState::rank_of(ours.rule.as_ref()),
+                RuleState::rank_of(theirs.rule.as_ref()),
+            );
+            if their_rank > our_rank {
+                *ours = theirs.into_owned();
+                changed = true;
+            } else if their_rank < our_rank {
+                // A lesser kind (a state from before a rule change) is ignored.
+            } else if let (Some(mine), Some(their_rule)) = (ours.rule.as_mut(), &theirs.rule) {
+                if mine.join(their_rule) {
+                    ours.refresh();
                     changed = true;
                 }
-                None => {
-                    self.fields.insert(name.clone(), theirs.clone());
-                    changed = true;
-                }
+            } else if wins(&theirs, ours) {
+                *ours = theirs.into_owned();
+                changed = true;
             }
         }
         changed

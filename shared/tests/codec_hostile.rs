@@ -72,10 +72,7 @@ fn change_with(field: &str, value: Value) -> Change {
     let mut fields = BTreeMap::new();
     fields.insert(
         FieldName::new(field).unwrap(),
-        FieldState {
-            version: version(1_000, "gw-1"),
-            value: FieldValue::Set(value),
-        },
+        FieldState::plain(version(1_000, "gw-1"), FieldValue::Set(value)),
     );
     Change {
         collection: CollectionName::new("patients").unwrap(),

@@ -144,10 +144,7 @@ fn version(wall_ms: u64, logical: u32, origin: &str) -> Version {
 }
 
 fn set(v: &Version, value: serde_json::Value) -> FieldState {
-    FieldState {
-        version: v.clone(),
-        value: FieldValue::Set(value),
-    }
+    FieldState::plain(v.clone(), FieldValue::Set(value))
 }
 
 fn fields<const N: usize>(items: [(&str, FieldState); N]) -> BTreeMap<FieldName, FieldState> {
@@ -217,13 +214,7 @@ fn batch_entries() -> Vec<Entry> {
                         ("note", set(&w, json!(null))),
                         ("tags", set(&w, json!(["a", 1, [], {}]))),
                         ("vitals", set(&w, json!({"bp": {"sys": 120, "dia": 80}}))),
-                        (
-                            "old",
-                            FieldState {
-                                version: w.clone(),
-                                value: FieldValue::Deleted,
-                            },
-                        ),
+                        ("old", FieldState::plain(w.clone(), FieldValue::Deleted)),
                     ]),
                 },
             },
@@ -381,10 +372,7 @@ fn record_state() {
             ),
             (
                 "setpoint",
-                FieldState {
-                    version: version(1_733_000_000_300, 0, "gw-01"),
-                    value: FieldValue::Deleted,
-                },
+                FieldState::plain(version(1_733_000_000_300, 0, "gw-01"), FieldValue::Deleted),
             ),
         ]),
     };

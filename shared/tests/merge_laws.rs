@@ -146,10 +146,7 @@ fn model(salt: u64, ops: &[Op]) -> RecordState {
         .filter(|(_, v)| Some(&version(*v)) > deleted.as_ref())
         .map(|(f, v)| {
             let value = content(salt, f, v).map_or(FieldValue::Deleted, FieldValue::Set);
-            let state = FieldState {
-                version: version(v),
-                value,
-            };
+            let state = FieldState::plain(version(v), value);
             (field(f), state)
         })
         .collect();
@@ -227,7 +224,7 @@ proptest! {
         for (f, v) in stale {
             let v = if version(v) <= deleted { v } else { del };
             let value = content(salt, f, v).map_or(FieldValue::Deleted, FieldValue::Set);
-            raw.fields.insert(field(f), FieldState { version: version(v), value });
+            raw.fields.insert(field(f), FieldState::plain(version(v), value));
         }
         let canonical = RecordState { deleted: Some(deleted), fields: BTreeMap::new() };
         let (mut via_raw, mut via_canonical) = (s[0].clone(), s[0].clone());

@@ -1272,10 +1272,10 @@ impl Sim {
                     Some(f) => {
                         one.fields.insert(
                             f.clone(),
-                            fieldsync_shared::FieldState {
-                                version: w.version.clone(),
-                                value: FieldValue::Deleted,
-                            },
+                            fieldsync_shared::FieldState::plain(
+                                w.version.clone(),
+                                FieldValue::Deleted,
+                            ),
                         );
                     }
                 }

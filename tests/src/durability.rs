@@ -48,13 +48,18 @@ pub struct Fleet {
 impl Fleet {
     /// Makes a PKI with `fieldsync-hub certs init` and starts a hub.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with_policy(FLEET_POLICY)
+    }
+
+    /// [`Fleet::start`] with another policy (the agents get the same one).
+    pub fn start_with_policy(policy: &str) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("fieldsync-durability-")
             .tempdir()?;
         let pki_dir = dir.path().join("pki");
         std::fs::create_dir(&pki_dir)?;
         let pki = Pki::create(&pki_dir)?;
-        let hub = TempHub::start(dir.path(), &pki, FLEET_POLICY)?;
+        let hub = TempHub::start(dir.path(), &pki, policy)?;
         Ok(Self {
             hub,
             pki,

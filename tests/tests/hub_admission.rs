@@ -169,10 +169,7 @@ fn change(agent: &str, key: &str, value: u64) -> Change {
     let mut state = RecordState::default();
     state.fields.insert(
         name(FieldName::new, "ward"),
-        FieldState {
-            version,
-            value: FieldValue::Set(json!(value)),
-        },
+        FieldState::plain(version, FieldValue::Set(json!(value))),
     );
     Change {
         collection: name(CollectionName::new, "patients"),

@@ -159,10 +159,7 @@ fn change(agent: &str, collection: &str, key: &str, fields: &[(&str, Value)]) ->
     for (field, value) in fields {
         state.fields.insert(
             name(FieldName::new, field),
-            FieldState {
-                version: version.clone(),
-                value: FieldValue::Set(value.clone()),
-            },
+            FieldState::plain(version.clone(), FieldValue::Set(value.clone())),
         );
     }
     Change {
