@@ -428,6 +428,9 @@ struct Status {
     clock_refused: u64,
     /// The hub refused this store's identity (another store claims it).
     identity_conflict: bool,
+    /// The hub refused the link because this agent's merge rules (the
+    /// policy's `merge` and `prefer` tables) are not the hub's.
+    rules_mismatch: bool,
 }
 
 /// Identity, link state, and what waits in the outbox (the first few
@@ -479,6 +482,7 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Status>, ApiError>
         resync_running: link.resyncing.load(Ordering::Relaxed),
         clock_refused: link.clock_refused.load(Ordering::Relaxed),
         identity_conflict: link.identity_refused.load(Ordering::Relaxed),
+        rules_mismatch: link.rules_refused.load(Ordering::Relaxed),
     }))
 }
 

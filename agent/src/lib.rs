@@ -67,7 +67,10 @@ pub async fn serve(
     let tls = config.hub.as_ref().map(link::load_tls).transpose()?;
     let store = Store::open(&config.data_dir, &config.id)?;
     let policy = Arc::new(config.policy.clone());
-    let session = SessionConfig::default();
+    let session = SessionConfig {
+        rules: policy.rules_fingerprint(),
+        ..SessionConfig::default()
+    };
     let clock = CorrectedClock::new(writer::system_clock(), store.clock_offset()?);
     let (writer, committer) = Writer::start(WriterSetup {
         store: store.clone(),

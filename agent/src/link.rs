@@ -82,6 +82,8 @@ pub struct LinkStatus {
     pub clock_refused: AtomicU64,
     /// The hub refused this store's identity (cloned certificate).
     pub identity_refused: AtomicBool,
+    /// The hub refused the link: this agent's merge rules are not the hub's.
+    pub rules_refused: AtomicBool,
     /// Upstream batches published to the hub (resends included).
     pub batches_sent: AtomicU64,
     /// Moves whenever the hub acknowledges outbox entries or a downstream
@@ -287,8 +289,12 @@ pub async fn supervise(
             }
             Err(LinkError::IdentityRefused) => {
                 let retry = Duration::from_millis(setup.session.refused_retry_ms);
-                tracing::error!(retry_in = ?retry, "hub link stopped: the hub refused this store's identity");
-                setup.status.identity_refused.store(true, Ordering::Relaxed);
+                if setup.status.rules_refused.load(Ordering::Relaxed) {
+                    tracing::error!(retry_in = ?retry, rules = %setup.session.rules, "hub link stopped: the hub runs other merge rules; run one policy on both");
+                } else {
+                    tracing::error!(retry_in = ?retry, "hub link stopped: the hub refused this store's identity");
+                    setup.status.identity_refused.store(true, Ordering::Relaxed);
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(retry) => {}
@@ -608,6 +614,12 @@ impl Driver<'_> {
             }
             Report::PeerError { code } => tracing::debug!(?code, "the hub reported an error"),
             Report::Duplicate => tracing::debug!("a downstream batch came again; acknowledged again"),
+            Report::RulesRefused => {
+                self.setup.status.rules_refused.store(true, Ordering::Relaxed);
+                tracing::error!(
+                    "the hub refused this agent's merge rules (the policy's merge and prefer tables differ from the hub's); nothing is synced until both run one policy"
+                )
+            }
             Report::IdentityRefused => tracing::error!(
                 "the hub refused this agent's store: another device uses this agent's certificate, or this store was replaced earlier; nothing is synced until an operator resolves it"
             ),

@@ -18,7 +18,7 @@ use fieldsync_shared::hlc::system_now_ms;
 use fieldsync_shared::session::{
     error, Action, Mark, Now, Report, ResyncReason, Session, SessionConfig,
 };
-use fieldsync_shared::wire::{Envelope, ErrorCode, Message, MAX_MESSAGE_BYTES};
+use fieldsync_shared::wire::{Envelope, ErrorCode, ErrorMsg, Message, MAX_MESSAGE_BYTES};
 use fieldsync_shared::{AgentId, Change, Flow, Hlc, Incarnation, Origin, Policy, Seq};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -478,6 +478,22 @@ impl<S: HubStore> Engine<S> {
                     }
                     l.session = Some(session);
                 }
+                Err(
+                    refusal @ Message::Error(ErrorMsg {
+                        code: ErrorCode::RulesMismatch,
+                        ..
+                    }),
+                ) => {
+                    Metrics::inc(&self.metrics.rules_mismatches);
+                    tracing::warn!(
+                        %agent,
+                        agent_rules = %hello.rules,
+                        hub_rules = %self.session.rules,
+                        "refused a hello: the agent's merge rules are not the hub's (run one policy on both)"
+                    );
+                    l.session = None;
+                    group.reply(&outlet, agent, refusal);
+                }
                 Err(refusal) => {
                     Metrics::inc(&self.metrics.identity_conflicts);
                     tracing::warn!(
@@ -628,7 +644,7 @@ impl<S: HubStore> Engine<S> {
             Report::PeerError { code } => {
                 tracing::debug!(%agent, ?code, "the agent reported an error")
             }
-            Report::IdentityRefused => {}
+            Report::IdentityRefused | Report::RulesRefused => {}
             Report::Duplicate => Metrics::inc(&self.metrics.upstream_duplicates),
         }
     }

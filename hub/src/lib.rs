@@ -168,7 +168,10 @@ pub async fn serve_with_store<S: HubStore>(
         policy: policy.clone(),
         hlc: hlc.clone(),
         metrics: metrics.clone(),
-        session: SessionConfig::default(),
+        session: SessionConfig {
+            rules: policy.rules_fingerprint(),
+            ..SessionConfig::default()
+        },
         incarnation: store.incarnation()?,
         origin: origin.clone(),
     };

@@ -158,6 +158,8 @@ counters!(
     resyncs_received,
     /// Hellos refused because another store claims the agent's identity.
     identity_conflicts,
+    /// Hellos refused because the agent's merge rules are not the hub's.
+    rules_mismatches,
     /// Hellos from agents whose store is new to the hub (first contact or re-imaged).
     incarnations_replaced,
     /// Messages dropped because their connection was already gone.

@@ -473,6 +473,7 @@ impl Agent {
             down: self.down,
             time_ms: system_now_ms(),
             correction_ms: 0,
+            rules: Default::default(),
         })
     }
 

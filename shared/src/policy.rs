@@ -17,7 +17,7 @@
 //! ```
 //!
 //! The merge rules ([`crate::rules`]) must be the same on both sides: the
-//! [`Policy::fingerprint`] of them is what the two compare.
+//! [`Policy::rules_fingerprint`] of them is what the two compare.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -26,7 +26,7 @@ use serde::Deserialize;
 
 use crate::id::{CollectionName, FieldName};
 use crate::record::{Change, RecordState};
-use crate::rules::{FieldRule, MergeRule, Side};
+use crate::rules::{FieldRule, Fingerprint, MergeRule, Side};
 
 /// Versions of a record kept when the policy does not say.
 pub const DEFAULT_HISTORY: u32 = 10;
@@ -249,7 +249,10 @@ impl Policy {
     /// in hex: two replicas merge alike only if theirs are equal. Directions
     /// and field lists are not in it: they may differ between an agent and
     /// the hub without the replicas diverging.
-    pub fn fingerprint(&self) -> String {
+    pub fn rules_fingerprint(&self) -> Fingerprint {
+        if self.collections.values().all(|c| c.fields.is_empty()) {
+            return Fingerprint::default();
+        }
         let mut text = String::from("fieldsync-rules-v1\n");
         for (collection, rule) in &self.collections {
             for (field, r) in &rule.fields {
@@ -265,10 +268,9 @@ impl Policy {
             }
         }
         let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
-        digest.as_ref()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        let mut bytes = [0; 16];
+        bytes.copy_from_slice(&digest.as_ref()[..16]);
+        Fingerprint(bytes)
     }
 
     /// The rule for `collection` if it may travel in direction `flow`.
@@ -567,27 +569,28 @@ mod tests {
 
     #[test]
     fn the_fingerprint_follows_the_rules_and_nothing_else() {
-        let base = Policy::parse(RULED).unwrap().fingerprint();
-        assert_eq!(base.len(), 32);
+        let fp = |text: &str| Policy::parse(text).unwrap().rules_fingerprint();
+        let base = fp(RULED);
+        assert_eq!(base.to_string().len(), 32);
+        assert!(
+            fp(BRIEF).is_none(),
+            "no rules: the fingerprint of a hello from before rules"
+        );
         // Other field lists and directions: same rules, same fingerprint.
         let narrower = RULED
             .replace("direction = \"both\"", "direction = \"up\"")
             .replace("\"setpoint\", ", "");
-        assert_eq!(Policy::parse(&narrower).unwrap().fingerprint(), base);
+        assert_eq!(fp(&narrower), base);
         // An explicit lww is the default.
         let explicit = RULED.replace(", limit_max = \"lww\"", "");
-        assert_eq!(Policy::parse(&explicit).unwrap().fingerprint(), base);
+        assert_eq!(fp(&explicit), base);
         for changed in [
             RULED.replace("\"max\"", "\"min\""),
             RULED.replace("\"hub\"", "\"agent\""),
             RULED.replace("runtime_s = \"counter\", ", ""),
         ] {
-            assert_ne!(
-                Policy::parse(&changed).unwrap().fingerprint(),
-                base,
-                "{changed}"
-            );
+            assert_ne!(fp(&changed), base, "{changed}");
         }
-        assert_ne!(Policy::parse(BRIEF).unwrap().fingerprint(), base);
+        assert_ne!(fp(BRIEF), base);
     }
 }

@@ -53,6 +53,30 @@ impl Side {
     }
 }
 
+/// A digest of a policy's merge rules ([`crate::Policy::rules_fingerprint`]):
+/// an agent sends it in its hello and the hub refuses a link whose rules are
+/// not its own. All zeros means "no rules" (every field last-writer-wins), which
+/// is also what a hello from before rules existed says.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Fingerprint(pub [u8; 16]);
+
+impl Fingerprint {
+    /// No rules at all.
+    pub fn is_none(&self) -> bool {
+        self.0 == [0; 16]
+    }
+}
+
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_none() {
+            return f.write_str("none");
+        }
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
 /// How concurrent values of a field merge (the policy's `merge` table).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::id::{AgentId, CollectionName, RecordKey};
 use crate::record::Change;
+use crate::rules::Fingerprint;
 use crate::wire::{
     Ack, Batch, Entry, ErrorCode, ErrorMsg, Hello, Message, Snapshot, SnapshotAck, Time, Welcome,
 };
@@ -139,6 +140,9 @@ pub struct SessionConfig {
     /// Agent: how often it reports its sync health to a hub that takes
     /// reports (the first right after the welcome); 0: never.
     pub health_interval_ms: u64,
+    /// The fingerprint of this side's merge rules: the hub refuses a hello
+    /// whose rules differ.
+    pub rules: Fingerprint,
 }
 
 /// What the agent's driver measures of its outbox for a health report.
@@ -161,6 +165,7 @@ impl Default for SessionConfig {
             clock_interval_ms: 60_000,
             refused_retry_ms: 300_000,
             health_interval_ms: 10_000,
+            rules: Fingerprint::default(),
         }
     }
 }
@@ -264,6 +269,8 @@ pub enum Report {
     /// The hub refused this agent's store identity (cloned certificate, or a
     /// store replaced earlier that came back).
     IdentityRefused,
+    /// The hub refused the link: this agent's merge rules are not the hub's.
+    RulesRefused,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -701,6 +708,16 @@ impl Session {
         now: Now,
         cfg: SessionConfig,
     ) -> Result<(Self, Option<Identity>), Message> {
+        if hello.rules != cfg.rules {
+            return Err(error(
+                ErrorCode::RulesMismatch,
+                &format!(
+                    "the agent merges under rules {}, the hub under {}: run one policy (its merge and prefer tables) on both; refused",
+                    hello.rules, cfg.rules
+                ),
+                None,
+            ));
+        }
         let changed = match identity.admit(hello.incarnation, live) {
             Admission::Known => None,
             Admission::Replaced(next) => Some(next),
@@ -807,6 +824,7 @@ impl Session {
             down: self.receiver.cursor,
             time_ms: now.wall_ms,
             correction_ms: self.correction_ms,
+            rules: self.cfg.rules,
         })));
     }
 
@@ -1252,8 +1270,12 @@ impl Session {
                 self.sender.reset_flight();
                 self.sender.state = SendState::Paused;
             }
-            ErrorCode::IdentityConflict if self.role == Role::Agent => {
-                self.push(Action::Report(Report::IdentityRefused));
+            ErrorCode::IdentityConflict | ErrorCode::RulesMismatch if self.role == Role::Agent => {
+                self.push(Action::Report(if e.code == ErrorCode::RulesMismatch {
+                    Report::RulesRefused
+                } else {
+                    Report::IdentityRefused
+                }));
                 self.sender.stop();
                 self.receiver.peer = None;
                 self.link = LinkState::Refused;

@@ -10,6 +10,7 @@ use crate::policy::Flow;
 use crate::record::{
     value_depth, Change, FieldValue, RecordState, Value, Version, MAX_VALUE_DEPTH,
 };
+use crate::rules::Fingerprint;
 use crate::session::{Cursor, Incarnation, Mark, Seq};
 
 /// The envelope version this build writes and reads.
@@ -130,6 +131,10 @@ pub struct Hello {
     /// earlier welcomes): the device clock's skew is `-correction_ms` plus
     /// what remains between `time_ms` and the hub's clock.
     pub correction_ms: i64,
+    /// The fingerprint of the agent's merge rules. Encoded only when it has
+    /// rules, so a hello without any is byte for byte what it was before.
+    #[serde(default, skip_serializing_if = "Fingerprint::is_none")]
+    pub rules: Fingerprint,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -242,6 +247,10 @@ pub enum ErrorCode {
     /// The hub refused this agent's store identity: another store uses the
     /// same certificate, or a store that was replaced came back.
     IdentityConflict,
+    /// The agent's merge rules are not the hub's (their fingerprints
+    /// differ): syncing would let the replicas diverge. Refused until both
+    /// run one policy.
+    RulesMismatch,
 }
 
 /// Why a decoded message is not acceptable.

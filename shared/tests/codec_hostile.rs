@@ -127,6 +127,7 @@ fn valid_envelopes() -> Vec<Envelope> {
             },
             time_ms: 1_733_000_000_000,
             correction_ms: -3_600_000,
+            rules: Default::default(),
         })),
         Envelope::new(Message::Welcome(Welcome {
             incarnation: Incarnation(5),
@@ -426,6 +427,7 @@ fn invalid_ids_inside_a_message_are_malformed() {
         down: Cursor::default(),
         time_ms: 0,
         correction_ms: 0,
+        rules: Default::default(),
     })));
     match codec::decode(&patch(&hello, "a-b", "a/b")) {
         Err(CodecError::Malformed(m)) => assert!(m.contains("agent id"), "{m}"),

@@ -71,7 +71,7 @@ const V1_FIXTURES: [&str; 5] = ["hello", "welcome", "batch", "ack", "error"];
 /// Every fixture this file encodes and decodes. A fixture on disk that is not
 /// listed here or in [`V1_FIXTURES`] fails `no_fixture_is_orphaned`: fixtures
 /// are never dropped.
-const FIXTURES: [&str; 11] = [
+const FIXTURES: [&str; 13] = [
     "hello.v2",
     "welcome.v2",
     "batch.v2",
@@ -83,6 +83,8 @@ const FIXTURES: [&str; 11] = [
     "record_state",
     "welcome_health.v2",
     "health.v2",
+    "hello_rules.v2",
+    "record_state_rules",
 ];
 
 /// Compares `encoded` with the fixture `name` and decodes the fixture back to
@@ -170,6 +172,7 @@ fn hello() {
             },
             time_ms: 1_733_000_000_000,
             correction_ms: -172_800_000,
+            rules: Default::default(),
         }),
     );
 }
@@ -439,6 +442,7 @@ fn code_name(code: ErrorCode) -> &'static str {
         ErrorCode::HelloFirst => "HelloFirst",
         ErrorCode::ClockAhead => "ClockAhead",
         ErrorCode::IdentityConflict => "IdentityConflict",
+        ErrorCode::RulesMismatch => "RulesMismatch",
     }
 }
 
@@ -454,6 +458,7 @@ fn every_error_code_is_its_name_as_text() {
         ErrorCode::HelloFirst,
         ErrorCode::ClockAhead,
         ErrorCode::IdentityConflict,
+        ErrorCode::RulesMismatch,
     ] {
         let name = code_name(code);
         let mut expected = vec![0x60 + u8::try_from(name.len()).unwrap()];
@@ -488,4 +493,75 @@ fn hex_helpers_round_trip() {
     let bytes: Vec<u8> = (0..=255).collect();
     assert_eq!(hex_decode(&hex_lines(&bytes)), bytes);
     assert_eq!(hex_decode("0A ff\n10"), [0x0a, 0xff, 0x10]);
+}
+
+/// A hello from an agent with merge rules carries their fingerprint (a hello
+/// without rules leaves it out: `hello.v2` is unchanged).
+#[test]
+fn hello_with_rules() {
+    check_envelope(
+        "hello_rules.v2",
+        Message::Hello(Hello {
+            agent: agent(),
+            incarnation: Incarnation(0x0123_4567_89ab_cdef),
+            down: Cursor::default(),
+            time_ms: 1_733_000_000_000,
+            correction_ms: 0,
+            rules: fieldsync_shared::rules::Fingerprint(*b"0123456789abcdef"),
+        }),
+    );
+}
+
+/// The field states of every merge rule, built through the writer's API so
+/// the fixture shows what replicas really store and send.
+#[test]
+fn record_state_with_rules() {
+    use fieldsync_shared::rules::{FieldRule, MergeRule, Side};
+    use fieldsync_shared::Edit;
+    let rule_of = |f: &FieldName| {
+        let (merge, prefer) = match f.as_str() {
+            "runtime_s" => (MergeRule::Counter, None),
+            "peak" => (MergeRule::Max, None),
+            "low" => (MergeRule::Min, None),
+            "dose" => (MergeRule::Review, None),
+            "limit" => (MergeRule::Lww, Some(Side::Hub)),
+            _ => (MergeRule::Lww, None),
+        };
+        FieldRule { merge, prefer }
+    };
+    let f = |n: &str| FieldName::new(n).unwrap();
+    let mut gw = RecordState::default();
+    gw.edit(
+        vec![
+            (f("runtime_s"), Edit::Add(5)),
+            (f("peak"), Edit::Set(json!(71.5))),
+            (f("low"), Edit::Set(json!(-3))),
+            (f("dose"), Edit::Set(json!("5 mg"))),
+            (f("limit"), Edit::Set(json!(90))),
+        ],
+        &version(1_733_000_000_100, 0, "gw-01"),
+        0x0123_4567_89ab_cdef,
+        rule_of,
+    )
+    .unwrap();
+    let mut hub = RecordState::default();
+    hub.edit(
+        vec![
+            (f("runtime_s"), Edit::Add(-2)),
+            (f("dose"), Edit::Set(json!("10 mg"))),
+            (f("limit"), Edit::Set(json!(60))),
+        ],
+        &version(1_733_000_000_050, 0, "@hub"),
+        0xfedc_ba98_7654_3210,
+        rule_of,
+    )
+    .unwrap();
+    use fieldsync_shared::Merge;
+    gw.merge(&hub);
+    check(
+        "record_state_rules",
+        &gw,
+        codec::to_bytes(&gw),
+        codec::from_bytes::<RecordState>,
+    );
 }

@@ -43,6 +43,7 @@ fn cfg() -> SessionConfig {
         refused_retry_ms: 300_000,
         // Health reports have their own tests (`health_cfg`).
         health_interval_ms: 0,
+        rules: Default::default(),
     }
 }
 
@@ -1400,4 +1401,72 @@ fn a_record_too_large_for_one_message_is_resynced_in_pieces_that_merge_back() {
         "the pieces merge back into the record"
     );
     assert_eq!(agent.s.receiver.cursor().source, Some(HUB_INC));
+}
+
+#[test]
+fn a_hello_under_other_merge_rules_is_refused_and_the_agent_stops() {
+    use fieldsync_shared::rules::Fingerprint;
+    let agent_cfg = SessionConfig {
+        rules: Fingerprint([1; 16]),
+        ..cfg()
+    };
+    let mut agent = Side::agent(
+        Mark::default(),
+        3,
+        follows(HUB_INC, Mark::default()),
+        agent_cfg,
+    );
+    agent.s.connected(at(0));
+    let hello = agent.run(at(0));
+    let Message::Hello(h) = only(&hello, "hello") else {
+        unreachable!()
+    };
+    assert_eq!(h.rules, Fingerprint([1; 16]), "the hello carries the rules");
+    let identity = Identity {
+        current: Some(h.incarnation),
+        retired: vec![],
+    };
+    // The hub has no rules: refused, and nothing of the identity changes.
+    let refusal = Session::hub(
+        h,
+        HUB_INC,
+        Mark::default(),
+        Seq(0),
+        Cursor::default(),
+        &identity,
+        None,
+        at(0),
+        cfg(),
+    )
+    .expect_err("the rules differ");
+    assert_eq!(error_code(&refusal), Some(ErrorCode::RulesMismatch));
+    let Message::Error(e) = &refusal else {
+        unreachable!()
+    };
+    assert!(
+        e.message.contains("01010101") && e.message.contains("none"),
+        "{}",
+        e.message
+    );
+    assert_eq!(agent.deliver(vec![refusal], at(10)), []);
+    assert!(agent.s.is_refused());
+    assert!(agent.reports.contains(&Report::RulesRefused));
+    assert_eq!(agent.tick(at(10_000)), [], "no hello at the ack timeout");
+    // The same rules on both sides: admitted.
+    let hub_cfg = SessionConfig {
+        rules: Fingerprint([1; 16]),
+        ..cfg()
+    };
+    assert!(Session::hub(
+        h,
+        HUB_INC,
+        Mark::default(),
+        Seq(0),
+        Cursor::default(),
+        &identity,
+        None,
+        at(0),
+        hub_cfg,
+    )
+    .is_ok());
 }

@@ -550,6 +550,7 @@ impl Sim {
             clock_interval_ms: rng.range(10_000, 60_000),
             refused_retry_ms: REFUSED_RETRY_MS,
             health_interval_ms: rng.range(5_000, 30_000),
+            rules: Default::default(),
         };
         let rates = Rates::draw(&mut rng);
         let n_agents = rng.range(3, 4) as usize;

@@ -268,6 +268,7 @@ impl RawMqtt {
             down: Cursor::default(),
             time_ms: system_now_ms(),
             correction_ms: 0,
+            rules: Default::default(),
         });
         self.publish_msg(&up_topic(agent), hello).await?;
         match self.next_non_time(within).await? {

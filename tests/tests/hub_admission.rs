@@ -198,6 +198,7 @@ fn hello_msg(agent: &str, incarnation: Incarnation) -> Message {
         down: Cursor::default(),
         time_ms: system_now_ms(),
         correction_ms: 0,
+        rules: Default::default(),
     })
 }
 

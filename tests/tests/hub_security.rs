@@ -1007,6 +1007,7 @@ async fn the_hub_drops_what_its_policy_does_not_permit_and_survives_garbage() {
             down: Cursor::default(),
             time_ms: system_now_ms(),
             correction_ms: 0,
+            rules: Default::default(),
         })))
         .unwrap();
     let bad_range = fieldsync_shared::codec::encode(&Envelope::new(Message::Batch(Batch {

@@ -8,7 +8,7 @@
 //! refused by both APIs and change nothing.
 
 use fieldsync_e2e::durability::{http, poll, Fleet, Write, SYNC_TIMEOUT};
-use fieldsync_e2e::TempAgent;
+use fieldsync_e2e::{AgentSetup, TempAgent};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -229,5 +229,50 @@ async fn edits_that_do_not_fit_a_rule_are_refused_by_both_apis() -> anyhow::Resu
     assert_eq!(a["fields"]["runtime_s"], json!(2));
     assert_eq!(h["fields"]["setpoint"], before.1["fields"]["setpoint"]);
     assert_eq!(h["fields"]["runtime_s"], json!(2));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_with_other_rules_is_refused_and_says_why() -> anyhow::Result<()> {
+    let fleet = Fleet::start_with_policy(POLICY)?;
+    let id = "gw-rules-other";
+    fleet.pki.issue(id)?;
+    // The same collections and fields, but peak_temp merges by min here.
+    let other = POLICY.replace("peak_temp = \"max\"", "peak_temp = \"min\"");
+    let agent = TempAgent::start_with(AgentSetup {
+        link: Some(fleet.pki.link(id, &fleet.hub.mqtt_url())),
+        id: Some(id.to_owned()),
+        policy: Some(other),
+        ..AgentSetup::default()
+    })?;
+    let api = fieldsync_e2e::durability::AgentApi::of(&agent);
+    fieldsync_e2e::durability::wait_status(&api, "the rules refusal", |s| {
+        s["rules_mismatch"] == true && s["connected"] == false
+    })
+    .await?;
+    // Its writes stay queued, and nothing of them reached the hub.
+    let (status, _) = agent_put(&agent, json!({"setpoint": 18})).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert!(api.status_u64("outbox_pending").await? >= 1);
+    let (status, _) = fleet
+        .hub
+        .operator()
+        .get(&format!("/v1/agents/{id}/records/thermostat/{KEY}"))
+        .await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    poll("the hub's log names the mismatch", SYNC_TIMEOUT, || async {
+        let log = fleet.hub.stderr_log();
+        Ok(if log.contains("merge rules are not the hub's") {
+            Ok(())
+        } else {
+            Err("not yet".to_owned())
+        })
+    })
+    .await?;
+    assert!(
+        agent.stderr_log().contains("merge rules"),
+        "{}",
+        agent.stderr_log()
+    );
     Ok(())
 }

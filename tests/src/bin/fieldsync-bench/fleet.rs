@@ -483,6 +483,7 @@ pub(crate) async fn session(
         down,
         time_ms: fieldsync_shared::hlc::system_now_ms(),
         correction_ms: 0,
+        rules: Default::default(),
     });
     mqtt.publish_msg(&up_topic(id), hello)
         .await
