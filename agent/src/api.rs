@@ -14,6 +14,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use fieldsync_http::conflicts::{conflicts_of, ConflictOut};
 use fieldsync_http::{json_body, openapi_route, with_fallbacks, ErrorBody, FieldPatch, Key, Name};
 use fieldsync_shared::record::{parse_patch, PatchError};
 use fieldsync_shared::wire::{write_fits, MAX_CHANGE_BYTES};
@@ -59,6 +60,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/v1/batch", post(batch))
         .route("/v1/status", get(status))
         .route("/v1/outbox", get(outbox))
+        .route("/v1/conflicts", get(conflicts))
         .route("/v1/progress", get(progress))
         .route("/v1/health", get(health))
         .route("/metrics", get(prometheus))
@@ -76,7 +78,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         title = "Fieldsync agent local API",
         description = "What applications on the device use: write and read records (every field is stored; only the fields the policy permits are synced), the agent's status and outbox, and metrics. Errors are `{\"error\": {\"code\", \"message\"}}`; a refused request changes nothing."
     ),
-    paths(put_record, get_record, delete_record, batch, status, outbox, progress, health, prometheus),
+    paths(put_record, get_record, delete_record, batch, conflicts, status, outbox, progress, health, prometheus),
     tags((name = "records"), (name = "status"))
 )]
 pub struct ApiDoc;
@@ -579,6 +581,61 @@ async fn outbox(
         .map(|(seq, change)| OutboxEntry { seq: seq.0, change })
         .collect();
     Ok(Json(OutboxPage { entries }))
+}
+
+/// Most records' conflicts one list answers.
+const CONFLICTS_LIMIT: usize = 1000;
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct ConflictsQuery {
+    /// Only this collection.
+    #[param(value_type = Option<Name>, inline)]
+    collection: Option<String>,
+}
+
+/// The conflicts found, in record order.
+#[derive(Serialize, ToSchema)]
+struct ConflictList {
+    conflicts: Vec<ConflictOut>,
+    /// More records hold conflicts than one answer lists.
+    truncated: bool,
+}
+
+/// Fields with concurrent values on record (merge rule `review`, or `prefer`
+/// where the rule decided), read-only: a conflict is resolved on the hub
+/// (`POST /v1/conflicts/{id}/resolve`, same id), or by a local write made
+/// after seeing the candidates.
+#[utoipa::path(get, path = "/v1/conflicts", tag = "records", params(ConflictsQuery),
+    responses(
+        (status = 200, description = "The conflicts", body = ConflictList),
+        (status = 400, description = "An invalid collection name or parameter", body = ErrorBody),
+    ))]
+async fn conflicts(
+    State(state): State<ApiState>,
+    query: Result<Query<ConflictsQuery>, QueryRejection>,
+) -> Result<Json<ConflictList>, ApiError> {
+    let Query(q) = query?;
+    let collection = q
+        .collection
+        .map(|c| CollectionName::new(c).map_err(invalid_name))
+        .transpose()?;
+    let records = read(&state.store, move |s| {
+        s.conflicted(collection.as_ref(), CONFLICTS_LIMIT + 1)
+    })
+    .await?;
+    let truncated = records.len() > CONFLICTS_LIMIT;
+    let agent = &state.agent_id;
+    let conflicts = records
+        .iter()
+        .take(CONFLICTS_LIMIT)
+        .flat_map(|change| conflicts_of(Some(agent), change))
+        .collect();
+    Ok(Json(ConflictList {
+        conflicts,
+        truncated,
+    }))
 }
 
 /// Longest `GET /v1/progress` wait.

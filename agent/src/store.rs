@@ -373,6 +373,43 @@ impl Store {
     /// Up to `limit` records after `after` (from the first when `None`), and
     /// the address to continue after if there may be more; stops before the
     /// stored bytes pass `max_bytes` (one record is always taken).
+    /// Up to `limit` records holding a conflict (a `review` or `prefer`
+    /// field with concurrent values), in key order, of one collection or all.
+    /// A scan of the records (no index yet).
+    pub fn conflicted(
+        &self,
+        collection: Option<&CollectionName>,
+        limit: usize,
+    ) -> Result<Vec<Change>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let records = txn.open_table(RECORDS)?;
+        let from = collection.map_or("", CollectionName::as_str);
+        let mut found = Vec::new();
+        for item in records.range::<(&str, &str)>((from, "")..)? {
+            let (k, bytes) = item?;
+            let (c, key) = k.value();
+            if collection.is_some_and(|want| want.as_str() != c) {
+                break;
+            }
+            let state: RecordState = codec::from_bytes(bytes.value())?;
+            if state.conflicts().is_empty() {
+                continue;
+            }
+            let (Ok(collection), Ok(key)) = (CollectionName::new(c), RecordKey::new(key)) else {
+                continue;
+            };
+            found.push(Change {
+                collection,
+                key,
+                state,
+            });
+            if found.len() >= limit {
+                break;
+            }
+        }
+        Ok(found)
+    }
+
     pub fn records_after(
         &self,
         after: Option<&(CollectionName, RecordKey)>,

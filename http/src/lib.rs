@@ -3,6 +3,8 @@
 //! request rejections map onto it, the fallbacks for unknown routes and
 //! methods, and the OpenAPI document's serving and drift checks.
 
+pub mod conflicts;
+
 use std::collections::BTreeSet;
 use std::path::Path;
 

@@ -4,6 +4,7 @@
 //! the change feed ([`feed`]), the webhook endpoints ([`hooks`]), and the
 //! hub's metrics, as JSON and for Prometheus (`GET /metrics`).
 
+mod conflicts;
 mod feed;
 mod hooks;
 
@@ -81,6 +82,8 @@ pub fn router<S: HubStore>(state: Arc<ApiState<S>>) -> Router {
         .route("/v1/agents/{agent}/batch", post(batch::<S>))
         .route("/v1/agents/{agent}/labels", put(put_labels::<S>))
         .route("/v1/broadcast", post(broadcast::<S>))
+        .route("/v1/conflicts", get(conflicts::list::<S>))
+        .route("/v1/conflicts/{id}/resolve", post(conflicts::resolve::<S>))
         .route("/v1/metrics", get(metrics::<S>))
         .route("/v1/changes", get(feed::changes::<S>))
         .route(
@@ -124,6 +127,8 @@ pub fn router<S: HubStore>(state: Arc<ApiState<S>>) -> Router {
         batch,
         put_labels,
         broadcast,
+        conflicts::list,
+        conflicts::resolve,
         metrics,
         feed::changes,
         hooks::list,
@@ -444,7 +449,7 @@ async fn get_record<S: HubStore>(
 }
 
 /// One validated downstream write.
-struct DownWrite {
+pub(crate) struct DownWrite {
     collection: CollectionName,
     key: RecordKey,
     fields: Vec<(FieldName, Option<Value>)>,
@@ -679,7 +684,7 @@ fn would_lose(lose: &Lose) -> ApiError {
 
 /// A downstream write's place in the agent's queue.
 #[derive(Serialize, ToSchema)]
-struct Queued {
+pub(crate) struct Queued {
     agent: String,
     collection: String,
     key: String,

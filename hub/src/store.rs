@@ -318,6 +318,15 @@ pub trait HubStore: Send + Sync + 'static {
         limit: usize,
         max_bytes: usize,
     ) -> Result<SnapshotChunk, StoreError>;
+    /// Up to `limit` records holding a conflict (a `review` or `prefer`
+    /// field with concurrent values), in key order, of one agent or all, of
+    /// one collection or all. A scan of the records (no index yet).
+    fn conflicted(
+        &self,
+        agent: Option<&AgentId>,
+        collection: Option<&CollectionName>,
+        limit: usize,
+    ) -> Result<Vec<(AgentId, Change)>, StoreError>;
     /// The hub's copy of one record.
     fn record(
         &self,
@@ -804,6 +813,51 @@ impl HubStore for RedbHubStore {
             }
         }
         Ok(page.finish())
+    }
+
+    fn conflicted(
+        &self,
+        agent: Option<&AgentId>,
+        collection: Option<&CollectionName>,
+        limit: usize,
+    ) -> Result<Vec<(AgentId, Change)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let records = txn.open_table(RECORDS)?;
+        let from = agent.map_or("", AgentId::as_str);
+        let mut found = Vec::new();
+        for item in records.range::<(&str, &str, &str)>((from, "", "")..)? {
+            let (k, bytes) = item?;
+            let (owner, c, key) = k.value();
+            if agent.is_some_and(|a| a.as_str() != owner) {
+                break;
+            }
+            if collection.is_some_and(|want| want.as_str() != c) {
+                continue;
+            }
+            let state: RecordState = codec::from_bytes(bytes.value())?;
+            if state.conflicts().is_empty() {
+                continue;
+            }
+            let (Ok(owner), Ok(collection), Ok(key)) = (
+                AgentId::new(owner),
+                CollectionName::new(c),
+                RecordKey::new(key),
+            ) else {
+                continue;
+            };
+            found.push((
+                owner,
+                Change {
+                    collection,
+                    key,
+                    state,
+                },
+            ));
+            if found.len() >= limit {
+                break;
+            }
+        }
+        Ok(found)
     }
 
     fn record(

@@ -178,16 +178,73 @@ async fn max_prefer_and_review_decide_as_the_policy_says() -> anyhow::Result<()>
     )
     .await?;
 
+    // Both conflicts are listed on both sides, with one id for each field.
+    let hub_op = fleet.hub.operator();
+    let (status, listed) = hub_op.get(&format!("/v1/conflicts?agent={AGENT}")).await?;
+    assert_eq!(status, StatusCode::OK, "{listed}");
+    let on_agent: Value = http()
+        .get(agent.url("/v1/conflicts?collection=thermostat"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let rules = |list: &Value| -> Vec<(String, String)> {
+        let mut r: Vec<(String, String)> = list["conflicts"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|c| {
+                        (
+                            c["field"].as_str().unwrap_or("").to_owned(),
+                            c["rule"].as_str().unwrap_or("").to_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        r.sort();
+        r
+    };
+    let want = [
+        ("dose".to_owned(), "review".to_owned()),
+        ("limit_max".to_owned(), "prefer".to_owned()),
+    ];
+    assert_eq!(rules(&listed), want, "{listed}");
+    assert_eq!(rules(&on_agent), want, "{on_agent}");
+    let dose = listed["conflicts"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["field"] == "dose"))
+        .cloned()
+        .unwrap_or_default();
+    let id = dose["id"].as_str().unwrap_or_default().to_owned();
+    assert!(on_agent["conflicts"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|c| c["id"] == id.as_str())));
+    assert_eq!(
+        dose["candidates"].as_array().map(Vec::len),
+        Some(2),
+        "{dose}"
+    );
+
     // A device write made after it received the operator's value wins
-    // (causality, not role), and a person resolves the review.
+    // (causality, not role), and a person resolves the review by the API.
     let (status, _) = agent_put(&agent, json!({"limit_max": 75})).await?;
     assert_eq!(status, StatusCode::OK);
     both_show(&fleet, &agent, "limit_max", json!(75)).await?;
-    fleet
-        .operator()
-        .put_accepted(AGENT, &write(json!({"dose": "7.5 mg"})))
+    let resolve = format!("/v1/conflicts/{id}/resolve");
+    let (status, body) = hub_op
+        .post(&resolve, &json!({"value": 1, "keep": "hub"}))
         .await?;
-    both_show(&fleet, &agent, "dose", json!("7.5 mg")).await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, body) = hub_op
+        .post("/v1/conflicts/bm9uZQ/resolve", &json!({"keep": "hub"}))
+        .await?;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, body) = hub_op.post(&resolve, &json!({"keep": "agent"})).await?;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    both_show(&fleet, &agent, "dose", json!("5 mg")).await?;
+    let (status, body) = hub_op.post(&resolve, &json!({"keep": "agent"})).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND, "resolved already: {body}");
     let (a, h) = (agent_record(&agent).await?, hub_record(&fleet).await?);
     assert!(a.get("conflicts").is_none(), "resolved on the agent: {a}");
     assert!(h.get("conflicts").is_none(), "resolved on the hub: {h}");
