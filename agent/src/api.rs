@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use fieldsync_http::conflicts::{conflicts_of, ConflictOut};
+use fieldsync_http::history::{HistoryOut, HistoryQuery, VersionOut};
 use fieldsync_http::{json_body, openapi_route, with_fallbacks, ErrorBody, FieldPatch, Key, Name};
 use fieldsync_shared::record::{parse_patch, PatchError};
 use fieldsync_shared::wire::{write_fits, MAX_CHANGE_BYTES};
@@ -57,6 +58,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
             "/v1/records/{collection}/{key}",
             get(get_record).put(put_record).delete(delete_record),
         )
+        .route("/v1/records/{collection}/{key}/history", get(history))
         .route("/v1/batch", post(batch))
         .route("/v1/status", get(status))
         .route("/v1/outbox", get(outbox))
@@ -78,7 +80,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         title = "Fieldsync agent local API",
         description = "What applications on the device use: write and read records (every field is stored; only the fields the policy permits are synced), the agent's status and outbox, and metrics. Errors are `{\"error\": {\"code\", \"message\"}}`; a refused request changes nothing."
     ),
-    paths(put_record, get_record, delete_record, batch, conflicts, status, outbox, progress, health, prometheus),
+    paths(put_record, get_record, delete_record, history, batch, conflicts, status, outbox, progress, health, prometheus),
     tags((name = "records"), (name = "status"))
 )]
 pub struct ApiDoc;
@@ -220,6 +222,36 @@ async fn get_record(
     let (c, k) = (collection.clone(), key.clone());
     let found = read(&state.store, move |s| s.get(&c, &k)).await?;
     found.map(Json).ok_or_else(|| not_found(&collection, &key))
+}
+
+/// The versions this agent keeps of a record, newest first: its own writes
+/// and what came from the hub, with the permitted fields each changed
+/// (fields the policy keeps on the device are not recorded).
+#[utoipa::path(get, path = "/v1/records/{collection}/{key}/history", tag = "records",
+    params(RecordPath, HistoryQuery),
+    responses(
+        (status = 200, description = "The record's versions (none when it has no history)", body = HistoryOut),
+        (status = 400, description = "An invalid collection name, key or limit", body = ErrorBody),
+    ))]
+async fn history(
+    State(state): State<ApiState>,
+    path: Address,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
+) -> Result<Json<HistoryOut>, ApiError> {
+    let (collection, key) = address(path)?;
+    let Query(q) = query?;
+    let limit = q.limit().map_err(|m| ApiError::bad("invalid_query", m))?;
+    let (c, k) = (collection.clone(), key.clone());
+    let versions = read(&state.store, move |s| s.history(&c, &k, limit)).await?;
+    Ok(Json(HistoryOut {
+        agent: None,
+        collection: collection.to_string(),
+        key: key.to_string(),
+        versions: versions
+            .iter()
+            .map(|(n, e)| VersionOut::of(*n, e))
+            .collect(),
+    }))
 }
 
 /// A delete's outcome.
@@ -508,9 +540,12 @@ async fn health() -> Json<HealthBody> {
     responses((status = 200, description = "Prometheus text exposition format 0.0.4", body = String, content_type = "text/plain")))]
 async fn prometheus(State(state): State<ApiState>) -> Result<Response, ApiError> {
     let store = read(&state.store, |s| {
+        let history = s.history_stats()?;
         Ok(StoreReadings {
             outbox_pending: s.outbox_len()?,
             resyncs_received: s.resyncs()?,
+            history_bytes: history.bytes,
+            history_dropped: history.dropped,
         })
     })
     .await?;

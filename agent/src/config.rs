@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use fieldsync_shared::files::{existing_file, resolve};
+use fieldsync_shared::history;
 use fieldsync_shared::logging::LogFormat;
 use fieldsync_shared::{AgentId, Policy, PolicyError};
 use serde::Deserialize;
@@ -44,6 +45,15 @@ struct RawConfig {
     policy: RawPolicy,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    history: RawHistory,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHistory {
+    /// Bytes of version history the store keeps (oldest versions out first).
+    max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -108,6 +118,8 @@ pub struct AgentConfig {
     pub policy: Policy,
     /// How log lines are written (`[log] format`).
     pub log: LogFormat,
+    /// Bytes of version history the store keeps (`[history] max_bytes`).
+    pub history_max_bytes: u64,
 }
 
 /// Where and how to reach the hub.
@@ -214,8 +226,22 @@ impl AgentConfig {
             None => LogFormat::default(),
             Some(text) => LogFormat::parse(text).map_err(|m| invalid("log.format", m))?,
         };
+        let history_max_bytes = raw
+            .history
+            .max_bytes
+            .unwrap_or(history::DEFAULT_AGENT_MAX_BYTES);
+        if history_max_bytes < history::MIN_MAX_BYTES {
+            return Err(invalid(
+                "history.max_bytes",
+                format!(
+                    "{history_max_bytes} is below {} (two versions of the largest change)",
+                    history::MIN_MAX_BYTES
+                ),
+            ));
+        }
 
         Ok(Self {
+            history_max_bytes,
             id,
             data_dir,
             hub,

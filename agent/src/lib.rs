@@ -15,6 +15,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::serve::ListenerExt;
+use fieldsync_shared::history::HistoryLimits;
 use fieldsync_shared::session::SessionConfig;
 use fieldsync_shared::Origin;
 use tokio::net::TcpListener;
@@ -65,7 +66,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let tls = config.hub.as_ref().map(link::load_tls).transpose()?;
-    let store = Store::open(&config.data_dir, &config.id)?;
+    let store = Store::open(&config.data_dir, &config.id)?.with_history(HistoryLimits::new(
+        config.policy.clone(),
+        config.history_max_bytes,
+    ));
     let policy = Arc::new(config.policy.clone());
     let session = SessionConfig {
         rules: policy.rules_fingerprint(),

@@ -22,7 +22,7 @@ use crate::writer::CommitStats;
 pub const PREFIX: &str = "fieldsync_agent";
 
 /// Every name `GET /metrics` serves (histograms by their base name).
-pub const NAMES: [&str; 17] = [
+pub const NAMES: [&str; 19] = [
     "fieldsync_agent_commits_total",
     "fieldsync_agent_write_requests_total",
     "fieldsync_agent_writes_total",
@@ -31,6 +31,8 @@ pub const NAMES: [&str; 17] = [
     "fieldsync_agent_batches_sent_total",
     "fieldsync_agent_resyncs_sent_total",
     "fieldsync_agent_resyncs_received_total",
+    "fieldsync_agent_history_dropped_total",
+    "fieldsync_agent_history_bytes",
     "fieldsync_agent_clock_refused_total",
     "fieldsync_agent_connected",
     "fieldsync_agent_outbox_pending",
@@ -61,6 +63,9 @@ pub struct StoreReadings {
     pub outbox_pending: u64,
     /// Resyncs from the hub completed (kept in the store across restarts).
     pub resyncs_received: u64,
+    /// Bytes of version history kept, and versions its bounds dropped.
+    pub history_bytes: u64,
+    pub history_dropped: u64,
 }
 
 /// Everything else one scrape reads.
@@ -172,6 +177,16 @@ pub fn encode(sources: &Sources<'_>) -> Result<String, std::fmt::Error> {
             Counter(sources.store.resyncs_received),
         ),
         reading(
+            "history_dropped",
+            "Record versions dropped from history by its bounds (history per record, history.max_bytes per store).",
+            Counter(sources.store.history_dropped),
+        ),
+        reading(
+            "history_bytes",
+            "Bytes of record version history kept.",
+            Gauge(i64::try_from(sources.store.history_bytes).unwrap_or(i64::MAX)),
+        ),
+        reading(
             "clock_refused",
             "Batches the hub refused because their stamps were ahead of its clock (they stay queued).",
             Counter(load(&link.clock_refused)),
@@ -247,6 +262,8 @@ mod tests {
             store: StoreReadings {
                 outbox_pending: 9,
                 resyncs_received: 1,
+                history_bytes: 300,
+                history_dropped: 2,
             },
         })
         .unwrap();
@@ -266,6 +283,8 @@ mod tests {
             "fieldsync_agent_clock_offset_seconds -1.5",
             "fieldsync_agent_write_requests_queued 2",
             "fieldsync_agent_resyncs_received_total 1",
+            "fieldsync_agent_history_dropped_total 2",
+            "fieldsync_agent_history_bytes 300",
             "fieldsync_agent_commit_seconds_count 1",
             "fieldsync_agent_batch_changes_sum 7.0",
         ] {

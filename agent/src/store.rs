@@ -12,8 +12,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use fieldsync_history::{HistoryStats, HistoryWriter};
 use fieldsync_shared::codec::{self, CodecError, SnapshotPage};
 use fieldsync_shared::files::create_private_dir;
+use fieldsync_shared::history::{self, Cause, HistoryEntry, HistoryLimits, Writer};
 use fieldsync_shared::session::SnapshotChunk;
 use fieldsync_shared::{
     clock, policy::Flow, AgentId, Change, CollectionName, Cursor, Edit, FieldName, Hlc,
@@ -86,6 +88,8 @@ pub enum StoreError {
     Storage(#[from] redb::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(#[from] CodecError),
+    #[error("{0}")]
+    History(#[from] fieldsync_history::HistoryError),
     /// A write that does not fit its field's merge rule (the API checks
     /// first, so this is a caller's bug).
     #[error("{0}")]
@@ -204,9 +208,39 @@ fn get_u64(meta: &impl ReadableTable<&'static str, u64>, key: &str) -> Result<u6
 pub struct Store {
     db: Arc<Database>,
     path: PathBuf,
+    limits: Arc<HistoryLimits>,
 }
 
 impl Store {
+    /// The store, keeping version history by `limits` (a store opened keeps
+    /// none: it knows no policy).
+    pub fn with_history(mut self, limits: HistoryLimits) -> Self {
+        self.limits = Arc::new(limits);
+        self
+    }
+
+    /// Up to `limit` versions of a record, newest first.
+    pub fn history(
+        &self,
+        collection: &CollectionName,
+        key: &RecordKey,
+        limit: usize,
+    ) -> Result<Vec<(u64, HistoryEntry)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(fieldsync_history::versions(
+            &txn,
+            "",
+            collection.as_str(),
+            key.as_str(),
+            limit,
+        )?)
+    }
+
+    /// The history's size and what its bounds dropped.
+    pub fn history_stats(&self) -> Result<HistoryStats, StoreError> {
+        Ok(fieldsync_history::stats(&self.db.begin_read()?)?)
+    }
+
     /// Opens (or creates) the store in `data_dir` for `agent`.
     pub fn open(data_dir: &Path, agent: &AgentId) -> Result<Self, StoreError> {
         create_private_dir(data_dir).map_err(|source| StoreError::DataDir {
@@ -229,6 +263,7 @@ impl Store {
         let store = Self {
             db: Arc::new(db),
             path,
+            limits: Arc::default(),
         };
         store.init(agent)?;
         Ok(store)
@@ -272,6 +307,7 @@ impl Store {
             }
             txn.open_table(RECORDS)?;
             txn.open_table(OUTBOX)?;
+            fieldsync_history::create_tables(&txn)?;
         }
         txn.commit()?;
         Ok(())
@@ -604,6 +640,8 @@ impl Store {
         now_ms: u64,
     ) -> Result<(Vec<Vec<WriteOutcome>>, Seq), StoreError> {
         let txn = self.db.begin_write()?;
+        let mut history = HistoryWriter::open(&txn, &self.limits)?;
+        let writer = Writer::new(origin.to_string(), Cause::Local);
         let mut results = Vec::with_capacity(requests.len());
         let outbox_last = {
             let mut records = txn.open_table(RECORDS)?;
@@ -625,6 +663,7 @@ impl Store {
                         Some(bytes) => codec::from_bytes(bytes.value())?,
                         None => RecordState::default(),
                     };
+                    let prior = history.keeps(collection).then(|| state.clone());
                     let mut version = || Version {
                         stamp: hlc.tick(now_ms),
                         origin: origin.clone(),
@@ -649,6 +688,8 @@ impl Store {
                         key: key.clone(),
                         state: delta,
                     };
+                    let touched = prior.map(|p| history::touched(&p, &change.state));
+                    history.record("", touched, &state, &change, &writer, now_ms)?;
                     if let Some(permitted) = policy.filter(Flow::Up, &change).permitted {
                         last_seq += 1;
                         outbox.insert(last_seq, codec::to_bytes(&permitted)?.as_slice())?;
@@ -663,6 +704,7 @@ impl Store {
             meta.insert(K_HLC_LOGICAL, u64::from(last.logical))?;
             Seq(last_seq)
         };
+        history.close(&txn)?;
         txn.commit()?;
         Ok((results, outbox_last))
     }
@@ -677,8 +719,11 @@ impl Store {
         cursor: Option<Cursor>,
         snapshot: bool,
         hlc: &Hlc,
+        now_ms: u64,
     ) -> Result<usize, StoreError> {
         let txn = self.db.begin_write()?;
+        let mut history = HistoryWriter::open(&txn, &self.limits)?;
+        let writer = Writer::new("hub", if snapshot { Cause::Resync } else { Cause::Hub });
         let mut altered = 0;
         {
             let mut records = txn.open_table(RECORDS)?;
@@ -689,8 +734,10 @@ impl Store {
                     Some(bytes) => codec::from_bytes(bytes.value())?,
                     None => RecordState::default(),
                 };
+                let before = history.before(&state, change);
                 if state.merge(&change.state) {
                     records.insert(db_key, codec::to_bytes(&state)?.as_slice())?;
+                    history.record("", before, &state, change, &writer, now_ms)?;
                     altered += 1;
                 }
             }
@@ -707,6 +754,7 @@ impl Store {
             meta.insert(K_HLC_WALL, last.wall_ms)?;
             meta.insert(K_HLC_LOGICAL, u64::from(last.logical))?;
         }
+        history.close(&txn)?;
         txn.commit()?;
         Ok(altered)
     }

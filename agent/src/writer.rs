@@ -372,7 +372,7 @@ impl Committer {
         }
         self.setup
             .store
-            .apply_downstream(changes, cursor, snapshot, &self.hlc)
+            .apply_downstream(changes, cursor, snapshot, &self.hlc, now)
     }
 
     fn restamp(&mut self, offset: i64) -> Result<Restamped, StoreError> {

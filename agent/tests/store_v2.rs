@@ -202,6 +202,7 @@ async fn writes_made_while_the_clock_ran_ahead_are_restamped_once_the_offset_is_
             Some(follows),
             false,
             &fieldsync_shared::Hlc::new(60_000),
+            60_000,
         )
         .unwrap();
     assert_eq!(store.down_cursor().unwrap(), follows);

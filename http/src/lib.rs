@@ -4,6 +4,7 @@
 //! methods, and the OpenAPI document's serving and drift checks.
 
 pub mod conflicts;
+pub mod history;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -24,6 +25,13 @@ pub const NAME_PATTERN: &str = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$";
 /// characters (their length limit is in bytes: 256 for keys, 128 for field
 /// names).
 pub const TEXT_PATTERN: &str = r"^[^\x00-\x1f\x7f-\x9f]+$";
+
+/// Milliseconds since the Unix epoch as RFC 3339 (UTC, milliseconds): how
+/// both APIs write times.
+pub fn format_ms(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
+}
 
 /// An agent id or a collection name in the OpenAPI documents.
 pub struct Name;

@@ -6,6 +6,7 @@
 
 mod conflicts;
 mod feed;
+mod history;
 mod hooks;
 
 use std::collections::{BTreeMap, HashMap};
@@ -22,6 +23,7 @@ use axum::{Json, Router};
 use fieldsync_http::{
     constant_time_eq, json_body, openapi_route, with_fallbacks, ErrorBody, FieldPatch, Key, Name,
 };
+use fieldsync_shared::history::{Cause, Writer};
 use fieldsync_shared::hlc::system_now_ms;
 use fieldsync_shared::record::{parse_patch, Edit, PatchError};
 use fieldsync_shared::wire::{write_fits, MAX_CHANGE_BYTES};
@@ -46,7 +48,7 @@ use crate::front_door::Connections;
 use crate::health::{FleetHealth, SyncState};
 use crate::labels::{self, Labels, Selector};
 use crate::metrics::{Metrics, MetricsSnapshot};
-use crate::store::{HubStore, StoreError};
+use crate::store::{HubStore, StoreError, OPERATOR};
 use crate::webhooks::Dispatcher;
 
 /// Largest request body.
@@ -78,6 +80,14 @@ pub fn router<S: HubStore>(state: Arc<ApiState<S>>) -> Router {
         .route(
             "/v1/agents/{agent}/records/{collection}/{key}",
             get(get_record::<S>).put(put_record::<S>),
+        )
+        .route(
+            "/v1/agents/{agent}/records/{collection}/{key}/history",
+            get(history::history::<S>),
+        )
+        .route(
+            "/v1/agents/{agent}/records/{collection}/{key}/rollback",
+            post(history::rollback::<S>),
         )
         .route("/v1/agents/{agent}/batch", post(batch::<S>))
         .route("/v1/agents/{agent}/labels", put(put_labels::<S>))
@@ -124,6 +134,8 @@ pub fn router<S: HubStore>(state: Arc<ApiState<S>>) -> Router {
         list_agents,
         get_record,
         put_record,
+        history::history,
+        history::rollback,
         batch,
         put_labels,
         broadcast,
@@ -529,6 +541,7 @@ type Enqueued = Vec<(AgentId, Result<Seq, Lose>)>;
 async fn enqueue<S: HubStore>(
     state: &ApiState<S>,
     batches: Vec<(AgentId, Vec<DownWrite>)>,
+    writer: Writer,
 ) -> Result<Enqueued, ApiError> {
     let hlc = state.hlc.clone();
     let origin = state.origin.clone();
@@ -628,7 +641,7 @@ async fn enqueue<S: HubStore>(
             }
         }
         if !queues.is_empty() {
-            let lasts = store.enqueue_downstream_group(&queues, clock.last(), now)?;
+            let lasts = store.enqueue_downstream_group(&queues, &writer, clock.last(), now)?;
             let mut lasts = lasts.into_iter();
             for (_, result) in outcome.iter_mut() {
                 if let Ok(seq) = result {
@@ -653,14 +666,25 @@ async fn enqueue<S: HubStore>(
     Ok(outcome)
 }
 
-/// [`enqueue`] for one agent, whose writes are all queued or none (409).
+/// [`enqueue`] for one agent, whose writes are all queued or none (409), as
+/// an operator's writes.
 async fn enqueue_one<S: HubStore>(
     state: &ApiState<S>,
     agent: &AgentId,
     writes: Vec<DownWrite>,
 ) -> Result<Seq, ApiError> {
+    enqueue_one_by(state, agent, writes, Writer::new(OPERATOR, Cause::Operator)).await
+}
+
+/// [`enqueue_one`] by `writer` (what the versions it makes are recorded as).
+async fn enqueue_one_by<S: HubStore>(
+    state: &ApiState<S>,
+    agent: &AgentId,
+    writes: Vec<DownWrite>,
+    writer: Writer,
+) -> Result<Seq, ApiError> {
     let count = writes.len() as u64;
-    let mut outcome = enqueue(state, vec![(agent.clone(), writes)]).await?;
+    let mut outcome = enqueue(state, vec![(agent.clone(), writes)], writer).await?;
     match outcome.pop().map(|(_, r)| r) {
         Some(Ok(last)) => {
             Metrics::add(&state.metrics.downstream_changes_queued, count);
@@ -949,7 +973,8 @@ async fn broadcast<S: HubStore>(
             .iter()
             .map(|agent| (agent.clone(), writes.iter().map(DownWrite::copy).collect()))
             .collect();
-        for (_, result) in enqueue(&state, batches).await? {
+        let writer = Writer::new(OPERATOR, Cause::Operator);
+        for (_, result) in enqueue(&state, batches, writer).await? {
             match result {
                 Ok(_) => {
                     out.queued_agents += 1;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fieldsync_shared::files::{existing_file, resolve};
+use fieldsync_shared::history;
 use fieldsync_shared::logging::LogFormat;
 use fieldsync_shared::{Policy, PolicyError};
 use serde::Deserialize;
@@ -52,6 +53,15 @@ struct RawConfig {
     events: RawEvents,
     #[serde(default)]
     health: RawHealth,
+    #[serde(default)]
+    history: RawHistory,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHistory {
+    /// Bytes of version history the store keeps (oldest versions out first).
+    max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -167,6 +177,8 @@ pub struct HubConfig {
     pub event_retention: Duration,
     /// `[health] stall_after_ms`.
     pub stall_after_ms: u64,
+    /// `[history] max_bytes`.
+    pub history_max_bytes: u64,
 }
 
 /// How webhooks are delivered (`[webhooks]`; README, "Webhooks").
@@ -502,11 +514,25 @@ impl HubConfig {
                 format!("{stall_after_ms} is outside 1000..=86400000"),
             ));
         }
+        let history_max_bytes = raw
+            .history
+            .max_bytes
+            .unwrap_or(history::DEFAULT_HUB_MAX_BYTES);
+        if history_max_bytes < history::MIN_MAX_BYTES {
+            return Err(invalid(
+                "history.max_bytes",
+                format!(
+                    "{history_max_bytes} is below {} (two versions of the largest change)",
+                    history::MIN_MAX_BYTES
+                ),
+            ));
+        }
         let log = match raw.log.format.as_deref() {
             None => LogFormat::default(),
             Some(text) => LogFormat::parse(text).map_err(|m| invalid("log.format", m))?,
         };
         Ok(Self {
+            history_max_bytes,
             data_dir,
             mqtt,
             api,

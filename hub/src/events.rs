@@ -229,11 +229,7 @@ impl Event {
     }
 }
 
-/// RFC 3339 with milliseconds, UTC.
-pub fn format_ms(ms: u64) -> String {
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
-        .to_string()
-}
+pub use fieldsync_http::format_ms;
 
 /// A position in the event log: after the event `seq`, committed at `at_ms`.
 /// `0-0` is before the first event.

@@ -144,6 +144,10 @@ pub async fn serve_with_store<S: HubStore>(
         store.hlc_last()?,
         DEFAULT_MAX_DRIFT_MS,
     )));
+    store.set_history_limits(fieldsync_shared::history::HistoryLimits::new(
+        config.policy.clone(),
+        config.history_max_bytes,
+    ));
     let policy = Arc::new(config.policy.clone());
     let metrics = Arc::new(Metrics::default());
     let connections = Arc::new(Connections::default());
@@ -198,7 +202,16 @@ pub async fn serve_with_store<S: HubStore>(
     )?;
     webhooks.start()?;
 
-    let prometheus = metrics::registry(metrics.clone(), connections.clone(), Some(health.clone()));
+    let history: metrics::HistoryReading = {
+        let store = store.clone();
+        Arc::new(move || store.history_stats().ok())
+    };
+    let prometheus = metrics::registry(
+        metrics.clone(),
+        connections.clone(),
+        Some(health.clone()),
+        Some(history),
+    );
     let api_state = Arc::new(api::ApiState {
         store: store.clone(),
         policy,

@@ -21,6 +21,7 @@ use serde::Serialize;
 
 use crate::front_door::Connections;
 use crate::health::FleetHealth;
+use crate::store::HistoryStats;
 
 /// The prefix of every name the hub exports to Prometheus.
 pub const PREFIX: &str = "fieldsync_hub";
@@ -250,11 +251,20 @@ pub fn seconds(ms: u64) -> f64 {
     ms as f64 / 1000.0
 }
 
+/// Reads the store's history figures at scrape time (`None`: unreadable now).
+pub type HistoryReading = Arc<dyn Fn() -> Option<HistoryStats> + Send + Sync>;
+
 /// Levels (gauges) read at scrape time.
-#[derive(Debug)]
 struct Levels {
     connections: Arc<Connections>,
     health: Option<Arc<FleetHealth>>,
+    history: Option<HistoryReading>,
+}
+
+impl std::fmt::Debug for Levels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Levels").finish_non_exhaustive()
+    }
 }
 
 impl Collector for Levels {
@@ -282,6 +292,22 @@ impl Collector for Levels {
             )?;
             ConstGauge::new(i64::try_from(stalled).unwrap_or(i64::MAX)).encode(metric)?;
         }
+        if let Some(stats) = self.history.as_ref().and_then(|read| read()) {
+            let metric = encoder.encode_descriptor(
+                "history_bytes",
+                "Bytes of record version history the store keeps.",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::try_from(stats.bytes).unwrap_or(i64::MAX)).encode(metric)?;
+            let metric = encoder.encode_descriptor(
+                "history_dropped",
+                "Record versions dropped from history by its bounds (history per record, history.max_bytes per store).",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(stats.dropped).encode(metric)?;
+        }
         Ok(())
     }
 }
@@ -292,6 +318,7 @@ pub fn registry(
     metrics: Arc<Metrics>,
     connections: Arc<Connections>,
     health: Option<Arc<FleetHealth>>,
+    history: Option<HistoryReading>,
 ) -> Registry {
     let mut registry = Registry::with_prefix(PREFIX);
     let h = &metrics.histograms;
@@ -315,6 +342,7 @@ pub fn registry(
     registry.register_collector(Box::new(Levels {
         connections,
         health,
+        history,
     }));
     registry.register_collector(Box::new(metrics));
     registry
@@ -328,7 +356,7 @@ mod tests {
 
     fn exposition(metrics: Arc<Metrics>) -> String {
         let mut text = String::new();
-        encode(&mut text, &registry(metrics, Arc::default(), None)).unwrap();
+        encode(&mut text, &registry(metrics, Arc::default(), None, None)).unwrap();
         text
     }
 

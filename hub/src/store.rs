@@ -16,8 +16,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+pub use fieldsync_history::HistoryStats;
+use fieldsync_history::{HistoryError, HistoryWriter};
 use fieldsync_shared::codec::{self, CodecError, SnapshotPage};
 use fieldsync_shared::files::create_private_dir;
+use fieldsync_shared::history::{Cause, HistoryEntry, HistoryLimits, Writer};
 use fieldsync_shared::session::{Identity, SnapshotChunk};
 use fieldsync_shared::{
     AgentId, Change, CollectionName, Cursor, Incarnation, Mark, Merge, RecordKey, RecordState, Seq,
@@ -58,6 +61,9 @@ const WEBHOOKS: TableDefinition<&str, &[u8]> = TableDefinition::new("webhooks");
 const ATTEMPTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("webhook_attempts");
 /// Delivery attempts kept per endpoint (the oldest are dropped).
 pub const ATTEMPTS_KEPT: u64 = 1000;
+
+/// Who operator writes are by until operators have names of their own.
+pub const OPERATOR: &str = "operator";
 
 const K_SCHEMA: &str = "schema_version";
 const K_HLC_WALL: &str = "hlc_wall_ms";
@@ -184,6 +190,15 @@ pub enum StoreError {
     Corrupt(#[from] CodecError),
 }
 
+impl From<HistoryError> for StoreError {
+    fn from(e: HistoryError) -> Self {
+        match e {
+            HistoryError::Corrupt(e) => StoreError::Corrupt(e),
+            e => StoreError::Backend(Box::new(e)),
+        }
+    }
+}
+
 /// The redb backend's errors become [`StoreError::Backend`] (its open errors
 /// are mapped in [`RedbHubStore::open`]).
 macro_rules! from_redb {
@@ -257,6 +272,7 @@ pub trait HubStore: Send + Sync + 'static {
     /// each to the agent's downstream queue, atomically, persisting the hub
     /// clock state `hlc_last`; the events it logs are stamped `now_ms`.
     /// Returns the last queued sequence number.
+    /// The versions they make are an operator's writes.
     fn enqueue_downstream(
         &self,
         agent: &AgentId,
@@ -265,18 +281,34 @@ pub trait HubStore: Send + Sync + 'static {
         now_ms: u64,
     ) -> Result<Seq, StoreError> {
         let one = [(agent.clone(), changes.to_vec())];
-        let last = self.enqueue_downstream_group(&one, hlc_last, now_ms)?;
+        let writer = Writer::new(OPERATOR, Cause::Operator);
+        let last = self.enqueue_downstream_group(&one, &writer, hlc_last, now_ms)?;
         Ok(last[0])
     }
     /// [`HubStore::enqueue_downstream`] for several agents in one durable
-    /// transaction (a broadcast's chunk); returns each agent's last queued
-    /// sequence number, in order.
+    /// transaction (a broadcast's chunk), by `writer`; returns each agent's
+    /// last queued sequence number, in order.
     fn enqueue_downstream_group(
         &self,
         queues: &[(AgentId, Vec<Change>)],
+        writer: &Writer,
         hlc_last: Stamp,
         now_ms: u64,
     ) -> Result<Vec<Seq>, StoreError>;
+    /// Up to `limit` versions of one of an agent's records, newest first,
+    /// each with its number.
+    fn history(
+        &self,
+        agent: &AgentId,
+        collection: &CollectionName,
+        key: &RecordKey,
+        limit: usize,
+    ) -> Result<Vec<(u64, HistoryEntry)>, StoreError>;
+    /// The history's size and what its bounds dropped.
+    fn history_stats(&self) -> Result<HistoryStats, StoreError>;
+    /// Keeps version history by `limits` from now on (a store opened keeps
+    /// none until told: it knows no policy).
+    fn set_history_limits(&self, limits: HistoryLimits);
     /// Replaces an agent's labels, durably; `false` (and nothing changed) if
     /// the hub has never heard of the agent.
     fn set_labels(&self, agent: &AgentId, labels: &Labels) -> Result<bool, StoreError>;
@@ -461,6 +493,7 @@ impl<'t> EventWriter<'t> {
 pub struct RedbHubStore {
     db: Arc<Database>,
     heads: Arc<EventHeads>,
+    limits: Arc<std::sync::RwLock<Arc<HistoryLimits>>>,
 }
 
 impl RedbHubStore {
@@ -471,6 +504,13 @@ impl RedbHubStore {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(redb::Durability::None)?;
         Ok(txn)
+    }
+
+    fn limits(&self) -> Arc<HistoryLimits> {
+        self.limits
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// Opens (or creates) the store in `data_dir`.
@@ -517,6 +557,7 @@ impl RedbHubStore {
             txn.open_table(EVENTS)?;
             txn.open_table(WEBHOOKS)?;
             txn.open_table(ATTEMPTS)?;
+            fieldsync_history::create_tables(&txn)?;
         }
         // Whatever survived to this open is durable.
         let head = txn
@@ -527,6 +568,7 @@ impl RedbHubStore {
         Ok(Self {
             db: Arc::new(db),
             heads: Arc::new(EventHeads::new(head)),
+            limits: Arc::default(),
         })
     }
 }
@@ -541,11 +583,15 @@ fn read_row(
     })
 }
 
-/// Merges `change` into the agent's record; what it changed, if anything.
+/// Merges `change` into the agent's record, recording the version it made;
+/// what it changed, if anything.
 fn merge_into(
     records: &mut redb::Table<(&'static str, &'static str, &'static str), &'static [u8]>,
+    history: &mut HistoryWriter<'_>,
     agent: &AgentId,
     change: &Change,
+    writer: &Writer,
+    now_ms: u64,
 ) -> Result<Option<RecordChanged>, StoreError> {
     let key = (
         agent.as_str(),
@@ -557,10 +603,12 @@ fn merge_into(
         None => RecordState::default(),
     };
     let prior = Prior::of(&state, &change.state);
+    let before = history.before(&state, change);
     if !state.merge(&change.state) {
         return Ok(None);
     }
     records.insert(key, codec::to_bytes(&state)?.as_slice())?;
+    history.record(agent.as_str(), before, &state, change, writer, now_ms)?;
     Ok(RecordChanged::of(
         agent,
         &change.collection,
@@ -610,6 +658,8 @@ impl HubStore for RedbHubStore {
     fn apply_upstream_group(&self, group: &[Upstream], now_ms: u64) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         let mut events = EventWriter::open(&txn)?;
+        let limits = self.limits();
+        let mut history = HistoryWriter::open(&txn, &limits)?;
         {
             let mut agents = txn.open_table(AGENTS)?;
             let mut records = txn.open_table(RECORDS)?;
@@ -621,8 +671,16 @@ impl HubStore for RedbHubStore {
             } in group
             {
                 let mut row = read_row(&agents, agent)?.unwrap_or_default();
+                let cause = if *snapshot {
+                    Cause::Resync
+                } else {
+                    Cause::Agent
+                };
+                let writer = Writer::new(agent.as_str(), cause);
                 for change in changes {
-                    if let Some(changed) = merge_into(&mut records, agent, change)? {
+                    let changed =
+                        merge_into(&mut records, &mut history, agent, change, &writer, now_ms)?;
+                    if let Some(changed) = changed {
                         events.push(now_ms, EventKind::RecordChanged(changed))?;
                     }
                 }
@@ -641,6 +699,7 @@ impl HubStore for RedbHubStore {
                 agents.insert(agent.as_str(), codec::to_bytes(&row)?.as_slice())?;
             }
         }
+        history.close(&txn)?;
         let head = events.close(&txn)?;
         txn.commit()?;
         self.heads.committed(head, true);
@@ -671,11 +730,14 @@ impl HubStore for RedbHubStore {
     fn enqueue_downstream_group(
         &self,
         queues: &[(AgentId, Vec<Change>)],
+        writer: &Writer,
         hlc_last: Stamp,
         now_ms: u64,
     ) -> Result<Vec<Seq>, StoreError> {
         let txn = self.db.begin_write()?;
         let mut events = EventWriter::open(&txn)?;
+        let limits = self.limits();
+        let mut history = HistoryWriter::open(&txn, &limits)?;
         let mut lasts = Vec::with_capacity(queues.len());
         {
             let mut agents = txn.open_table(AGENTS)?;
@@ -685,7 +747,9 @@ impl HubStore for RedbHubStore {
             for (agent, changes) in queues {
                 let mut row = read_row(&agents, agent)?.unwrap_or_default();
                 for change in changes {
-                    if let Some(changed) = merge_into(&mut records, agent, change)? {
+                    let changed =
+                        merge_into(&mut records, &mut history, agent, change, writer, now_ms)?;
+                    if let Some(changed) = changed {
                         events.push(now_ms, EventKind::RecordChanged(changed))?;
                     }
                     row.down_last = row.down_last.next();
@@ -700,10 +764,34 @@ impl HubStore for RedbHubStore {
             meta.insert(K_HLC_WALL, hlc_last.wall_ms)?;
             meta.insert(K_HLC_LOGICAL, u64::from(hlc_last.logical))?;
         }
+        history.close(&txn)?;
         let head = events.close(&txn)?;
         txn.commit()?;
         self.heads.committed(head, true);
         Ok(lasts)
+    }
+
+    fn history(
+        &self,
+        agent: &AgentId,
+        collection: &CollectionName,
+        key: &RecordKey,
+        limit: usize,
+    ) -> Result<Vec<(u64, HistoryEntry)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let (a, c, k) = (agent.as_str(), collection.as_str(), key.as_str());
+        Ok(fieldsync_history::versions(&txn, a, c, k, limit)?)
+    }
+
+    fn set_history_limits(&self, limits: HistoryLimits) {
+        *self
+            .limits
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(limits);
+    }
+
+    fn history_stats(&self) -> Result<HistoryStats, StoreError> {
+        Ok(fieldsync_history::stats(&self.db.begin_read()?)?)
     }
 
     fn set_labels(&self, agent: &AgentId, labels: &Labels) -> Result<bool, StoreError> {

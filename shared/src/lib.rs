@@ -6,6 +6,7 @@
 pub mod clock;
 pub mod codec;
 pub mod files;
+pub mod history;
 pub mod hlc;
 pub mod id;
 pub mod logging;

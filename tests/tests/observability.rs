@@ -21,16 +21,18 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// The hub's names beside its counters (README, "Metrics"); every counter of
 /// `GET /v1/metrics` is also `fieldsync_hub_<name>_total`.
-const HUB_NAMES: [&str; 5] = [
+const HUB_NAMES: [&str; 7] = [
     "fieldsync_hub_agents_connected",
     "fieldsync_hub_agents_stalled",
+    "fieldsync_hub_history_bytes",
+    "fieldsync_hub_history_dropped_total",
     "fieldsync_hub_commit_seconds",
     "fieldsync_hub_batch_changes",
     "fieldsync_hub_sync_lag_seconds",
 ];
 
 /// The agent's names (README, "Metrics").
-const AGENT_NAMES: [&str; 17] = [
+const AGENT_NAMES: [&str; 19] = [
     "fieldsync_agent_commits_total",
     "fieldsync_agent_write_requests_total",
     "fieldsync_agent_writes_total",
@@ -39,6 +41,8 @@ const AGENT_NAMES: [&str; 17] = [
     "fieldsync_agent_batches_sent_total",
     "fieldsync_agent_resyncs_sent_total",
     "fieldsync_agent_resyncs_received_total",
+    "fieldsync_agent_history_dropped_total",
+    "fieldsync_agent_history_bytes",
     "fieldsync_agent_clock_refused_total",
     "fieldsync_agent_connected",
     "fieldsync_agent_outbox_pending",

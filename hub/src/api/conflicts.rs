@@ -17,8 +17,9 @@ use fieldsync_shared::{AgentId, CollectionName, Value};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{blocking, enqueue_one, invalid_name, ApiError, ApiState, DownWrite, Queued};
-use crate::store::HubStore;
+use super::{blocking, enqueue_one_by, invalid_name, ApiError, ApiState, DownWrite, Queued};
+use crate::store::{HubStore, OPERATOR};
+use fieldsync_shared::history::{Cause, Writer};
 
 /// Most conflicts one list answers.
 const LIST_LIMIT: usize = 1000;
@@ -188,7 +189,8 @@ pub(super) async fn resolve<S: HubStore>(
     super::check_policy(&state.policy, &write)?;
     super::check_fits(&state.origin, &write)?;
     let (collection, key) = (write.collection.clone(), write.key.clone());
-    let queued = enqueue_one(&state, &agent, vec![write]).await?;
+    let writer = Writer::new(OPERATOR, Cause::Resolve);
+    let queued = enqueue_one_by(&state, &agent, vec![write], writer).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(Queued {

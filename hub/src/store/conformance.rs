@@ -25,7 +25,9 @@
 //! Tests of one backend's own format (file locks, migrations, schema rows)
 //! stay beside that backend.
 
+use fieldsync_shared::history::{Cause, HistoryLimits, Writer};
 use fieldsync_shared::session::Identity;
+use fieldsync_shared::Policy;
 use fieldsync_shared::{
     AgentId, Change, CollectionName, Cursor, FieldName, Incarnation, Mark, Origin, RecordKey,
     RecordState, Seq, Stamp, Version,
@@ -59,6 +61,7 @@ macro_rules! hub_store_suite {
             webhook_endpoints_keep_progress_per_epoch_and_attempts_newest_first,
             a_group_enqueue_queues_for_several_agents_in_one_commit,
             labels_are_kept_on_known_agents_and_survive_other_updates,
+            history_keeps_each_records_versions_within_both_bounds,
             // suite: end
         );
     };
@@ -655,6 +658,7 @@ pub fn a_group_enqueue_queues_for_several_agents_in_one_commit<S: HubStore>(open
                         ],
                     ),
                 ],
+                &Writer::new("ops", Cause::Operator),
                 Stamp::new(102, 0),
                 6_000,
             )
@@ -723,6 +727,107 @@ pub fn labels_are_kept_on_known_agents_and_survive_other_updates<S: HubStore>(
     assert!(
         store.agent(&a).unwrap().unwrap().labels.is_empty(),
         "replaced, not merged"
+    );
+}
+
+fn history_limits(keep: u32, max_bytes: u64) -> HistoryLimits {
+    let policy = format!(
+        "[collections.patients]\ndirection = \"both\"\nsync = [\"mode\"]\nhistory = {keep}\n"
+    );
+    HistoryLimits::new(Policy::parse(&policy).unwrap(), max_bytes)
+}
+
+pub fn history_keeps_each_records_versions_within_both_bounds<S: HubStore>(open: &dyn Fn() -> S) {
+    let (a, b) = (agent("a"), agent("b"));
+    let (patients, k1) = (
+        CollectionName::new("patients").unwrap(),
+        RecordKey::new("k1").unwrap(),
+    );
+    // Stamped before the operator's write at 500 up to seq 6, after it from 7.
+    let up = |agent: &AgentId, seq: u64, value: i64| Upstream {
+        agent: agent.clone(),
+        changes: vec![change(
+            "k1",
+            "mode",
+            json!(value),
+            if seq < 7 { 100 + seq } else { 1_000 + seq },
+            agent.as_str(),
+        )],
+        cursor: Some(cur(seq)),
+        snapshot: false,
+    };
+    {
+        let store = open();
+        // No limits set: a store keeps no history.
+        store.apply_upstream_group(&[up(&a, 1, 0)], 1_000).unwrap();
+        assert!(store.history(&a, &patients, &k1, 10).unwrap().is_empty());
+        store.set_history_limits(history_limits(3, 1 << 20));
+        for seq in 2..=6 {
+            store
+                .apply_upstream_group(&[up(&a, seq, seq as i64), up(&b, seq, -1)], 1_000 + seq)
+                .unwrap();
+        }
+        // The same change again is no version.
+        store.apply_upstream_group(&[up(&a, 6, 6)], 2_000).unwrap();
+        store
+            .enqueue_downstream_group(
+                &[(
+                    a.clone(),
+                    vec![change("k1", "mode", json!(42), 500, "@hub")],
+                )],
+                &Writer::new("ops", Cause::Operator),
+                Stamp::new(500, 0),
+                3_000,
+            )
+            .unwrap();
+        let kept = store.history(&a, &patients, &k1, 10).unwrap();
+        let seen: Vec<(Option<serde_json::Value>, Option<serde_json::Value>, String)> = kept
+            .iter()
+            .map(|(_, e)| {
+                let d = &e.changed[&FieldName::new("mode").unwrap()];
+                (d.before.clone(), d.after.clone(), e.writer.by.clone())
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (Some(json!(6)), Some(json!(42)), "ops".to_owned()),
+                (Some(json!(5)), Some(json!(6)), "a".to_owned()),
+                (Some(json!(4)), Some(json!(5)), "a".to_owned()),
+            ],
+            "newest first, three kept"
+        );
+        assert_eq!(kept[0].1.writer.cause, Cause::Operator);
+        assert_eq!(kept[1].1.writer.cause, Cause::Agent);
+        assert!(kept[0].0 > kept[1].0 && kept[1].0 > kept[2].0);
+        assert_eq!(store.history(&a, &patients, &k1, 1).unwrap().len(), 1);
+        // Agent b's record of the same key is its own: one version (-1 once).
+        assert_eq!(store.history(&b, &patients, &k1, 10).unwrap().len(), 1);
+        let stats = store.history_stats().unwrap();
+        assert_eq!(stats.dropped, 3, "a's three oldest of six");
+        assert!(stats.bytes > 0);
+    }
+    // It survives a reopen; then a byte bound below what is kept drops the
+    // oldest versions, of any record, first.
+    let store = open();
+    assert_eq!(store.history(&a, &patients, &k1, 10).unwrap().len(), 3);
+    let before = store.history_stats().unwrap();
+    store.set_history_limits(history_limits(3, before.bytes / 2));
+    store.apply_upstream_group(&[up(&a, 7, 7)], 4_000).unwrap();
+    let after = store.history_stats().unwrap();
+    assert!(
+        after.bytes <= before.bytes / 2,
+        "{after:?} within {before:?}/2"
+    );
+    assert!(after.dropped > before.dropped);
+    assert!(
+        store.history(&b, &patients, &k1, 10).unwrap().is_empty(),
+        "b's was oldest"
+    );
+    let newest = store.history(&a, &patients, &k1, 10).unwrap();
+    assert_eq!(
+        newest[0].1.changed[&FieldName::new("mode").unwrap()].after,
+        Some(json!(7))
     );
 }
 
