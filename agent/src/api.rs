@@ -135,15 +135,19 @@ fn fields_of(body: Value) -> Result<Vec<(FieldName, Option<Value>)>, ApiError> {
 }
 
 /// Refuses a patch that does not fit its fields' merge rules (a value for a
-/// counter, an increment for anything else): 400, and nothing is written.
+/// counter, an increment for anything else: 400) or breaks the collection's
+/// schema (422); nothing is written.
 fn check_rules(
     state: &ApiState,
     collection: &CollectionName,
     fields: &[(FieldName, Option<Value>)],
 ) -> Result<(), ApiError> {
-    Edit::of_fields(fields, |f| state.policy.field_rule(collection, f))
-        .map(drop)
-        .map_err(|e| ApiError::bad("invalid_edit", e.to_string()))
+    let edits = Edit::of_fields(fields, |f| state.policy.field_rule(collection, f))
+        .map_err(|e| ApiError::bad("invalid_edit", e.to_string()))?;
+    state
+        .policy
+        .check_edits(collection, &edits)
+        .map_err(|v| ApiError::schema(collection, &v))
 }
 
 /// Refuses a write whose change could not travel in one message (it would
@@ -171,6 +175,7 @@ fn check_fits(
     responses(
         (status = 200, description = "The record as stored", body = RecordView),
         (status = 400, description = "Invalid JSON, names or fields", body = ErrorBody),
+        (status = 422, description = "A value breaks its collection's schema (the field and its rule are named); nothing written", body = ErrorBody),
         (status = 413, description = "The body or the change is too large", body = ErrorBody),
         (status = 503, description = "The agent is shutting down", body = ErrorBody),
     ))]
@@ -338,6 +343,7 @@ struct BatchResults {
     responses(
         (status = 200, description = "Every write stored", body = BatchResults),
         (status = 400, description = "Invalid JSON, names or fields; nothing stored", body = ErrorBody),
+        (status = 422, description = "A value breaks its collection's schema (the field and its rule are named); nothing written", body = ErrorBody),
         (status = 413, description = "The body or a change is too large; nothing stored", body = ErrorBody),
         (status = 503, description = "The agent is shutting down", body = ErrorBody),
     ))]
@@ -465,6 +471,12 @@ struct Status {
     /// The hub refused the link because this agent's merge rules (the
     /// policy's `merge` and `prefer` tables) are not the hub's.
     rules_mismatch: bool,
+    /// Changes the hub applied without field values that break its schema
+    /// (since this agent started).
+    schema_refused: u64,
+    /// Downstream field values this agent refused for breaking its schema
+    /// (since it started).
+    schema_refused_down: u64,
 }
 
 /// Identity, link state, and what waits in the outbox (the first few
@@ -517,6 +529,8 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Status>, ApiError>
         clock_refused: link.clock_refused.load(Ordering::Relaxed),
         identity_conflict: link.identity_refused.load(Ordering::Relaxed),
         rules_mismatch: link.rules_refused.load(Ordering::Relaxed),
+        schema_refused: link.schema_refused.load(Ordering::Relaxed),
+        schema_refused_down: link.schema_refused_down.load(Ordering::Relaxed),
     }))
 }
 

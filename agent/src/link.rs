@@ -15,10 +15,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fieldsync_shared::codec;
-use fieldsync_shared::session::{Action, Now, OutboxHealth, Report, Session, SessionConfig};
+use fieldsync_shared::session::{self, Action, Now, OutboxHealth, Report, Session, SessionConfig};
 use fieldsync_shared::tls::{client_config, TlsError};
-use fieldsync_shared::wire::{down_topic, up_topic, Envelope, Message, MAX_MESSAGE_BYTES};
-use fieldsync_shared::{AgentId, Change, Flow, Mark, Policy, Seq};
+use fieldsync_shared::wire::{
+    down_topic, up_topic, Envelope, ErrorCode, Message, MAX_MESSAGE_BYTES,
+};
+use fieldsync_shared::{schema, AgentId, Change, Flow, Mark, Policy, Seq};
 use rand::Rng;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, Event, MqttOptions, NetworkOptions, Packet, QoS,
@@ -84,6 +86,11 @@ pub struct LinkStatus {
     pub identity_refused: AtomicBool,
     /// The hub refused the link: this agent's merge rules are not the hub's.
     pub rules_refused: AtomicBool,
+    /// Changes the hub applied without field values that break its schema
+    /// (one per change it reported).
+    pub schema_refused: AtomicU64,
+    /// Downstream field values this agent refused for breaking its schema.
+    pub schema_refused_down: AtomicU64,
     /// Upstream batches published to the hub (resends included).
     pub batches_sent: AtomicU64,
     /// Moves whenever the hub acknowledges outbox entries or a downstream
@@ -489,6 +496,7 @@ impl Driver<'_> {
             } => {
                 // This agent's own policy is the authority on what it accepts.
                 let mut accepted: Vec<Change> = Vec::with_capacity(changes.len());
+                let mut refused = Vec::new();
                 for change in &changes {
                     let filtered = self.setup.policy.filter(Flow::Down, change);
                     if !filtered.denied.is_empty() || filtered.collection_denied {
@@ -500,7 +508,26 @@ impl Driver<'_> {
                             "dropped downstream fields this agent's policy does not accept"
                         );
                     }
-                    accepted.extend(filtered.permitted);
+                    let Some(change) = filtered.permitted else {
+                        continue;
+                    };
+                    let (collection, key) = (change.collection.clone(), change.key.clone());
+                    let (left, violations) = self.setup.policy.strip_invalid(change);
+                    if !violations.is_empty() {
+                        let fields: Vec<&str> =
+                            violations.iter().map(|v| v.field.as_str()).collect();
+                        tracing::warn!(
+                            %collection,
+                            ?fields,
+                            "dropped downstream field values that break this agent's schema"
+                        );
+                        self.setup
+                            .status
+                            .schema_refused_down
+                            .fetch_add(violations.len() as u64, Ordering::Relaxed);
+                        refused.push(schema::refusal_detail(&collection, &key, &violations));
+                    }
+                    accepted.extend(left);
                 }
                 self.setup
                     .writer
@@ -508,6 +535,10 @@ impl Driver<'_> {
                     .await?;
                 self.setup.status.progressed();
                 self.publish(then).await;
+                for detail in refused {
+                    self.publish(session::error(ErrorCode::SchemaRefused, &detail, None))
+                        .await;
+                }
             }
             Action::Trim { mark, resync } => {
                 // The hub committed these: shown at once, trimmed just after.
@@ -614,6 +645,10 @@ impl Driver<'_> {
             }
             Report::PeerError { code } => tracing::debug!(?code, "the hub reported an error"),
             Report::Duplicate => tracing::debug!("a downstream batch came again; acknowledged again"),
+            Report::SchemaRefusedByPeer { detail } => {
+                status.schema_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%detail, "the hub refused field values that break its schema (the rest of the change applied)");
+            }
             Report::RulesRefused => {
                 self.setup.status.rules_refused.store(true, Ordering::Relaxed);
                 tracing::error!(

@@ -22,7 +22,7 @@ use crate::writer::CommitStats;
 pub const PREFIX: &str = "fieldsync_agent";
 
 /// Every name `GET /metrics` serves (histograms by their base name).
-pub const NAMES: [&str; 19] = [
+pub const NAMES: [&str; 21] = [
     "fieldsync_agent_commits_total",
     "fieldsync_agent_write_requests_total",
     "fieldsync_agent_writes_total",
@@ -34,6 +34,8 @@ pub const NAMES: [&str; 19] = [
     "fieldsync_agent_history_dropped_total",
     "fieldsync_agent_history_bytes",
     "fieldsync_agent_clock_refused_total",
+    "fieldsync_agent_schema_refused_total",
+    "fieldsync_agent_schema_refused_down_total",
     "fieldsync_agent_connected",
     "fieldsync_agent_outbox_pending",
     "fieldsync_agent_clock_offset_seconds",
@@ -190,6 +192,16 @@ pub fn encode(sources: &Sources<'_>) -> Result<String, std::fmt::Error> {
             "clock_refused",
             "Batches the hub refused because their stamps were ahead of its clock (they stay queued).",
             Counter(load(&link.clock_refused)),
+        ),
+        reading(
+            "schema_refused",
+            "Changes the hub applied without field values that break its schema.",
+            Counter(load(&link.schema_refused)),
+        ),
+        reading(
+            "schema_refused_down",
+            "Downstream field values this agent refused for breaking its schema.",
+            Counter(load(&link.schema_refused_down)),
         ),
         reading(
             "connected",

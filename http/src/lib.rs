@@ -131,6 +131,19 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
+    /// A 422 `schema_violation`: a value breaks its collection's schema
+    /// (the message names the field and its rule, never the value).
+    pub fn schema(
+        collection: &fieldsync_shared::CollectionName,
+        violation: &fieldsync_shared::schema::Violation,
+    ) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "schema_violation",
+            format!("collection \"{collection}\": {violation}"),
+        )
+    }
+
     /// A 404.
     pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, code, message)

@@ -517,10 +517,15 @@ fn check_policy(policy: &Policy, write: &DownWrite) -> Result<(), ApiError> {
 }
 
 /// The write's edits under its fields' merge rules: 400 when one does not
-/// fit (a value for a counter, an increment for anything else).
+/// fit (a value for a counter, an increment for anything else), 422 when a
+/// value breaks the collection's schema.
 fn edits_of(policy: &Policy, write: &DownWrite) -> Result<Vec<(FieldName, Edit)>, ApiError> {
-    Edit::of_fields(&write.fields, |f| policy.field_rule(&write.collection, f))
-        .map_err(|e| ApiError::bad("invalid_edit", e.to_string()))
+    let edits = Edit::of_fields(&write.fields, |f| policy.field_rule(&write.collection, f))
+        .map_err(|e| ApiError::bad("invalid_edit", e.to_string()))?;
+    policy
+        .check_edits(&write.collection, &edits)
+        .map_err(|v| ApiError::schema(&write.collection, &v))?;
+    Ok(edits)
 }
 
 /// A write that cannot win against the hub's copy.
@@ -725,6 +730,7 @@ pub(crate) struct Queued {
     responses(
         (status = 202, description = "Queued durably", body = Queued),
         (status = 400, description = "Invalid JSON, names or fields", body = ErrorBody),
+        (status = 422, description = "A value breaks its collection's schema (the field and its rule are named); nothing written", body = ErrorBody),
         (status = 403, description = "The policy does not let these fields flow down", body = ErrorBody),
         (status = 409, description = "The write could not win against the hub's copy", body = ErrorBody),
         (status = 413, description = "The body or the change is too large", body = ErrorBody),
@@ -827,6 +833,7 @@ struct BatchQueued {
     responses(
         (status = 202, description = "All queued durably", body = BatchQueued),
         (status = 400, description = "Invalid JSON, names or fields; nothing queued", body = ErrorBody),
+        (status = 422, description = "A value breaks its collection's schema (the field and its rule are named); nothing written", body = ErrorBody),
         (status = 403, description = "The policy refuses a write; nothing queued", body = ErrorBody),
         (status = 409, description = "A write could not win; nothing queued", body = ErrorBody),
         (status = 413, description = "The body or a change is too large", body = ErrorBody),
@@ -943,6 +950,7 @@ pub const BROADCAST_CHUNK_WRITES: usize = 2000;
     responses(
         (status = 202, description = "Queued durably to every selected agent but the refused ones", body = BroadcastOut),
         (status = 400, description = "Invalid JSON, selector, names or fields; nothing queued", body = ErrorBody),
+        (status = 422, description = "A value breaks its collection's schema (the field and its rule are named); nothing written", body = ErrorBody),
         (status = 403, description = "The policy refuses a write; nothing queued", body = ErrorBody),
         (status = 413, description = "The body or a change is too large", body = ErrorBody),
     ))]

@@ -19,7 +19,9 @@ use fieldsync_shared::session::{
     error, Action, Mark, Now, Report, ResyncReason, Session, SessionConfig,
 };
 use fieldsync_shared::wire::{Envelope, ErrorCode, ErrorMsg, Message, MAX_MESSAGE_BYTES};
-use fieldsync_shared::{AgentId, Change, Flow, Hlc, Incarnation, Origin, Policy, Seq};
+use fieldsync_shared::{
+    schema, AgentId, Change, FieldName, Flow, Hlc, Incarnation, Origin, Policy, Seq,
+};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -593,7 +595,14 @@ impl<S: HubStore> Engine<S> {
                     if !changes.is_empty() || cursor.is_some() {
                         self.health.progressed(agent, now.wall_ms);
                     }
-                    let changes = self.admit_upstream(agent, changes, snapshot, &mut group.events);
+                    let mut refused = Vec::new();
+                    let changes = self.admit_upstream(
+                        agent,
+                        changes,
+                        snapshot,
+                        &mut group.events,
+                        &mut refused,
+                    );
                     group.changes += changes.len();
                     group.upstream.push(Upstream {
                         agent: agent.clone(),
@@ -602,6 +611,10 @@ impl<S: HubStore> Engine<S> {
                         snapshot,
                     });
                     group.reply(outlet, agent, then);
+                    for detail in refused {
+                        let msg = error(ErrorCode::SchemaRefused, &detail, None);
+                        group.reply(outlet, agent, msg);
+                    }
                 }
                 // Stored with the group, before anything it sends.
                 Action::Trim { mark, resync } => group.trims.push((agent.clone(), mark, resync)),
@@ -645,6 +658,10 @@ impl<S: HubStore> Engine<S> {
                 tracing::debug!(%agent, ?code, "the agent reported an error")
             }
             Report::IdentityRefused | Report::RulesRefused => {}
+            Report::SchemaRefusedByPeer { detail } => {
+                Metrics::inc(&self.metrics.schema_refused_by_agents);
+                tracing::warn!(%agent, %detail, "the agent refused downstream values that break its schema");
+            }
             Report::Duplicate => Metrics::inc(&self.metrics.upstream_duplicates),
         }
     }
@@ -653,7 +670,9 @@ impl<S: HubStore> Engine<S> {
     /// change claiming another agent's origin is refused whole (a snapshot
     /// may also carry the hub's own operator writes back); fields the hub
     /// policy does not permit upstream are dropped, counted and logged by
-    /// name, never by value. Stamps advance the hub clock (the session has
+    /// name, never by value; so are field values that break the hub's
+    /// schema, and the agent is told of each such change (`refused`, sent
+    /// after the ack). Stamps advance the hub clock (the session has
     /// already refused any beyond the drift bound).
     fn admit_upstream(
         &self,
@@ -661,6 +680,7 @@ impl<S: HubStore> Engine<S> {
         changes: Vec<Change>,
         snapshot: bool,
         events: &mut Vec<EventKind>,
+        refused: &mut Vec<String>,
     ) -> Vec<Change> {
         let now = system_now_ms();
         let own = Origin::agent(agent);
@@ -704,7 +724,32 @@ impl<S: HubStore> Engine<S> {
                     events.push(event);
                 }
             }
-            if let Some(change) = filtered.permitted {
+            let Some(change) = filtered.permitted else {
+                continue;
+            };
+            let (collection, key) = (change.collection.clone(), change.key.clone());
+            let (left, violations) = self.policy.strip_invalid(change);
+            if !violations.is_empty() {
+                Metrics::add(&self.metrics.schema_refused_fields, violations.len() as u64);
+                let fields: Vec<FieldName> = violations.iter().map(|v| v.field.clone()).collect();
+                tracing::warn!(
+                    %agent,
+                    %collection,
+                    fields = ?fields.iter().map(FieldName::as_str).collect::<Vec<_>>(),
+                    "dropped field values that break the hub's schema"
+                );
+                refused.push(schema::refusal_detail(&collection, &key, &violations));
+                let event = EventKind::SchemaRefused {
+                    agent: agent.clone(),
+                    collection,
+                    key,
+                    fields,
+                };
+                if !events.contains(&event) {
+                    events.push(event);
+                }
+            }
+            if let Some(change) = left {
                 if let Some(v) = change.state.max_version() {
                     if let Ok(mut h) = self.hlc.lock() {
                         let _ = h.observe(v.stamp, now);

@@ -53,6 +53,14 @@ pub enum EventKind {
         fields: Vec<FieldName>,
         whole_collection: bool,
     },
+    /// The hub dropped field values an agent sent that break the hub's
+    /// schema (the rest of the change applied). Names only, never values.
+    SchemaRefused {
+        agent: AgentId,
+        collection: CollectionName,
+        key: RecordKey,
+        fields: Vec<FieldName>,
+    },
 }
 
 /// The event types a webhook can subscribe to, as named on the wire.
@@ -62,6 +70,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "agent.disconnected",
     "agent.stalled",
     "policy.denied",
+    "schema.refused",
 ];
 
 /// What one change did to one record: the permitted fields it set (`None`:
@@ -151,6 +160,7 @@ impl Event {
             EventKind::AgentDisconnected { .. } => "agent.disconnected",
             EventKind::AgentStalled { .. } => "agent.stalled",
             EventKind::PolicyDenied { .. } => "policy.denied",
+            EventKind::SchemaRefused { .. } => "schema.refused",
         }
     }
 
@@ -161,7 +171,8 @@ impl Event {
             EventKind::AgentConnected { agent }
             | EventKind::AgentDisconnected { agent }
             | EventKind::AgentStalled { agent, .. }
-            | EventKind::PolicyDenied { agent, .. } => agent,
+            | EventKind::PolicyDenied { agent, .. }
+            | EventKind::SchemaRefused { agent, .. } => agent,
         }
     }
 
@@ -169,7 +180,8 @@ impl Event {
     pub fn collection(&self) -> Option<&CollectionName> {
         match &self.kind {
             EventKind::RecordChanged(c) => Some(&c.collection),
-            EventKind::PolicyDenied { collection, .. } => Some(collection),
+            EventKind::PolicyDenied { collection, .. }
+            | EventKind::SchemaRefused { collection, .. } => Some(collection),
             _ => None,
         }
     }
@@ -218,6 +230,18 @@ impl Event {
                 "collection": collection,
                 "fields": fields,
                 "whole_collection": whole_collection,
+            }),
+            EventKind::SchemaRefused {
+                agent,
+                collection,
+                key,
+                fields,
+            } => json!({
+                "cursor": cursor,
+                "agent": agent,
+                "collection": collection,
+                "key": key,
+                "fields": fields,
             }),
         };
         json!({

@@ -145,6 +145,12 @@ counters!(
     upstream_duplicates,
     /// Fields an agent sent that the hub's policy does not permit (dropped).
     policy_denied_fields,
+    /// Field values an agent sent that break the hub's schema (dropped, never
+    /// stored; the agent is told, and a `schema.refused` event is logged).
+    schema_refused_fields,
+    /// Reports from agents that refused downstream field values breaking
+    /// their schema.
+    schema_refused_by_agents,
     /// Upstream changes stamped with an origin other than the sending agent (dropped).
     forged_origin_changes,
     /// Batches or snapshot parts refused because a stamp was beyond the hub

@@ -14,6 +14,7 @@ pub mod merge;
 pub mod policy;
 pub mod record;
 pub mod rules;
+pub mod schema;
 pub mod session;
 pub mod tls;
 pub mod wire;

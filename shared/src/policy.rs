@@ -14,6 +14,7 @@
 //! merge = { runtime_s = "counter", peak_temp = "max" } # default lww; also min, review
 //! prefer = { limit_max = "hub" }            # a concurrent write: this side wins
 //! history = 20                              # versions kept per record (default 10)
+//! schema = { setpoint = { type = "number", min = 5, max = 35 }, mode = ["eco", "away"] }
 //! ```
 //!
 //! The merge rules ([`crate::rules`]) must be the same on both sides: the
@@ -25,8 +26,9 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::id::{CollectionName, FieldName};
-use crate::record::{Change, RecordState};
+use crate::record::{Change, Edit, RecordState};
 use crate::rules::{FieldRule, Fingerprint, MergeRule, Side};
+use crate::schema::{self, RawFieldSchema, Schema, Violation};
 
 /// Versions of a record kept when the policy does not say.
 pub const DEFAULT_HISTORY: u32 = 10;
@@ -72,6 +74,8 @@ pub struct CollectionRule {
     pub fields: BTreeMap<FieldName, FieldRule>,
     /// Versions kept per record (0: none).
     pub history: u32,
+    /// What fields' values must be ([`crate::schema`]).
+    pub schema: Schema,
 }
 
 /// A parsed, validated policy.
@@ -125,6 +129,8 @@ struct RawRule {
     #[serde(default)]
     prefer: BTreeMap<String, Side>,
     history: Option<u32>,
+    #[serde(default)]
+    schema: BTreeMap<String, toml::Value>,
 }
 
 /// What [`Policy::filter`] lets through and what it holds back.
@@ -214,6 +220,17 @@ impl Policy {
                     format!("at most {MAX_HISTORY} versions per record can be kept"),
                 ));
             }
+            let mut schema = Schema::new();
+            for (field, raw) in rule.schema {
+                let key = format!("{key}.schema.{field}");
+                let field =
+                    FieldName::new(field).map_err(|e| invalid(key.clone(), e.to_string()))?;
+                let merge = fields.get(&field).map_or(MergeRule::Lww, |r| r.merge);
+                let parsed = RawFieldSchema::of(raw)
+                    .and_then(|r| r.parse(merge))
+                    .map_err(|m| invalid(key, m))?;
+                schema.insert(field, parsed);
+            }
             collections.insert(
                 collection,
                 CollectionRule {
@@ -221,6 +238,7 @@ impl Policy {
                     sync,
                     fields,
                     history,
+                    schema,
                 },
             );
         }
@@ -243,6 +261,35 @@ impl Policy {
         self.collections
             .get(collection)
             .map_or(DEFAULT_HISTORY, |c| c.history)
+    }
+
+    /// Checks a write's edits against `collection`'s schema: the first field
+    /// whose new value breaks its rule (a delete or an increment sets no
+    /// value, and passes).
+    pub fn check_edits(
+        &self,
+        collection: &CollectionName,
+        edits: &[(FieldName, Edit)],
+    ) -> Result<(), Violation> {
+        let Some(rule) = self.collections.get(collection) else {
+            return Ok(());
+        };
+        schema::check_patch(
+            &rule.schema,
+            edits.iter().filter_map(|(f, e)| match e {
+                Edit::Set(v) => Some((f, v)),
+                Edit::Delete | Edit::Add(_) => None,
+            }),
+        )
+    }
+
+    /// A change as a receiver applies it: without the fields whose values
+    /// break the schema (`None` when nothing is left), and their violations.
+    pub fn strip_invalid(&self, change: Change) -> (Option<Change>, Vec<Violation>) {
+        match self.collections.get(&change.collection) {
+            Some(rule) => schema::strip(&rule.schema, change),
+            None => (Some(change), Vec::new()),
+        }
     }
 
     /// A digest of every merge rule (collection, field, rule, preferred side),
@@ -592,5 +639,126 @@ mod tests {
             assert_ne!(fp(&changed), base, "{changed}");
         }
         assert_ne!(fp(BRIEF), base);
+    }
+
+    const SCHEMA: &str = r#"
+        [collections.thermostat]
+        direction = "both"
+        sync = ["setpoint", "mode", "runtime_s"]
+        merge = { runtime_s = "counter" }
+        schema = { setpoint = { type = "number", min = 5, max = 35 }, mode = ["eco", "away"], runtime_s = "integer" }
+    "#;
+
+    fn set(collection: &str, fields: &[(&str, serde_json::Value)]) -> Change {
+        let version = Version {
+            stamp: Stamp::new(1, 0),
+            origin: Origin::new("a1").unwrap(),
+        };
+        let mut state = RecordState::default();
+        for (f, v) in fields {
+            state.fields.insert(
+                FieldName::new(*f).unwrap(),
+                crate::record::FieldState::plain(version.clone(), FieldValue::Set(v.clone())),
+            );
+        }
+        Change {
+            collection: CollectionName::new(collection).unwrap(),
+            key: RecordKey::new("k").unwrap(),
+            state,
+        }
+    }
+
+    #[test]
+    fn a_schema_checks_edits_and_strips_what_breaks_it_from_a_change() {
+        let p = Policy::parse(SCHEMA).unwrap();
+        let c = CollectionName::new("thermostat").unwrap();
+        let f = |n: &str| FieldName::new(n).unwrap();
+        assert!(p
+            .check_edits(
+                &c,
+                &[
+                    (f("setpoint"), Edit::Set(json!(20))),
+                    (f("mode"), Edit::Delete)
+                ]
+            )
+            .is_ok());
+        // An increment is not a value; a field without a rule takes anything.
+        assert!(p
+            .check_edits(
+                &c,
+                &[
+                    (f("runtime_s"), Edit::Add(-3)),
+                    (f("note"), Edit::Set(json!([1])))
+                ]
+            )
+            .is_ok());
+        let v = p
+            .check_edits(
+                &c,
+                &[
+                    (f("mode"), Edit::Set(json!("eco"))),
+                    (f("setpoint"), Edit::Set(json!(99))),
+                ],
+            )
+            .unwrap_err();
+        assert_eq!(
+            v.to_string(),
+            "field \"setpoint\" must be a number, from 5 to 35"
+        );
+        let other = CollectionName::new("diary").unwrap();
+        assert!(p
+            .check_edits(&other, &[(f("setpoint"), Edit::Set(json!(99)))])
+            .is_ok());
+
+        let (left, violations) = p.strip_invalid(set(
+            "thermostat",
+            &[("setpoint", json!(99)), ("mode", json!("eco"))],
+        ));
+        let left = left.unwrap();
+        assert_eq!(left.state.fields.keys().collect::<Vec<_>>(), [&f("mode")]);
+        assert_eq!(violations.len(), 1);
+        assert_eq!(violations[0].field, f("setpoint"));
+        let (left, violations) = p.strip_invalid(set("thermostat", &[("mode", json!("off"))]));
+        assert!(left.is_none());
+        assert_eq!(violations[0].rule, "one of \"eco\", \"away\"");
+        // A deleted field is no value: it passes.
+        let mut deleted = set("thermostat", &[]);
+        deleted.state.fields.insert(
+            f("setpoint"),
+            crate::record::FieldState::plain(
+                Version {
+                    stamp: Stamp::new(2, 0),
+                    origin: Origin::new("a1").unwrap(),
+                },
+                FieldValue::Deleted,
+            ),
+        );
+        let (left, violations) = p.strip_invalid(deleted.clone());
+        assert_eq!((left, violations), (Some(deleted), vec![]));
+    }
+
+    #[test]
+    fn a_bad_schema_is_refused_naming_its_key() {
+        for (rule, want) in [
+            (
+                r#"setpoint = "text""#,
+                "collections.t.schema.setpoint: unknown type",
+            ),
+            (
+                r#"runtime_s = { max = 9 }"#,
+                "collections.t.schema.runtime_s: a counter cannot be bounded",
+            ),
+            (
+                r#"mode = { type = "bool", min = 1 }"#,
+                "collections.t.schema.mode: min and max bound numbers",
+            ),
+            (r#""" = "string""#, "collections.t.schema."),
+        ] {
+            let text = format!(
+                "[collections.t]\ndirection = \"up\"\nsync = [\"setpoint\"]\nmerge = {{ runtime_s = \"counter\" }}\nschema = {{ {rule} }}\n"
+            );
+            let e = Policy::parse(&text).unwrap_err().to_string();
+            assert!(e.contains(want), "{rule}: {e}");
+        }
     }
 }

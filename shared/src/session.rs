@@ -271,6 +271,10 @@ pub enum Report {
     IdentityRefused,
     /// The hub refused the link: this agent's merge rules are not the hub's.
     RulesRefused,
+    /// The peer applied a change of ours without field values that break
+    /// its schema (`detail` names the record, fields and rules, never a
+    /// value). The rest of the change applied; the entry is acknowledged.
+    SchemaRefusedByPeer { detail: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -1253,6 +1257,9 @@ impl Session {
     fn on_error(&mut self, e: ErrorMsg, now: Now) {
         self.push(Action::Report(Report::PeerError { code: e.code }));
         match e.code {
+            ErrorCode::SchemaRefused => self.push(Action::Report(Report::SchemaRefusedByPeer {
+                detail: e.message,
+            })),
             // A hello is already on its way when not linked: its answer, or
             // the hello timeout, decides (a second hello could be answered
             // as a new session while the first one is refused).

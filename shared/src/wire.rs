@@ -251,6 +251,11 @@ pub enum ErrorCode {
     /// differ): syncing would let the replicas diverge. Refused until both
     /// run one policy.
     RulesMismatch,
+    /// The receiver applied a change without field values that break its
+    /// schema (the message names the record, each field and its rule, never
+    /// a value); the entry is acknowledged as usual. Informational: it
+    /// changes nothing in the session.
+    SchemaRefused,
 }
 
 /// Why a decoded message is not acceptable.

@@ -443,6 +443,7 @@ fn code_name(code: ErrorCode) -> &'static str {
         ErrorCode::ClockAhead => "ClockAhead",
         ErrorCode::IdentityConflict => "IdentityConflict",
         ErrorCode::RulesMismatch => "RulesMismatch",
+        ErrorCode::SchemaRefused => "SchemaRefused",
     }
 }
 
@@ -459,6 +460,7 @@ fn every_error_code_is_its_name_as_text() {
         ErrorCode::ClockAhead,
         ErrorCode::IdentityConflict,
         ErrorCode::RulesMismatch,
+        ErrorCode::SchemaRefused,
     ] {
         let name = code_name(code);
         let mut expected = vec![0x60 + u8::try_from(name.len()).unwrap()];

@@ -122,6 +122,7 @@ pub(super) struct ConflictPath {
     responses(
         (status = 202, description = "The resolution is queued durably", body = Queued),
         (status = 400, description = "Invalid JSON, or not exactly one of value and keep", body = ErrorBody),
+        (status = 422, description = "A value breaks its collection's schema (the field and its rule are named); nothing written", body = ErrorBody),
         (status = 403, description = "The policy does not let this field flow down", body = ErrorBody),
         (status = 404, description = "No such conflict (unknown, or already resolved)", body = ErrorBody),
         (status = 409, description = "No candidate of that side, or the write could not win", body = ErrorBody),

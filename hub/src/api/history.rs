@@ -91,6 +91,7 @@ pub(super) struct RolledBack {
         (status = 202, description = "The rollback is queued durably", body = RolledBack),
         (status = 200, description = "The record already is as it was at that version; nothing written", body = RolledBack),
         (status = 400, description = "Invalid JSON, names or version", body = ErrorBody),
+        (status = 422, description = "A value breaks its collection's schema (the field and its rule are named); nothing written", body = ErrorBody),
         (status = 403, description = "The policy does not let these fields flow down", body = ErrorBody),
         (status = 404, description = "The record has no such version (unknown, or dropped by the history's bounds)", body = ErrorBody),
         (status = 409, description = "The write could not win against the hub's copy", body = ErrorBody),
