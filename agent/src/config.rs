@@ -226,19 +226,9 @@ impl AgentConfig {
             None => LogFormat::default(),
             Some(text) => LogFormat::parse(text).map_err(|m| invalid("log.format", m))?,
         };
-        let history_max_bytes = raw
-            .history
-            .max_bytes
-            .unwrap_or(history::DEFAULT_AGENT_MAX_BYTES);
-        if history_max_bytes < history::MIN_MAX_BYTES {
-            return Err(invalid(
-                "history.max_bytes",
-                format!(
-                    "{history_max_bytes} is below {} (two versions of the largest change)",
-                    history::MIN_MAX_BYTES
-                ),
-            ));
-        }
+        let history_max_bytes =
+            history::max_bytes(raw.history.max_bytes, history::DEFAULT_AGENT_MAX_BYTES)
+                .map_err(|m| invalid("history.max_bytes", m))?;
 
         Ok(Self {
             history_max_bytes,
@@ -374,6 +364,7 @@ mod tests {
             (format!("{GOOD}[api]\nlisten = \"localhost\"\n"), "api.listen"),
             (format!("{GOOD}[api]\nmax_body_bytes = 1\n"), "api.max_body_bytes"),
             (format!("{GOOD}[log]\nformat = \"xml\"\n"), "log.format"),
+            (format!("{GOOD}[history]\nmax_bytes = 1000\n"), "history.max_bytes: 1000 is below"),
             (format!("{GOOD}[log]\nlevel = \"debug\"\n"), "level"),
             (
                 format!("{GOOD}[hub]\nurl = \"mqtt://h:1883\"\nca = \"policy.toml\"\ncert = \"policy.toml\"\nkey = \"policy.toml\"\n"),

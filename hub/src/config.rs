@@ -514,19 +514,9 @@ impl HubConfig {
                 format!("{stall_after_ms} is outside 1000..=86400000"),
             ));
         }
-        let history_max_bytes = raw
-            .history
-            .max_bytes
-            .unwrap_or(history::DEFAULT_HUB_MAX_BYTES);
-        if history_max_bytes < history::MIN_MAX_BYTES {
-            return Err(invalid(
-                "history.max_bytes",
-                format!(
-                    "{history_max_bytes} is below {} (two versions of the largest change)",
-                    history::MIN_MAX_BYTES
-                ),
-            ));
-        }
+        let history_max_bytes =
+            history::max_bytes(raw.history.max_bytes, history::DEFAULT_HUB_MAX_BYTES)
+                .map_err(|m| invalid("history.max_bytes", m))?;
         let log = match raw.log.format.as_deref() {
             None => LogFormat::default(),
             Some(text) => LogFormat::parse(text).map_err(|m| invalid("log.format", m))?,
@@ -626,6 +616,10 @@ file = "policy.toml"
             (
                 GOOD.replace("data_dir = \"data\"", "data_dir = \"\""),
                 "hub.data_dir",
+            ),
+            (
+                format!("{GOOD}[history]\nmax_bytes = 1000\n"),
+                "history.max_bytes: 1000 is below",
             ),
             (
                 GOOD.replace("ca = \"ca.pem\"", "ca = \"nope.pem\""),

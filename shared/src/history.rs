@@ -22,6 +22,18 @@ pub const DEFAULT_AGENT_MAX_BYTES: u64 = 16 << 20;
 /// Smallest bound a config may set: two versions of the largest change.
 pub const MIN_MAX_BYTES: u64 = 2 * crate::wire::MAX_CHANGE_BYTES as u64;
 
+/// A config's `[history] max_bytes`, or `default` when unset; an error
+/// (for the key) below [`MIN_MAX_BYTES`].
+pub fn max_bytes(configured: Option<u64>, default: u64) -> Result<u64, String> {
+    let bytes = configured.unwrap_or(default);
+    if bytes < MIN_MAX_BYTES {
+        return Err(format!(
+            "{bytes} is below {MIN_MAX_BYTES} (two versions of the largest change)"
+        ));
+    }
+    Ok(bytes)
+}
+
 /// Why a version exists: who made the change and by which operation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]

@@ -32,7 +32,7 @@ const HUB_NAMES: [&str; 7] = [
 ];
 
 /// The agent's names (README, "Metrics").
-const AGENT_NAMES: [&str; 19] = [
+const AGENT_NAMES: [&str; 21] = [
     "fieldsync_agent_commits_total",
     "fieldsync_agent_write_requests_total",
     "fieldsync_agent_writes_total",
@@ -44,6 +44,8 @@ const AGENT_NAMES: [&str; 19] = [
     "fieldsync_agent_history_dropped_total",
     "fieldsync_agent_history_bytes",
     "fieldsync_agent_clock_refused_total",
+    "fieldsync_agent_schema_refused_total",
+    "fieldsync_agent_schema_refused_down_total",
     "fieldsync_agent_connected",
     "fieldsync_agent_outbox_pending",
     "fieldsync_agent_clock_offset_seconds",
