@@ -663,7 +663,14 @@ impl Store {
                         Some(bytes) => codec::from_bytes(bytes.value())?,
                         None => RecordState::default(),
                     };
-                    let prior = history.keeps(collection).then(|| state.clone());
+                    // The written fields' values before the write (all
+                    // fields for a delete): the "before" of its version.
+                    let before = history.keeps(collection).then(|| match op {
+                        WriteOp::Put { fields, .. } => {
+                            history::values_of(&state, fields.iter().map(|(f, _)| f))
+                        }
+                        WriteOp::Delete { .. } => history::values_of(&state, state.fields.keys()),
+                    });
                     let mut version = || Version {
                         stamp: hlc.tick(now_ms),
                         origin: origin.clone(),
@@ -688,8 +695,7 @@ impl Store {
                         key: key.clone(),
                         state: delta,
                     };
-                    let touched = prior.map(|p| history::touched(&p, &change.state));
-                    history.record("", touched, &state, &change, &writer, now_ms)?;
+                    history.record("", before, &state, &change, &writer, now_ms)?;
                     if let Some(permitted) = policy.filter(Flow::Up, &change).permitted {
                         last_seq += 1;
                         outbox.insert(last_seq, codec::to_bytes(&permitted)?.as_slice())?;

@@ -2,11 +2,14 @@
 //! hub's: two tables in the store's own file, written inside the store's
 //! write transactions, so a version commits with the change that made it.
 //!
-//! - `history`: version number → CBOR of the owner and its
-//!   [`HistoryEntry`], in the store-wide order (oldest first);
-//! - `history_index`: (owner, collection, key, version) → the entry's bytes,
-//!   a record's versions in order. The owner is the agent id on the hub and
-//!   empty on the agent (whose records are all its own).
+//! - `history_order`: version number → (owner, collection, key), the
+//!   store-wide order (oldest first) the bytes bound drops from;
+//! - `history_versions`: (owner, collection, key, version) → CBOR of the
+//!   [`HistoryEntry`], a record's versions in order. The owner is the agent
+//!   id on the hub and empty on the agent (whose records are all its own).
+//!
+//! Dropping the oldest version reads its place from the order table and
+//! deletes it from both, decoding nothing.
 //!
 //! Both bounds are kept as versions are written: a record's count
 //! ([`HistoryLimits::keep`]) at each push, the store's bytes
@@ -19,12 +22,15 @@ use fieldsync_shared::codec::{self, CodecError};
 use fieldsync_shared::history::{self, HistoryEntry, HistoryLimits, Writer};
 use fieldsync_shared::{Change, CollectionName, RecordState};
 use redb::{ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-/// version → CBOR [`Versioned`].
-const HISTORY: TableDefinition<u64, &[u8]> = TableDefinition::new("history");
-/// (owner, collection, key, version) → the entry's stored bytes.
-const INDEX: TableDefinition<(&str, &str, &str, u64), u64> = TableDefinition::new("history_index");
+/// version → (owner, collection, key).
+const ORDER: TableDefinition<u64, (&str, &str, &str)> = TableDefinition::new("history_order");
+/// (owner, collection, key, version) → CBOR [`HistoryEntry`].
+const VERSIONS: TableDefinition<(&str, &str, &str, u64), &[u8]> =
+    TableDefinition::new("history_versions");
+/// The tables of the first layout (one never released): dropped at open.
+const FIRST_LAYOUT: [&str; 2] = ["history", "history_index"];
 /// The store's own `meta` table: the counters live beside its other marks.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -61,24 +67,26 @@ pub struct HistoryStats {
     pub dropped: u64,
 }
 
-/// One stored version: whose record it is, and the entry.
-#[derive(Serialize, Deserialize)]
-struct Versioned {
-    owner: String,
-    entry: HistoryEntry,
-}
-
-/// Creates the tables (at a store's open).
+/// Creates the tables (at a store's open); a store with the first layout's
+/// tables drops them and starts its history afresh (its byte count too).
 pub fn create_tables(txn: &redb::WriteTransaction) -> Result<(), HistoryError> {
-    txn.open_table(HISTORY)?;
-    txn.open_table(INDEX)?;
+    txn.open_table(ORDER)?;
+    txn.open_table(VERSIONS)?;
+    let mut dropped = false;
+    for name in FIRST_LAYOUT {
+        let table: TableDefinition<u64, u64> = TableDefinition::new(name);
+        dropped |= txn.delete_table(table)?;
+    }
+    if dropped {
+        txn.open_table(META)?.insert(K_BYTES, 0)?;
+    }
     Ok(())
 }
 
 /// Appends versions inside one write transaction.
 pub struct HistoryWriter<'t> {
-    log: redb::Table<'t, u64, &'static [u8]>,
-    index: redb::Table<'t, (&'static str, &'static str, &'static str, u64), u64>,
+    order: redb::Table<'t, u64, (&'static str, &'static str, &'static str)>,
+    versions: redb::Table<'t, (&'static str, &'static str, &'static str, u64), &'static [u8]>,
     limits: &'t HistoryLimits,
     last: u64,
     bytes: u64,
@@ -96,8 +104,8 @@ impl<'t> HistoryWriter<'t> {
         let (last, bytes, dropped) = (get(K_LAST)?, get(K_BYTES)?, get(K_DROPPED)?);
         drop(meta);
         Ok(Self {
-            log: txn.open_table(HISTORY)?,
-            index: txn.open_table(INDEX)?,
+            order: txn.open_table(ORDER)?,
+            versions: txn.open_table(VERSIONS)?,
             limits,
             last,
             bytes,
@@ -140,31 +148,24 @@ impl<'t> HistoryWriter<'t> {
 
     fn push(&mut self, owner: &str, entry: HistoryEntry) -> Result<(), HistoryError> {
         let keep = self.limits.keep(&entry.collection);
-        let versioned = Versioned {
-            owner: owner.to_owned(),
-            entry,
-        };
-        let bytes = codec::to_bytes(&versioned)?;
-        let (c, k) = (
-            versioned.entry.collection.as_str(),
-            versioned.entry.key.as_str(),
-        );
+        let bytes = codec::to_bytes(&entry)?;
+        let (c, k) = (entry.collection.as_str(), entry.key.as_str());
         self.last += 1;
-        self.log.insert(self.last, bytes.as_slice())?;
-        self.index
-            .insert((owner, c, k, self.last), bytes.len() as u64)?;
+        self.order.insert(self.last, (owner, c, k))?;
+        self.versions
+            .insert((owner, c, k, self.last), bytes.as_slice())?;
         self.bytes += bytes.len() as u64;
         let mut versions = Vec::new();
         for item in self
-            .index
+            .versions
             .range((owner, c, k, 0)..=(owner, c, k, u64::MAX))?
         {
-            let (at, size) = item?;
-            versions.push((at.value().3, size.value()));
+            let (at, stored) = item?;
+            versions.push((at.value().3, stored.value().len() as u64));
         }
         for &(at, size) in history::over_count(&versions, keep) {
-            self.log.remove(at)?;
-            self.index.remove((owner, c, k, at))?;
+            self.order.remove(at)?;
+            self.versions.remove((owner, c, k, at))?;
             self.forget(size);
         }
         Ok(())
@@ -179,24 +180,21 @@ impl<'t> HistoryWriter<'t> {
     /// bound, and persists the counters. Call before the commit.
     pub fn close(mut self, txn: &redb::WriteTransaction) -> Result<(), HistoryError> {
         while self.bytes > self.limits.max_bytes {
-            let (at, size, old) = match self.log.pop_first()? {
-                Some((at, bytes)) => {
-                    let old: Versioned = codec::from_bytes(bytes.value())?;
-                    (at.value(), bytes.value().len() as u64, old)
-                }
-                None => {
-                    self.bytes = 0;
-                    break;
-                }
+            let popped = self.order.pop_first()?.map(|(at, place)| {
+                let (o, c, k) = place.value();
+                (at.value(), o.to_owned(), c.to_owned(), k.to_owned())
+            });
+            let Some((at, o, c, k)) = popped else {
+                self.bytes = 0;
+                break;
             };
-            let e = &old.entry;
-            let place = (
-                old.owner.as_str(),
-                e.collection.as_str(),
-                e.key.as_str(),
-                at,
-            );
-            self.index.remove(place)?;
+            let size = match self
+                .versions
+                .remove((o.as_str(), c.as_str(), k.as_str(), at))?
+            {
+                Some(stored) => stored.value().len() as u64,
+                None => 0,
+            };
             self.forget(size);
         }
         let (last, bytes, dropped) = (self.last, self.bytes, self.dropped);
@@ -218,19 +216,15 @@ pub fn versions(
     key: &str,
     limit: usize,
 ) -> Result<Vec<(u64, HistoryEntry)>, HistoryError> {
-    let index = txn.open_table(INDEX)?;
-    let log = txn.open_table(HISTORY)?;
+    let table = txn.open_table(VERSIONS)?;
     let (o, c, k) = (owner, collection, key);
     let mut out = Vec::new();
-    for item in index.range((o, c, k, 0)..=(o, c, k, u64::MAX))?.rev() {
+    for item in table.range((o, c, k, 0)..=(o, c, k, u64::MAX))?.rev() {
         if out.len() >= limit {
             break;
         }
-        let at = item?.0.value().3;
-        if let Some(bytes) = log.get(at)? {
-            let versioned: Versioned = codec::from_bytes(bytes.value())?;
-            out.push((at, versioned.entry));
-        }
+        let (at, stored) = item?;
+        out.push((at.value().3, codec::from_bytes(stored.value())?));
     }
     Ok(out)
 }
@@ -243,4 +237,61 @@ pub fn stats(txn: &redb::ReadTransaction) -> Result<HistoryStats, HistoryError> 
         bytes: get(K_BYTES)?,
         dropped: get(K_DROPPED)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redb::{ReadableDatabase, TableHandle};
+
+    /// A store written by the first layout drops its tables at open and
+    /// counts its history afresh; the new tables are there and empty.
+    #[test]
+    fn the_first_layouts_tables_are_dropped_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = redb::Database::create(dir.path().join("s.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let old: TableDefinition<u64, &[u8]> = TableDefinition::new("history");
+            txn.open_table(old)
+                .unwrap()
+                .insert(1, [1u8; 40].as_slice())
+                .unwrap();
+            let old: TableDefinition<(&str, &str, &str, u64), u64> =
+                TableDefinition::new("history_index");
+            txn.open_table(old)
+                .unwrap()
+                .insert(("", "c", "k", 1), 40)
+                .unwrap();
+            let mut meta = txn.open_table(META).unwrap();
+            meta.insert(K_BYTES, 40).unwrap();
+            meta.insert(K_DROPPED, 3).unwrap();
+        }
+        txn.commit().unwrap();
+
+        let txn = db.begin_write().unwrap();
+        create_tables(&txn).unwrap();
+        txn.commit().unwrap();
+
+        let txn = db.begin_read().unwrap();
+        let names: Vec<String> = txn
+            .list_tables()
+            .unwrap()
+            .map(|t| t.name().to_owned())
+            .collect();
+        assert!(
+            !names.iter().any(|n| FIRST_LAYOUT.contains(&n.as_str())),
+            "{names:?}"
+        );
+        assert!(names.iter().any(|n| n == "history_versions"), "{names:?}");
+        let stats = stats(&txn).unwrap();
+        assert_eq!(
+            stats,
+            HistoryStats {
+                bytes: 0,
+                dropped: 3
+            }
+        );
+        assert!(versions(&txn, "", "c", "k", 10).unwrap().is_empty());
+    }
 }

@@ -138,6 +138,16 @@ pub fn touched(state: &RecordState, change: &RecordState) -> Touched {
     } else {
         change.fields.keys().collect()
     };
+    values_of(state, names)
+}
+
+/// The visible values in `state` of the fields `names`: what a write to
+/// those fields is about to change (the same as [`touched`] by the change the
+/// write makes, without cloning the record to compute it afterwards).
+pub fn values_of<'a>(
+    state: &RecordState,
+    names: impl IntoIterator<Item = &'a FieldName>,
+) -> Touched {
     names
         .into_iter()
         .map(|name| (name.clone(), visible(state, name)))

@@ -300,7 +300,10 @@ impl Policy {
         if self.collections.values().all(|c| c.fields.is_empty()) {
             return Fingerprint::default();
         }
-        let mut text = String::from("fieldsync-rules-v1\n");
+        // The tag names the encoding of ruled fields too: builds that encode
+        // them differently refuse each other (RulesMismatch) instead of
+        // failing to decode each other's batches. v2: the compact encoding.
+        let mut text = String::from("fieldsync-rules-v2\n");
         for (collection, rule) in &self.collections {
             for (field, r) in &rule.fields {
                 let prefer = match r.prefer {

@@ -112,13 +112,60 @@ pub enum FieldValue {
 /// A field with a merge rule (see [`crate::rules`]) also carries the rule's
 /// state; `version` and `value` are then its view (the greatest version it
 /// holds and the value a reader sees), recomputed on every merge. A plain
-/// last-writer-wins field encodes exactly as before rules existed.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// last-writer-wins field encodes exactly as before rules existed; a ruled
+/// field encodes its rule state only, and decoding computes the view (so a
+/// peer cannot send a view its state does not hold). Decoding still takes a
+/// ruled field with its view written out (the first encoding of rules) and
+/// recomputes the view from the state.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(try_from = "FieldRepr")]
 pub struct FieldState {
     pub version: Version,
     pub value: FieldValue,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<RuleState>,
+}
+
+/// A [`FieldState`] as encoded: `version` and `value` for a plain field,
+/// `rule` for a ruled one.
+#[derive(Serialize, Deserialize)]
+struct FieldRepr<V = Version, F = FieldValue, R = RuleState> {
+    #[serde(default = "none", skip_serializing_if = "Option::is_none")]
+    version: Option<V>,
+    #[serde(default = "none", skip_serializing_if = "Option::is_none")]
+    value: Option<F>,
+    #[serde(default = "none", skip_serializing_if = "Option::is_none")]
+    rule: Option<R>,
+}
+
+fn none<T>() -> Option<T> {
+    None
+}
+
+impl Serialize for FieldState {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let plain = self.rule.is_none();
+        FieldRepr {
+            version: plain.then_some(&self.version),
+            value: plain.then_some(&self.value),
+            rule: self.rule.as_ref(),
+        }
+        .serialize(serializer)
+    }
+}
+
+impl TryFrom<FieldRepr> for FieldState {
+    type Error = &'static str;
+
+    fn try_from(repr: FieldRepr) -> Result<Self, Self::Error> {
+        match (repr.version, repr.value, repr.rule) {
+            (_, _, Some(rule)) if rule.is_void() => Err("a ruled field that holds no write"),
+            (_, _, Some(rule)) => {
+                FieldState::ruled(rule).ok_or("a ruled field that holds no write")
+            }
+            (Some(version), Some(value), None) => Ok(FieldState::plain(version, value)),
+            _ => Err("a field needs a version and a value, or a rule state"),
+        }
+    }
 }
 
 impl FieldState {
@@ -366,9 +413,9 @@ impl RecordState {
             let current = self
                 .fields
                 .get(&name)
-                .and_then(|f| f.rule.clone())
-                .filter(|r| std::mem::discriminant(r) == std::mem::discriminant(&empty))
-                .unwrap_or(empty);
+                .and_then(|f| f.rule.as_ref())
+                .filter(|r| std::mem::discriminant(*r) == std::mem::discriminant(&empty))
+                .unwrap_or(&empty);
             let written = match (current, edit) {
                 // Adding nothing changes nothing anywhere.
                 (RuleState::Counter(_), Edit::Add(0)) => continue,
@@ -460,12 +507,12 @@ impl Merge for RecordState {
         }
         let deleted = self.deleted.clone();
         for (name, theirs) in &other.fields {
-            let theirs = match &theirs.rule {
-                None if Some(&theirs.version) <= deleted.as_ref() => continue,
-                None => std::borrow::Cow::Borrowed(theirs),
-                Some(_) => {
+            let theirs = match (&theirs.rule, &deleted) {
+                (None, _) if Some(&theirs.version) <= deleted.as_ref() => continue,
+                (None, _) | (Some(_), None) => std::borrow::Cow::Borrowed(theirs),
+                (Some(_), Some(d)) => {
                     let mut t = theirs.clone();
-                    if deleted.as_ref().is_some_and(|d| !t.hide_before(d)) {
+                    if !t.hide_before(d) {
                         continue;
                     }
                     std::borrow::Cow::Owned(t)

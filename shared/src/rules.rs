@@ -284,14 +284,23 @@ pub struct Part {
     /// The writer's store incarnation: a re-imaged gateway counts afresh
     /// without its new totals hiding behind its old ones.
     pub incarnation: u64,
-    /// Everything this writer added, and everything it took away (each only grows).
+    /// Everything this writer added, and everything it took away (each only
+    /// grows). These four are left out of the encoding when zero.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub up: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub down: u64,
     /// The part of `up` and `down` that resets have removed.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub reset_up: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub reset_down: u64,
     /// The latest write to this part.
     pub version: Version,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Part {
@@ -412,6 +421,7 @@ impl Counter {
 pub struct Extreme {
     pub entries: Vec<(Version, Value)>,
     /// A field-level delete (`null`): hides every write at or before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cleared: Option<Version>,
 }
 
@@ -564,11 +574,66 @@ impl Seen {
 }
 
 /// `review` and `prefer`: the writes nobody has yet superseded (mutually
-/// concurrent), sorted by version, and what this state has seen.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// concurrent), sorted by version, and what this state has seen (which
+/// covers every entry).
+///
+/// Encoded, `seen` leaves out what the entries imply (an origin seen up to
+/// its newest entry's stamp), and is left out when that is all it holds;
+/// decoding adds it back.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(from = "ConcurrentRepr")]
 pub struct Concurrent {
     pub entries: Vec<(Version, FieldValue)>,
     pub seen: Seen,
+}
+
+#[derive(Deserialize)]
+struct ConcurrentRepr {
+    entries: Vec<(Version, FieldValue)>,
+    #[serde(default)]
+    seen: Seen,
+}
+
+impl From<ConcurrentRepr> for Concurrent {
+    fn from(repr: ConcurrentRepr) -> Self {
+        let mut seen = repr.seen;
+        for (v, _) in &repr.entries {
+            seen.observe(v);
+        }
+        Concurrent {
+            entries: repr.entries,
+            seen,
+        }
+    }
+}
+
+impl Serialize for Concurrent {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            entries: &'a [(Version, FieldValue)],
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            seen: BTreeMap<&'a Origin, &'a Stamp>,
+        }
+        let implied = |origin: &Origin| {
+            self.entries
+                .iter()
+                .filter(|(v, _)| &v.origin == origin)
+                .map(|(v, _)| v.stamp)
+                .max()
+        };
+        let seen = self
+            .seen
+            .0
+            .iter()
+            .filter(|(origin, stamp)| implied(origin).is_none_or(|s| s < **stamp))
+            .collect();
+        Out {
+            entries: &self.entries,
+            seen,
+        }
+        .serialize(serializer)
+    }
 }
 
 impl Concurrent {

@@ -671,3 +671,50 @@ proptest! {
         accepted_is_sound(&bytes)?;
     }
 }
+
+/// A field must be a plain one (version and value) or a ruled one holding a
+/// write: an empty rule state, or a field with neither, is malformed, and a
+/// ruled field's view comes from its state, never from what a peer wrote
+/// beside it.
+#[test]
+fn a_field_without_a_write_is_malformed_and_a_ruled_view_is_recomputed() {
+    let stamp = map(&[("wall_ms", uint(1_000)), ("logical", uint(0))]);
+    let version = map(&[("stamp", stamp.clone()), ("origin", text("gw-01"))]);
+    let record = |field: Vec<u8>| {
+        [
+            head(5, 2),
+            text("deleted"),
+            vec![0xf6],
+            text("fields"),
+            map(&[("f", field)]),
+        ]
+        .concat()
+    };
+    let empty_counter = map(&[("rule", map(&[("counter", map(&[("parts", head(4, 0))]))]))]);
+    let nothing = map(&[]);
+    let version_only = map(&[("version", version.clone())]);
+    for (what, field) in [
+        ("an empty counter", empty_counter),
+        ("no version, value or rule", nothing),
+        ("a version without a value", version_only),
+    ] {
+        let got = codec::from_bytes::<RecordState>(&record(field));
+        assert!(
+            matches!(got, Err(CodecError::Malformed(_))),
+            "{what}: {got:?}"
+        );
+    }
+    // A max field whose written view says 999 while its state holds 5.
+    let entry = [head(4, 2), version.clone(), uint(5)].concat();
+    let lying = map(&[
+        ("version", version),
+        ("value", map(&[("Set", uint(999))])),
+        (
+            "rule",
+            map(&[("max", map(&[("entries", [head(4, 1), entry].concat())]))]),
+        ),
+    ]);
+    let state = codec::from_bytes::<RecordState>(&record(lying)).unwrap();
+    let f = &state.fields[&FieldName::new("f").unwrap()];
+    assert_eq!(f.value, FieldValue::Set(json!(5)));
+}

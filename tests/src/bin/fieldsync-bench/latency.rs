@@ -19,11 +19,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use fieldsync_e2e::fleet::{TempHub, TOKEN};
-use fieldsync_e2e::TempAgent;
+use fieldsync_e2e::fleet::TOKEN;
 use serde_json::{json, Value};
 
-use crate::{get_json, Plan, Report};
+use crate::rules::Load;
+use crate::{get_json, Linked, Plan, Report};
 
 /// Writes offered before measuring starts (connections and caches warm up).
 const WARM_UP: Duration = Duration::from_secs(1);
@@ -34,19 +34,19 @@ const AGENT: &str = "gw-latency";
 
 /// The direction under test.
 #[derive(Clone, Copy)]
-enum Flow {
+pub(crate) enum Flow {
     Up,
     Down,
 }
 
 /// Latencies of one run, in milliseconds, sorted.
-struct Samples {
+pub(crate) struct Samples {
     ms: Vec<f64>,
     poll_ms: f64,
 }
 
 impl Samples {
-    fn quantile(&self, q: f64) -> f64 {
+    pub(crate) fn quantile(&self, q: f64) -> f64 {
         crate::quantile(&self.ms, q)
     }
 }
@@ -106,7 +106,7 @@ pub(crate) async fn run(plan: &Plan, report: &mut Report) -> anyhow::Result<()> 
     );
     let mut poll = Vec::new();
     for (flow, rate, [p50, p99, max]) in runs {
-        let samples = offer(&http, &linked.hub, &linked.agent, flow, rate, measure).await?;
+        let samples = offer(&http, &linked, Load::Fleet, flow, rate, measure).await?;
         report.insert(p50, samples.quantile(0.50));
         report.insert(p99, samples.quantile(0.99));
         report.insert(max, samples.quantile(1.0));
@@ -175,16 +175,17 @@ fn cursor(status: &Value, flow: Flow) -> anyhow::Result<u64> {
         .with_context(|| format!("status has no {key}"))
 }
 
-/// Offers `rate` writes per second for the warm-up plus `measure`, and returns
-/// the latency of every write due after the warm-up.
-async fn offer(
+/// Offers `rate` writes per second (shaped by `load`) for the warm-up plus
+/// `measure`, and returns the latency of every write due after the warm-up.
+pub(crate) async fn offer(
     http: &reqwest::Client,
-    hub: &TempHub,
-    agent: &TempAgent,
+    linked: &Linked,
+    load: Load,
     flow: Flow,
     rate: u64,
     measure: Duration,
 ) -> anyhow::Result<Samples> {
+    let (hub, agent) = (&linked.hub, &linked.agent);
     let status_url = agent.url("/v1/status");
     let before = get_json(http, &status_url, false).await?;
     let base = match flow {
@@ -254,13 +255,14 @@ async fn offer(
     // to its next whole millisecond, which would send each write up to 1 ms
     // after its due time (a phase error that differs from run to run).
     let writer = Writer {
+        load,
         flow,
         rate,
         base,
         total,
         start,
         up_url: agent.url("/v1/batch"),
-        down_url: format!("{}/v1/agents/{AGENT}/batch", hub.api_url()),
+        down_url: format!("{}/v1/agents/{}/batch", hub.api_url(), agent.id()),
     };
     tokio::task::spawn_blocking(move || {
         tokio::runtime::Builder::new_current_thread()
@@ -302,6 +304,7 @@ async fn offer(
 
 /// The open-loop writer of one run.
 struct Writer {
+    load: Load,
     flow: Flow,
     rate: u64,
     base: u64,
@@ -315,6 +318,7 @@ impl Writer {
     /// Sends every write when it is due (all that are due in one call).
     async fn run(self, http: &reqwest::Client) -> anyhow::Result<()> {
         let Writer {
+            load,
             flow,
             rate,
             base,
@@ -336,10 +340,8 @@ impl Writer {
             let upto = now_due.min(from + MAX_BATCH);
             let writes: Vec<Value> = (from..upto)
                 .map(|i| match flow {
-                    Flow::Up => json!({"collection": "patients", "key": format!("l{tag}-{i}"),
-                        "fields": {"ward": i, "initials": "LT", "ssn": "local-only"}}),
-                    Flow::Down => json!({"collection": "settings", "key": format!("l{tag}-{i}"),
-                        "fields": {"mode": i}}),
+                    Flow::Up => load.up(&format!("l{tag}-{i}"), i),
+                    Flow::Down => load.down(&format!("l{tag}-{i}"), i),
                 })
                 .collect();
             let request = match flow {

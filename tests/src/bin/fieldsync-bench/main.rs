@@ -22,6 +22,7 @@ mod latency;
 mod memory;
 mod mosquitto;
 mod raw;
+mod rules;
 mod upstream;
 mod webhooks;
 
@@ -62,6 +63,10 @@ const REQUIRED: &[&str] = &[
     "mosquitto_publish_msgs_per_s",
     "webhook_events_per_s",
     "upstream_webhook_ratio",
+    "rules_slowdown_upstream",
+    "rules_slowdown_latency_p50_1k",
+    "rules_slowdown_latency_p99_1k",
+    "history_slowdown_upstream",
 ];
 
 /// Scenario names, in the order a run takes them (`--only a,b` picks some).
@@ -74,6 +79,7 @@ const SCENARIOS: &[&str] = &[
     "raw",
     "mosquitto",
     "latency",
+    "rules",
     "fleet",
     "memory",
     "webhooks",
@@ -139,6 +145,7 @@ async fn run(plan: &Plan, only: Option<&[String]>) -> anyhow::Result<()> {
             "raw" => raw::baseline(plan, r).await,
             "mosquitto" => mosquitto::peer(plan, r).await,
             "latency" => latency::run(plan, r).await,
+            "rules" => rules::run(plan, r).await,
             "fleet" => fleet::connections(plan, r).await,
             "memory" => memory::downstream(plan, r).await,
             "webhooks" => webhooks::run(plan, r).await,
@@ -388,9 +395,27 @@ pub(crate) struct Linked {
 impl Linked {
     /// Starts both and waits until agent `id` reports the link up.
     pub(crate) async fn start(id: &str) -> anyhow::Result<Self> {
+        Self::start_with(id, FLEET_POLICY).await
+    }
+
+    /// The last lines each program wrote to stderr (for a failure's report).
+    pub(crate) fn logs(&self) -> String {
+        let tail = |log: String| {
+            let lines: Vec<&str> = log.lines().collect();
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        };
+        format!(
+            "agent's log ends:\n{}\nhub's log ends:\n{}",
+            tail(self.agent.stderr_log()),
+            tail(self.hub.stderr_log())
+        )
+    }
+
+    /// [`Linked::start`], both programs on `policy`.
+    pub(crate) async fn start_with(id: &str, policy: &str) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let pki = Pki::create(&dir.path().join("pki"))?;
-        let hub = TempHub::start(dir.path(), &pki, FLEET_POLICY)?;
+        let hub = TempHub::start(dir.path(), &pki, policy)?;
         let agent = hub.agent(&pki, id, None)?;
         let http = reqwest::Client::new();
         let status_url = agent.url("/v1/status");

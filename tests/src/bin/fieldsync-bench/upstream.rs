@@ -13,17 +13,19 @@ use anyhow::{ensure, Context};
 use fieldsync_e2e::TempAgent;
 use serde_json::{json, Value};
 
+use crate::rules::Load;
 use crate::{get_json, time_until, Plan, Report};
 
 /// Concurrent writers.
 const WRITERS: u64 = 4;
 
-/// Writes `total` new records (keys `{tag}-{n}`) in batches of `size` from
-/// four writers and waits until the agent holds the hub's acknowledgement of
+/// Writes `total` new records (keys `{tag}-{n}`, shaped by `load`) in batches
+/// of `size` from four writers and waits until the agent holds the hub's acknowledgement of
 /// every one; the time from the first post.
 pub(crate) async fn stream(
     http: &reqwest::Client,
     agent: &TempAgent,
+    load: Load,
     tag: &str,
     size: u64,
     total: u64,
@@ -41,10 +43,7 @@ pub(crate) async fn stream(
             let mut i = w * size;
             while i < total {
                 let writes: Vec<Value> = (i..(i + size).min(total))
-                    .map(|n| {
-                        json!({"collection": "patients", "key": format!("{tag}-{n}"),
-                        "fields": {"ward": n, "initials": "UP", "ssn": "local-only"}})
-                    })
+                    .map(|n| load.up(&format!("{tag}-{n}"), n))
                     .collect();
                 http.post(&url)
                     .json(&json!({ "writes": writes }))
@@ -87,7 +86,8 @@ pub(crate) async fn run(plan: &Plan, report: &mut Report) -> anyhow::Result<()> 
         (1000, 40_000 * scale, "upstream_changes_per_s"),
     ];
     for (size, total, key) in runs {
-        let took = stream(&http, &linked.agent, &format!("u{size}"), size, total).await?;
+        let tag = format!("u{size}");
+        let took = stream(&http, &linked.agent, Load::Fleet, &tag, size, total).await?;
         let per_s = total as f64 / took.as_secs_f64();
         eprintln!("  batches of {size}: {per_s:.0} changes/s ({total} changes)");
         report.insert(key, per_s);

@@ -15,6 +15,7 @@ use anyhow::ensure;
 use fieldsync_e2e::webhook_receiver::Receiver;
 use serde_json::json;
 
+use crate::rules::Load;
 use crate::upstream::stream;
 use crate::{time_until, Plan, Report};
 
@@ -27,7 +28,7 @@ pub(crate) async fn run(plan: &Plan, report: &mut Report) -> anyhow::Result<()> 
     let http = reqwest::Client::new();
     let total = if plan.quick { 20_000 } else { 100_000 };
 
-    let without = stream(&http, agent, "plain", BATCH, total).await?;
+    let without = stream(&http, agent, Load::Fleet, "plain", BATCH, total).await?;
     let without_per_s = total as f64 / without.as_secs_f64();
 
     let receiver = Receiver::start().await?;
@@ -42,7 +43,7 @@ pub(crate) async fn run(plan: &Plan, report: &mut Report) -> anyhow::Result<()> 
     receiver.set_secret(created["secret"].as_str().unwrap_or_default())?;
 
     let started = Instant::now();
-    let with = stream(&http, agent, "hooked", BATCH, total).await?;
+    let with = stream(&http, agent, Load::Fleet, "hooked", BATCH, total).await?;
     let with_per_s = total as f64 / with.as_secs_f64();
     time_until(
         "the receiver to hold every event",
