@@ -1,8 +1,9 @@
 //! Crash safety of the agent's write path: SIGKILL at random moments while
 //! concurrent clients write through the HTTP API, many times over, then check
-//! the redb store directly: no acknowledged write is lost, records and outbox
-//! entries commit together (never one without the other, never twice), only
-//! permitted fields are queued, and sequence numbers and clock stamps only grow.
+//! the redb store directly: no acknowledged write is lost, records, outbox
+//! entries and history versions commit together (never one without the
+//! others, never twice), only permitted fields are queued, and sequence
+//! numbers and clock stamps only grow.
 //!
 //! Set `FIELDSYNC_E2E_SEED` to replay the kill timings of a failed run.
 
@@ -389,6 +390,7 @@ async fn sigkill_during_writes_loses_no_acknowledged_write() {
     let entries = store.outbox_entries(Seq(1), usize::MAX).unwrap();
     let mut queued: BTreeMap<(String, String), usize> = BTreeMap::new();
     let mut last_version: Option<Version> = None;
+    let mut queued_version: BTreeMap<(String, String), Version> = BTreeMap::new();
     for (i, (seq, change)) in entries.iter().enumerate() {
         assert_eq!(
             seq.0,
@@ -432,7 +434,8 @@ async fn sigkill_during_writes_loses_no_acknowledged_write() {
                 "clock went backwards at {seq:?}: {version:?} after {last:?}"
             );
         }
-        last_version = Some(version);
+        last_version = Some(version.clone());
+        queued_version.insert(address.clone(), version);
         *queued.entry(address).or_default() += 1;
     }
     for (address, write) in &written {
@@ -445,6 +448,30 @@ async fn sigkill_during_writes_loses_no_acknowledged_write() {
             "{address:?}: {count} outbox entries; stored: {stored}, permitted: {:?}",
             write.permitted()
         );
+        // History commits with the change: a stored record with synced
+        // fields has exactly its one version (those fields, from nothing, at
+        // the outbox entry's version); anything else has none.
+        let collection = CollectionName::new(write.collection).unwrap();
+        let key = RecordKey::new(write.key.clone()).unwrap();
+        let versions = store.history(&collection, &key, 10).unwrap();
+        match write.permitted().filter(|_| stored) {
+            Some(permitted) => {
+                assert_eq!(versions.len(), 1, "{address:?}: versions {versions:?}");
+                let entry = &versions[0].1;
+                let after: Map<String, Value> = entry
+                    .changed
+                    .iter()
+                    .map(|(name, diff)| {
+                        assert_eq!(diff.before, None, "{address:?}: {entry:?}");
+                        let value = diff.after.clone().expect("a value written");
+                        (name.as_str().to_owned(), value)
+                    })
+                    .collect();
+                assert_eq!(after, permitted, "{address:?}: {entry:?}");
+                assert_eq!(Some(&entry.version), queued_version.get(address));
+            }
+            None => assert!(versions.is_empty(), "{address:?}: {versions:?}"),
+        }
     }
     assert_eq!(store.outbox_len().unwrap(), entries.len() as u64);
     assert_eq!(
