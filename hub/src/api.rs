@@ -461,6 +461,7 @@ async fn get_record<S: HubStore>(
 }
 
 /// One validated downstream write.
+#[derive(Clone)]
 pub(crate) struct DownWrite {
     collection: CollectionName,
     key: RecordKey,
@@ -979,7 +980,7 @@ async fn broadcast<S: HubStore>(
     for chunk in agents.chunks(per_chunk) {
         let batches = chunk
             .iter()
-            .map(|agent| (agent.clone(), writes.iter().map(DownWrite::copy).collect()))
+            .map(|agent| (agent.clone(), writes.clone()))
             .collect();
         let writer = Writer::new(OPERATOR, Cause::Operator);
         for (_, result) in enqueue(&state, batches, writer).await? {
@@ -1000,16 +1001,6 @@ async fn broadcast<S: HubStore>(
     Metrics::add(&state.metrics.downstream_changes_queued, out.queued);
     tracing::info!(selector = %out.selector, agents = out.agents, queued = out.queued, refused = out.refused.len(), "broadcast queued");
     Ok((StatusCode::ACCEPTED, Json(out)))
-}
-
-impl DownWrite {
-    fn copy(&self) -> Self {
-        Self {
-            collection: self.collection.clone(),
-            key: self.key.clone(),
-            fields: self.fields.clone(),
-        }
-    }
 }
 
 /// The hub's counters, and the agents connected and stalled now.
