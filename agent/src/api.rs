@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use fieldsync_http::conflicts::{conflicts_of, ConflictOut};
-use fieldsync_http::history::{HistoryOut, HistoryQuery, VersionOut};
+use fieldsync_http::history::{HistoryOut, HistoryQuery};
 use fieldsync_http::{json_body, openapi_route, with_fallbacks, ErrorBody, FieldPatch, Key, Name};
 use fieldsync_shared::record::{parse_patch, PatchError};
 use fieldsync_shared::wire::{write_fits, MAX_CHANGE_BYTES};
@@ -248,15 +248,7 @@ async fn history(
     let limit = q.limit().map_err(|m| ApiError::bad("invalid_query", m))?;
     let (c, k) = (collection.clone(), key.clone());
     let versions = read(&state.store, move |s| s.history(&c, &k, limit)).await?;
-    Ok(Json(HistoryOut {
-        agent: None,
-        collection: collection.to_string(),
-        key: key.to_string(),
-        versions: versions
-            .iter()
-            .map(|(n, e)| VersionOut::of(*n, e))
-            .collect(),
-    }))
+    Ok(Json(HistoryOut::of(None, &collection, &key, &versions)))
 }
 
 /// A delete's outcome.

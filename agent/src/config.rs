@@ -46,14 +46,7 @@ struct RawConfig {
     #[serde(default)]
     log: RawLog,
     #[serde(default)]
-    history: RawHistory,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawHistory {
-    /// Bytes of version history the store keeps (oldest versions out first).
-    max_bytes: Option<u64>,
+    history: history::HistorySection,
 }
 
 #[derive(Debug, Deserialize)]
@@ -226,9 +219,10 @@ impl AgentConfig {
             None => LogFormat::default(),
             Some(text) => LogFormat::parse(text).map_err(|m| invalid("log.format", m))?,
         };
-        let history_max_bytes =
-            history::max_bytes(raw.history.max_bytes, history::DEFAULT_AGENT_MAX_BYTES)
-                .map_err(|m| invalid("history.max_bytes", m))?;
+        let history_max_bytes = raw
+            .history
+            .max_bytes(history::DEFAULT_AGENT_MAX_BYTES)
+            .map_err(|m| invalid("history.max_bytes", m))?;
 
         Ok(Self {
             history_max_bytes,

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use fieldsync_shared::history::{Cause, HistoryEntry};
-use fieldsync_shared::Value;
+use fieldsync_shared::{AgentId, CollectionName, RecordKey, Value};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -44,6 +44,27 @@ pub struct HistoryOut {
     pub collection: String,
     pub key: String,
     pub versions: Vec<VersionOut>,
+}
+
+impl HistoryOut {
+    /// The answer for one record (`agent` on the hub only) and its versions,
+    /// as its store lists them (number, entry; newest first).
+    pub fn of(
+        agent: Option<&AgentId>,
+        collection: &CollectionName,
+        key: &RecordKey,
+        versions: &[(u64, HistoryEntry)],
+    ) -> Self {
+        Self {
+            agent: agent.map(ToString::to_string),
+            collection: collection.to_string(),
+            key: key.to_string(),
+            versions: versions
+                .iter()
+                .map(|(n, e)| VersionOut::of(*n, e))
+                .collect(),
+        }
+    }
 }
 
 /// One version of a record.

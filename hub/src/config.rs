@@ -54,14 +54,7 @@ struct RawConfig {
     #[serde(default)]
     health: RawHealth,
     #[serde(default)]
-    history: RawHistory,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawHistory {
-    /// Bytes of version history the store keeps (oldest versions out first).
-    max_bytes: Option<u64>,
+    history: history::HistorySection,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -514,9 +507,10 @@ impl HubConfig {
                 format!("{stall_after_ms} is outside 1000..=86400000"),
             ));
         }
-        let history_max_bytes =
-            history::max_bytes(raw.history.max_bytes, history::DEFAULT_HUB_MAX_BYTES)
-                .map_err(|m| invalid("history.max_bytes", m))?;
+        let history_max_bytes = raw
+            .history
+            .max_bytes(history::DEFAULT_HUB_MAX_BYTES)
+            .map_err(|m| invalid("history.max_bytes", m))?;
         let log = match raw.log.format.as_deref() {
             None => LogFormat::default(),
             Some(text) => LogFormat::parse(text).map_err(|m| invalid("log.format", m))?,

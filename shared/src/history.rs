@@ -22,16 +22,26 @@ pub const DEFAULT_AGENT_MAX_BYTES: u64 = 16 << 20;
 /// Smallest bound a config may set: two versions of the largest change.
 pub const MIN_MAX_BYTES: u64 = 2 * crate::wire::MAX_CHANGE_BYTES as u64;
 
-/// A config's `[history] max_bytes`, or `default` when unset; an error
-/// (for the key) below [`MIN_MAX_BYTES`].
-pub fn max_bytes(configured: Option<u64>, default: u64) -> Result<u64, String> {
-    let bytes = configured.unwrap_or(default);
-    if bytes < MIN_MAX_BYTES {
-        return Err(format!(
-            "{bytes} is below {MIN_MAX_BYTES} (two versions of the largest change)"
-        ));
+/// A config file's `[history]` section, the same in both programs' configs.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistorySection {
+    /// Bytes of version history the store keeps (oldest versions out first).
+    pub max_bytes: Option<u64>,
+}
+
+impl HistorySection {
+    /// `max_bytes`, or `default` when unset; an error (for the key) below
+    /// [`MIN_MAX_BYTES`].
+    pub fn max_bytes(&self, default: u64) -> Result<u64, String> {
+        let bytes = self.max_bytes.unwrap_or(default);
+        if bytes < MIN_MAX_BYTES {
+            return Err(format!(
+                "{bytes} is below {MIN_MAX_BYTES} (two versions of the largest change)"
+            ));
+        }
+        Ok(bytes)
     }
-    Ok(bytes)
 }
 
 /// Why a version exists: who made the change and by which operation.

@@ -13,7 +13,7 @@ use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::Json;
-use fieldsync_http::history::{HistoryOut, HistoryQuery, VersionOut, MAX_LIMIT};
+use fieldsync_http::history::{HistoryOut, HistoryQuery, MAX_LIMIT};
 use fieldsync_http::{json_body, ErrorBody};
 use fieldsync_shared::history::{state_at, Cause, Writer};
 use fieldsync_shared::rules::compare_values;
@@ -45,15 +45,12 @@ pub(super) async fn history<S: HubStore>(
     let limit = q.limit().map_err(|m| ApiError::bad("invalid_query", m))?;
     let (a, c, k) = (agent.clone(), collection.clone(), key.clone());
     let versions = blocking(&state.store, move |s| s.history(&a, &c, &k, limit)).await?;
-    Ok(Json(HistoryOut {
-        agent: Some(agent.to_string()),
-        collection: collection.to_string(),
-        key: key.to_string(),
-        versions: versions
-            .iter()
-            .map(|(n, e)| VersionOut::of(*n, e))
-            .collect(),
-    }))
+    Ok(Json(HistoryOut::of(
+        Some(&agent),
+        &collection,
+        &key,
+        &versions,
+    )))
 }
 
 /// The version to restore.
